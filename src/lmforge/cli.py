@@ -1,0 +1,84 @@
+"""The `lmforge` command: one entry point, a table of commands, each implemented in its own module.
+
+    lmforge <command> [-c config.yaml] [key.sub=value ...]
+    lmforge <command> --help          # every config key with its meaning and default
+
+Commands are imported only when run, so `lmforge --help` is instant and a stage's heavy imports
+(torch, transformers) cost nothing to the others.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from collections.abc import Callable
+
+from lmforge import __version__
+from lmforge.errors import LmforgeError
+
+# command -> ("module:function", one-line help). The function takes argv and returns an exit code.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "prepare": (
+        "lmforge.data.prepare:main",
+        "ingest, clean, deduplicate, mask PII and decontaminate raw text",
+    ),
+    "data verify": ("lmforge.data.manifest:main", "check a stage's output against its SHA-256 manifest"),
+    "tokenizer train": ("lmforge.tokenizer:main", "train a byte-level BPE tokenizer with a chat template"),
+    "tokenize": ("lmforge.data.tokenize:main", "turn curated documents into token shards"),
+    "model info": ("lmforge.model.info:main", "parameters, shapes, FLOPs and memory of a model"),
+    "pretrain": ("lmforge.train.pretrain:main", "train a model on token shards (CPU, GPU, torchrun)"),
+}
+
+
+def _usage() -> str:
+    width = max(len(c) for c in COMMANDS) + 2
+    rows = "\n".join(f"  {name:<{width}}{help_}" for name, (_, help_) in COMMANDS.items())
+    return (
+        f"lmforge {__version__}: build custom language models end to end.\n\n"
+        "usage: lmforge <command> [-c config.yaml] [key=value ...]\n\n"
+        f"commands:\n{rows}\n\n"
+        "Run `lmforge <command> --help` for the command's config keys."
+    )
+
+
+def resolve(argv: list[str]) -> tuple[str, Callable[[list[str]], int], list[str]]:
+    """Find the longest command name that prefixes argv: 'data verify' before 'data'."""
+    for n in (2, 1):
+        name = " ".join(argv[:n])
+        if len(argv) >= n and name in COMMANDS:
+            module, func = COMMANDS[name][0].split(":")
+            return name, getattr(importlib.import_module(module), func), argv[n:]
+    raise KeyError(argv[0] if argv else "")
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(_usage())
+        return 0
+    if argv[0] in ("-V", "--version"):
+        print(__version__)
+        return 0
+    try:
+        _, func, rest = resolve(argv)
+    except KeyError:
+        import difflib
+
+        close = difflib.get_close_matches(" ".join(argv[:2]), COMMANDS, n=1) or difflib.get_close_matches(
+            argv[0], COMMANDS, n=1
+        )
+        hint = f"; did you mean `lmforge {close[0]}`?" if close else ""
+        print(f"error: unknown command {' '.join(argv[:2])!r}{hint} (see `lmforge --help`)", file=sys.stderr)
+        return 2
+    try:
+        return int(func(rest) or 0)
+    except LmforgeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,207 @@
+"""Typed configs for every command: YAML file + dotted overrides, strict validation, readable errors.
+
+    lmforge prepare -c configs/demo/prepare.yaml dedup.threshold=0.85 workers=2
+
+Each command declares a pydantic schema built from `Section`s (unknown keys are rejected). A field's
+`description` doubles as its `--help` text. `load_config` merges the YAML file and the overrides, and turns
+pydantic's errors into one line each that names the file (or override), the dotted key and what was
+expected, with the closest valid key for a typo. Every stage writes its resolved config with `save_config`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import types
+import typing
+from pathlib import Path
+from typing import Any, TypeVar, Union, get_args, get_origin
+
+import yaml
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from lmforge.errors import ConfigError
+from lmforge.io import atomic_write_text
+
+T = TypeVar("T", bound="Section")
+
+CONFIG_FILE = "config.yaml"
+
+
+class Section(BaseModel):
+    """Base for every config block: unknown keys are errors, assignments are validated."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+
+
+def _submodel(annotation: Any) -> type[BaseModel] | None:
+    """The BaseModel inside `X`, `X | None` or `Optional[X]`, if any."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    if get_origin(annotation) in (Union, types.UnionType):
+        for arg in get_args(annotation):
+            sub = _submodel(arg)
+            if sub is not None:
+                return sub
+    return None
+
+
+def field_table(schema: type[BaseModel], prefix: str = "") -> list[tuple[str, str, Any, str]]:
+    """(dotted key, type, default, description) for every leaf field, in declaration order."""
+    rows: list[tuple[str, str, Any, str]] = []
+    for name, field in schema.model_fields.items():
+        key = f"{prefix}{name}"
+        sub = _submodel(field.annotation)
+        if sub is not None:
+            rows.extend(field_table(sub, key + "."))
+            continue
+        tname = typing.get_type_hints(schema).get(name, field.annotation)
+        tstr = getattr(tname, "__name__", None) or str(tname).replace("typing.", "")
+        default = None if field.is_required() else field.get_default(call_default_factory=True)
+        rows.append((key, tstr, default, field.description or ""))
+    return rows
+
+
+def valid_keys(schema: type[BaseModel]) -> list[str]:
+    keys: list[str] = []
+    for name, field in schema.model_fields.items():
+        keys.append(name)
+        sub = _submodel(field.annotation)
+        if sub is not None:
+            keys.extend(f"{name}.{k}" for k in valid_keys(sub))
+    return keys
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """`a.b=value` -> (["a", "b"], value); the value is parsed as YAML so 0.8, true, [1, 2] work."""
+    if "=" not in item:
+        raise ConfigError(f"override {item!r}: expected key=value, e.g. dedup.threshold=0.85")
+    key, raw = item.split("=", 1)
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override {item!r}: empty key")
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.split("."), value
+
+
+def _set_dotted(tree: dict[str, Any], parts: list[str], value: Any, source: str) -> None:
+    node = tree
+    for part in parts[:-1]:
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        elif not isinstance(child, dict):
+            raise ConfigError(f"{source}: {'.'.join(parts)}: {part!r} is a value, not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        data = yaml.safe_load(path.read_text("utf-8"))
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from e
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of keys to values at the top level")
+    return data
+
+
+def _describe(error: Any, schema: type[BaseModel], source_of: dict[str, str]) -> str:
+    loc = ".".join(str(p) for p in error["loc"])
+    source = source_of.get(loc) or next(
+        (src for key, src in source_of.items() if loc.startswith(key + ".")), source_of.get("", "config")
+    )
+    if error["type"] == "extra_forbidden":
+        match = difflib.get_close_matches(loc, valid_keys(schema), n=1, cutoff=0.6)
+        hint = f"; did you mean {match[0]!r}?" if match else ""
+        return f"{source}: unknown key {loc!r}{hint}"
+    if error["type"] == "missing":
+        return f"{source}: missing required key {loc!r}"
+    got = error.get("input")
+    return f"{source}: {loc}: {error['msg'].lower()}, got {got!r}"
+
+
+def load_config(
+    schema: type[T],
+    path: Path | str | None = None,
+    overrides: list[str] | None = None,
+    *,
+    command: str | None = None,
+) -> T:
+    """Build a validated `schema` from an optional YAML file and `key.sub=value` overrides.
+
+    A file may name the command it is for in a top-level `command:` key; loading it for another
+    command is an error rather than a cascade of unknown keys.
+    """
+    tree: dict[str, Any] = {}
+    source_of: dict[str, str] = {}
+    if path is not None:
+        path = Path(path)
+        tree = _read_yaml(path)
+        source_of[""] = str(path)
+    meant_for = tree.pop("command", None)
+    if command is not None and meant_for is not None and meant_for != command:
+        raise ConfigError(f"{path}: this config is for `lmforge {meant_for}`, not `lmforge {command}`")
+    for item in overrides or []:
+        parts, value = parse_override(item)
+        _set_dotted(tree, parts, value, f"override {item!r}")
+        source_of[".".join(parts)] = f"override {item!r}"
+    try:
+        return schema.model_validate(tree)
+    except ValidationError as e:
+        lines = [_describe(err, schema, source_of) for err in e.errors()]
+        raise ConfigError("\n".join(lines)) from None
+
+
+def to_yaml(cfg: BaseModel, command: str | None = None) -> str:
+    data = cfg.model_dump(mode="json")
+    if command is not None:
+        data = {"command": command, **data}
+    return yaml.safe_dump(data, sort_keys=False, allow_unicode=True)
+
+
+def save_config(cfg: BaseModel, directory: Path, command: str | None = None) -> Path:
+    """Write the resolved config next to a stage's outputs, so every result says how it was made."""
+    path = Path(directory) / CONFIG_FILE
+    atomic_write_text(path, to_yaml(cfg, command))
+    return path
+
+
+def _help_epilog(schema: type[BaseModel]) -> str:
+    rows = field_table(schema)
+    width = min(34, max((len(k) for k, *_ in rows), default=0) + 2)
+    lines = ["config keys (set in the YAML file or as key=value overrides):"]
+    for key, tname, default, desc in rows:
+        shown = "" if default is None else f" [default: {default}]"
+        lines.append(f"  {key:<{width}}{desc} ({tname}){shown}".rstrip())
+    return "\n".join(lines)
+
+
+def parse_command(
+    argv: list[str], schema: type[T], command: str, description: str, example: str | None = None
+) -> T:
+    """The standard argument parser of a stage: `-c FILE`, `key=value ...`, `--print-config`."""
+    epilog = _help_epilog(schema)
+    if example:
+        epilog = f"example:\n  {example}\n\n{epilog}"
+    p = argparse.ArgumentParser(
+        prog=f"lmforge {command}",
+        description=description,
+        epilog=epilog,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("-c", "--config", type=Path, help="YAML config file (keys below)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="override a config key, e.g. seed=1")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    args = p.parse_args(argv)
+    cfg = load_config(schema, args.config, args.overrides, command=command)
+    if args.print_config:
+        print(to_yaml(cfg, command), end="")
+        raise SystemExit(0)
+    return cfg

@@ -1,0 +1,1 @@
+"""Data stages: ingest, curate, deduplicate, mask PII, decontaminate, tokenize, verify."""

@@ -1,0 +1,95 @@
+"""Crash-safe file output: atomic writes, staged output directories, SHA-256 of files.
+
+A stage writes into `<out>.partial/` and renames it to `<out>` only when everything, manifest included,
+is on disk; so a later stage never mistakes a half-written directory for a finished one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from lmforge.errors import LmforgeError
+
+_CHUNK = 1 << 20
+
+
+def fsync_dir(path: Path) -> None:
+    """Persist a directory entry (a rename or a new file) on POSIX filesystems."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # pragma: no cover - e.g. Windows
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write `data` to `path` so that readers see either the old file or the whole new one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: Path, obj: Any) -> None:
+    """JSON with sorted keys and a trailing newline: byte-identical for identical content."""
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def partial_dir(final: Path) -> Path:
+    """Where a stage stages its output before the final rename (deterministic so reruns can resume)."""
+    final = Path(final)
+    return final.with_name(final.name + ".partial")
+
+
+@contextmanager
+def staged_output(final: Path, *, overwrite: bool = False, resume: bool = True) -> Iterator[Path]:
+    """Yield a staging directory for `final`; on a clean exit, swap it into place atomically.
+
+    An existing finished `final` is an error unless `overwrite`. A leftover staging directory from a
+    crashed run is kept when `resume` (the stage decides what in it is reusable) and wiped otherwise.
+    On an exception the staging directory is left for a later resume; `final` is never touched.
+    """
+    final = Path(final)
+    if final.exists() and not overwrite:
+        raise LmforgeError(f"{final} already exists; pass overwrite=true to replace it")
+    stage = partial_dir(final)
+    if stage.exists() and not resume:
+        shutil.rmtree(stage)
+    stage.mkdir(parents=True, exist_ok=True)
+    yield stage
+    old = final.with_name(final.name + ".old")
+    if old.exists():
+        shutil.rmtree(old)
+    if final.exists():
+        os.replace(final, old)
+    os.replace(stage, final)
+    fsync_dir(final.parent)
+    if old.exists():
+        shutil.rmtree(old)

@@ -1,0 +1,1 @@
+"""The decoder model, its named sizes and Hugging Face checkpoint conversion."""
