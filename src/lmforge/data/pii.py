@@ -1,0 +1,413 @@
+"""PII masking: replace personal data and secrets in text with typed placeholders, counting each kind.
+
+`mask_pii(text)` returns the masked text and a count per kind. Kinds and their placeholders:
+
+    email        <EMAIL>         local@domain.tld
+    phone        <PHONE>         +44 20 7946 0958, +15551234567, (555) 123-4567, 555-123-4567, 1-800-555-0199
+    ip           <IP>            IPv4 (octets <= 255, not in a version-string context) and IPv6 (via `ipaddress`)
+    credit_card  <CREDIT_CARD>   13-19 digits, spaces/dashes allowed, Luhn-valid with a real issuer prefix
+    iban         <IBAN>          country code + check digits, per-country length, ISO 13616 mod-97 check
+    secret       <SECRET>        AWS key ids, PEM private-key blocks, JWTs, GitHub/Slack/Google/OpenAI/Stripe
+                                 tokens, and the value of `api_key|token|secret|password = "<random-looking>"`
+
+Every pattern is compiled once at import; each rule runs only when a cheap substring/char test says it
+can match, so prose without digits, '@' or token prefixes costs a few C-level scans. Regexes find
+candidates and a Python check validates them (Luhn, mod-97, `ipaddress`, base64url JSON header), which is
+what keeps dates, version strings, timestamps, hex hashes and plain long numbers unmasked.
+Masking repeats until nothing more matches, so `mask_pii(mask_pii(t)[0])[0] == mask_pii(t)[0]`.
+
+    >>> from lmforge.data.pii import mask_pii
+    >>> mask_pii("Mail jo@example.org or call +44 20 7946 0958.")
+    ('Mail <EMAIL> or call <PHONE>.', {'email': 1, 'phone': 1, 'ip': 0, 'credit_card': 0, 'iban': 0, 'secret': 0})
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import ipaddress
+import json
+import math
+import re
+from collections import Counter
+from collections.abc import Callable, Collection
+
+from lmforge.errors import ConfigError
+
+PII_KINDS: tuple[str, ...] = ("email", "phone", "ip", "credit_card", "iban", "secret")
+PLACEHOLDERS: dict[str, str] = {kind: f"<{kind.upper()}>" for kind in PII_KINDS}
+
+# Order matters: secrets first (a JWT or key block must not be half-eaten by the digit rules), then
+# email, then the digit-based kinds from the most to the least validated.
+_ORDER: tuple[str, ...] = ("secret", "email", "iban", "credit_card", "phone", "ip")
+
+# ----------------------------------------------------------------------------------------------- email
+_EMAIL = re.compile(
+    r"(?<![\w.%+-])[A-Za-z0-9][A-Za-z0-9._%+-]{0,63}@(?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)+"
+    r"[A-Za-z]{2,24}(?![\w-])"
+)
+
+# ----------------------------------------------------------------------------------------- credit card
+# A candidate is a run of digit groups joined by single spaces or dashes with >= 13 digits; the check
+# then looks for a contiguous sequence of whole groups that is a card (Luhn + issuer + length).
+_CARD_CANDIDATE = re.compile(r"(?<![\w+.,/:-])\d+(?:[ -]\d+)*(?![\w]|[.,/:-]\d)")
+_CARD_SPLIT = re.compile(r"[ -]")
+
+# (prefix range low, high, allowed lengths): the major issuers' IIN ranges. Requiring one of them
+# (on top of Luhn) cuts matches on random 16-digit numbers from 10% to about 2.5%.
+_ISSUERS: tuple[tuple[int, int, frozenset[int]], ...] = (
+    (4, 4, frozenset({13, 16, 19})),  # Visa
+    (51, 55, frozenset({16})),  # Mastercard
+    (2221, 2720, frozenset({16})),  # Mastercard 2-series
+    (34, 34, frozenset({15})),  # American Express
+    (37, 37, frozenset({15})),
+    (6011, 6011, frozenset(range(16, 20))),  # Discover
+    (644, 649, frozenset(range(16, 20))),
+    (65, 65, frozenset(range(16, 20))),
+    (3528, 3589, frozenset(range(16, 20))),  # JCB
+    (300, 305, frozenset(range(14, 20))),  # Diners Club
+    (36, 36, frozenset(range(14, 20))),
+    (38, 39, frozenset(range(14, 20))),
+    (62, 62, frozenset(range(16, 20))),  # UnionPay
+    (2200, 2204, frozenset(range(16, 20))),  # Mir
+    (5018, 5018, frozenset(range(13, 20))),  # Maestro
+    (5020, 5020, frozenset(range(13, 20))),
+    (5038, 5038, frozenset(range(13, 20))),
+    (5893, 5893, frozenset(range(13, 20))),
+    (6304, 6304, frozenset(range(13, 20))),
+    (6759, 6759, frozenset(range(13, 20))),
+    (6761, 6763, frozenset(range(13, 20))),
+)
+
+
+def luhn_ok(digits: str) -> bool:
+    """The Luhn (mod 10) checksum that every payment card number satisfies."""
+    total = 0
+    for i, ch in enumerate(reversed(digits)):
+        d = ord(ch) - 48
+        if i % 2:
+            d = d * 2 - 9 if d > 4 else d * 2
+        total += d
+    return total % 10 == 0
+
+
+def _issuer_ok(digits: str) -> bool:
+    n = len(digits)
+    for low, high, lengths in _ISSUERS:
+        width = len(str(low))
+        if n in lengths and low <= int(digits[:width]) <= high:
+            return True
+    return False
+
+
+def is_card_number(digits: str) -> bool:
+    return 13 <= len(digits) <= 19 and _issuer_ok(digits) and luhn_ok(digits)
+
+
+def _card_span(groups: list[str]) -> tuple[int, int] | None:
+    """The longest run groups[i:j] whose digits form a valid card number, if any."""
+    best: tuple[int, int] | None = None
+    for i in range(len(groups)):
+        digits = ""
+        for j in range(i, len(groups)):
+            digits += groups[j]
+            if len(digits) > 19:
+                break
+            if (best is None or j + 1 - i > best[1] - best[0]) and is_card_number(digits):
+                best = (i, j + 1)
+    return best
+
+
+def _mask_cards(text: str, counts: Counter[str]) -> str:
+    def repl(m: re.Match[str]) -> str:
+        s = m.group(0)
+        if len(s) < 13:
+            return s
+        groups = _CARD_SPLIT.split(s)
+        if sum(map(len, groups)) < 13:
+            return s
+        span = _card_span(groups)
+        if span is None:
+            return s
+        # Rebuild "before <CREDIT_CARD> after" from the group boundaries (separators are 1 char).
+        starts = [0]
+        for g in groups:
+            starts.append(starts[-1] + len(g) + 1)
+        i, j = span
+        counts["credit_card"] += 1
+        return s[: starts[i]] + PLACEHOLDERS["credit_card"] + s[starts[j] - 1 :]
+
+    return _CARD_CANDIDATE.sub(repl, text)
+
+
+# ------------------------------------------------------------------------------------------------ IBAN
+# ISO 13616 registry lengths (SWIFT IBAN registry).
+IBAN_LENGTHS: dict[str, int] = {
+    "AD": 24, "AE": 23, "AL": 28, "AT": 20, "AZ": 28, "BA": 20, "BE": 16, "BG": 22, "BH": 22, "BI": 27,
+    "BR": 29, "BY": 28, "CH": 21, "CR": 22, "CY": 28, "CZ": 24, "DE": 22, "DJ": 27, "DK": 18, "DO": 28,
+    "EE": 20, "EG": 29, "ES": 24, "FI": 18, "FK": 18, "FO": 18, "FR": 27, "GB": 22, "GE": 22, "GI": 23,
+    "GL": 18, "GR": 27, "GT": 28, "HR": 21, "HU": 28, "IE": 22, "IL": 23, "IQ": 23, "IS": 26, "IT": 27,
+    "JO": 30, "KW": 30, "KZ": 20, "LB": 28, "LC": 32, "LI": 21, "LT": 20, "LU": 20, "LV": 21, "LY": 25,
+    "MC": 27, "MD": 24, "ME": 22, "MK": 19, "MN": 20, "MR": 27, "MT": 31, "MU": 30, "NI": 28, "NL": 18,
+    "NO": 15, "OM": 23, "PK": 24, "PL": 28, "PS": 29, "PT": 25, "QA": 29, "RO": 24, "RS": 22, "RU": 33,
+    "SA": 24, "SC": 31, "SD": 18, "SE": 24, "SI": 19, "SK": 24, "SM": 27, "SO": 23, "ST": 25, "SV": 28,
+    "TL": 23, "TN": 24, "TR": 26, "UA": 29, "VA": 22, "VG": 24, "XK": 20, "YE": 30,
+}  # fmt: skip
+# Printed IBANs are upper case, optionally in groups of four separated by single spaces.
+_IBAN_CANDIDATE = re.compile(r"(?<![A-Za-z0-9])[A-Z]{2}\d{2}(?: ?[A-Z0-9]){11,30}(?![a-z0-9])")
+
+
+def iban_ok(iban: str) -> bool:
+    """Country length and the ISO 7064 mod-97 check of a compact, upper-case IBAN."""
+    if IBAN_LENGTHS.get(iban[:2]) != len(iban) or not iban.isalnum():
+        return False
+    rearranged = iban[4:] + iban[:4]
+    return int("".join(str(int(c, 36)) for c in rearranged)) % 97 == 1
+
+
+def _mask_ibans(text: str, counts: Counter[str]) -> str:
+    def repl(m: re.Match[str]) -> str:
+        s = m.group(0)
+        length = IBAN_LENGTHS.get(s[:2])
+        if length is None:
+            return s
+        # The candidate may run into following upper-case words: keep exactly `length` characters.
+        taken, end = 0, 0
+        while end < len(s) and taken < length:
+            taken += s[end] != " "
+            end += 1
+        if taken < length or (end < len(s) and s[end] != " ") or not iban_ok(s[:end].replace(" ", "")):
+            return s
+        counts["iban"] += 1
+        return PLACEHOLDERS["iban"] + s[end:]
+
+    return _IBAN_CANDIDATE.sub(repl, text)
+
+
+# ----------------------------------------------------------------------------------------------- phone
+# International: a '+' then 8-15 digits with single separators (space . - or parentheses around a group).
+_PHONE_INTL = re.compile(r"(?<![\w+])\+\d(?:[ .-]?(?:\(\d{1,4}\)|\d)){7,14}(?![\w]|[.-]\d)")
+# North American with separators: [1-] (NPA) NXX-XXXX; plain 10-digit runs are not phone numbers here.
+_PHONE_NANP = re.compile(
+    r"(?<![\w.+/:-])(?:1[ .-]?)?(?:\([2-9]\d{2}\)[ ]?|[2-9]\d{2}[ .-])\d{3}[ .-]\d{4}(?![\w]|[.:/-]\d)"
+)
+
+
+def _phone_intl_ok(s: str) -> bool:
+    digits = sum(c.isdigit() for c in s)
+    return 8 <= digits <= 15
+
+
+def _mask_phones(text: str, counts: Counter[str]) -> str:
+    def intl(m: re.Match[str]) -> str:
+        if not _phone_intl_ok(m.group(0)):
+            return m.group(0)
+        counts["phone"] += 1
+        return PLACEHOLDERS["phone"]
+
+    def nanp(m: re.Match[str]) -> str:
+        s = m.group(0)
+        # Mixed separators ("555.123-4567") are rare in phone numbers and common in other codes.
+        seps = {c for c in s[-8:-4] + s[-5:] if c in ".-"}
+        if len(seps) > 1:
+            return s
+        counts["phone"] += 1
+        return PLACEHOLDERS["phone"]
+
+    if "+" in text:
+        text = _PHONE_INTL.sub(intl, text)
+    return _PHONE_NANP.sub(nanp, text)
+
+
+# -------------------------------------------------------------------------------------------------- IP
+_IPV4 = re.compile(r"(?<![\w.-])(?:\d{1,3}\.){3}\d{1,3}(?![\w-]|\.\d)")
+# Words or marks right before a dotted quad that make it a version/build number, not an address.
+_VERSION_BEFORE = re.compile(
+    r"(?:\b(?:v|ver|version|versions|release|rel|build|rev|revision|update|firmware|fw|kernel|driver|"
+    r"bios|patch|tag|pkg|package|sdk|api|os|edition)\s*[:#]?\s*|[=@~^]\s*|[vV])$",
+    re.IGNORECASE,
+)
+_VERSION_AFTER = re.compile(r"^(?:[-+~](?:rc|alpha|beta|dev|post|pre|b|a|r|build|snapshot)|-\d|\+\w)")
+_IPV6 = re.compile(
+    r"(?<![\w:.])(?:[0-9A-Fa-f]{0,4}:){2,7}(?:[0-9A-Fa-f]{1,4}|(?:\d{1,3}\.){3}\d{1,3})?(?:%\w+)?(?![\w:])"
+)
+
+
+def _mask_ips(text: str, counts: Counter[str]) -> str:
+    def v4(m: re.Match[str]) -> str:
+        s = m.group(0)
+        if any(int(part) > 255 or (len(part) > 1 and part[0] == "0") for part in s.split(".")):
+            return s
+        start, end = m.span()
+        if _VERSION_BEFORE.search(text, max(0, start - 24), start) or _VERSION_AFTER.match(
+            text[end : end + 12]
+        ):
+            return s
+        counts["ip"] += 1
+        return PLACEHOLDERS["ip"]
+
+    def v6(m: re.Match[str]) -> str:
+        s = m.group(0)
+        # Skip C++/Rust paths ("a::b"), times and MACs: need 2+ hex groups with a digit, and a real parse.
+        groups = [g for g in re.split(r"[:%]", s) if g]
+        if len(groups) < 2 or not any(c.isdigit() for c in s):
+            return s
+        try:
+            ipaddress.IPv6Address(s)
+        except ValueError:
+            return s
+        counts["ip"] += 1
+        return PLACEHOLDERS["ip"]
+
+    if "." in text:
+        text = _IPV4.sub(v4, text)
+    if "::" in text or text.count(":") >= 7:
+        text = _IPV6.sub(v6, text)
+    return text
+
+
+# ---------------------------------------------------------------------------------------------- secret
+_PRIVATE_KEY = re.compile(
+    r"-----BEGIN (?:[A-Z0-9]+ )*PRIVATE KEY(?: BLOCK)?-----"
+    r"(?:.*?-----END (?:[A-Z0-9]+ )*PRIVATE KEY(?: BLOCK)?-----|[A-Za-z0-9+/=\s:,-]*)",
+    re.DOTALL,
+)
+_JWT = re.compile(r"(?<![\w-])eyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]*(?![\w-])")
+# Fixed-format tokens: (substring that must occur in the text, pattern).
+_TOKEN_RULES: tuple[tuple[tuple[str, ...], re.Pattern[str]], ...] = (
+    (("AKIA", "ASIA"), re.compile(r"(?<![A-Za-z0-9])(?:AKIA|ASIA)[A-Z0-9]{16}(?![A-Za-z0-9])")),
+    (("gh",), re.compile(r"(?<![A-Za-z0-9_])gh[pousr]_[A-Za-z0-9]{30,255}(?![A-Za-z0-9_])")),
+    (("github_pat_",), re.compile(r"(?<![A-Za-z0-9_])github_pat_[A-Za-z0-9_]{22,255}(?![A-Za-z0-9_])")),
+    (("xox",), re.compile(r"(?<![A-Za-z0-9])xox[abposr]-[A-Za-z0-9-]{10,250}(?![A-Za-z0-9-])")),
+    (("AIza",), re.compile(r"(?<![A-Za-z0-9_-])AIza[0-9A-Za-z_-]{35}(?![A-Za-z0-9_-])")),
+    (("_live_", "_test_"), re.compile(r"(?<![A-Za-z0-9])(?:sk|rk)_(?:live|test)_[A-Za-z0-9]{16,247}\b")),
+)
+# OpenAI-style keys: checked for a mix of cases and digits so "sk-learn-compatible-estimators" survives.
+_SK_DASH = re.compile(
+    r"(?<![A-Za-z0-9_-])sk-(?:proj-|svcacct-|admin-)?[A-Za-z0-9_-]{20,250}(?![A-Za-z0-9_-])"
+)
+_GENERIC = re.compile(
+    r"(?i)\b(?:[a-z0-9]+[_-])*(?:api[_-]?key|apikey|access[_-]?key|secret[_-]?key|access[_-]?token|"
+    r"auth[_-]?token|token|secret|client[_-]?secret|password|passwd|pwd)(?:[_-][a-z0-9]+)*"
+    r"[\"']?\s*(?::=|=>|[:=])\s*[\"']?([A-Za-z0-9_\-+/=.~!@#$%^&*]{8,256})"
+)
+_GENERIC_KEYWORDS: tuple[str, ...] = ("key", "token", "secret", "passw", "pwd")
+_SECRET_PREFIXES: tuple[str, ...] = ("-----BEGIN", "eyJ", "sk-", *(p for ps, _ in _TOKEN_RULES for p in ps))
+
+
+def shannon_entropy(s: str) -> float:
+    n = len(s)
+    return -sum(c / n * math.log2(c / n) for c in Counter(s).values())
+
+
+def looks_random(value: str) -> bool:
+    """High-entropy credential-like string: letters and digits mixed, many distinct characters."""
+    value = value.strip("\"'.,;")
+    if len(value) < 8:
+        return False
+    has_digit = any(c.isdigit() for c in value)
+    has_lower = any(c.islower() for c in value)
+    has_upper = any(c.isupper() for c in value)
+    if not has_digit and not (has_lower and has_upper and len(value) >= 16):
+        return False
+    if not (has_lower or has_upper):
+        return False  # numbers, dates and versions are not credentials
+    return shannon_entropy(value) >= min(3.0, math.log2(len(value)) - 0.2)
+
+
+def _jwt_ok(token: str) -> bool:
+    header = token.split(".", 1)[0]
+    try:
+        decoded = base64.urlsafe_b64decode(header + "=" * (-len(header) % 4))
+        return isinstance(json.loads(decoded), dict)
+    except (binascii.Error, ValueError, UnicodeDecodeError):
+        return False
+
+
+def _mask_secrets(text: str, counts: Counter[str]) -> str:
+    ph = PLACEHOLDERS["secret"]
+
+    def whole(m: re.Match[str]) -> str:
+        counts["secret"] += 1
+        return ph
+
+    if "-----BEGIN" in text:
+        text = _PRIVATE_KEY.sub(whole, text)
+    if "eyJ" in text:
+        text = _JWT.sub(lambda m: whole(m) if _jwt_ok(m.group(0)) else m.group(0), text)
+    for needles, pattern in _TOKEN_RULES:
+        if any(n in text for n in needles):
+            text = pattern.sub(whole, text)
+    if "sk-" in text:
+        text = _SK_DASH.sub(lambda m: whole(m) if looks_random(m.group(0)[3:]) else m.group(0), text)
+    lowered = text.lower()
+    if any(k in lowered for k in _GENERIC_KEYWORDS):
+
+        def value_only(m: re.Match[str]) -> str:
+            value = m.group(1).rstrip(".,;")
+            if not looks_random(value):
+                return m.group(0)
+            counts["secret"] += 1
+            start = m.start(1) - m.start(0)
+            return m.group(0)[:start] + ph + m.group(1)[len(value) :]
+
+        text = _GENERIC.sub(value_only, text)
+    return text
+
+
+def _mask_emails(text: str, counts: Counter[str]) -> str:
+    if "@" not in text:
+        return text
+
+    def repl(m: re.Match[str]) -> str:
+        counts["email"] += 1
+        return PLACEHOLDERS["email"]
+
+    return _EMAIL.sub(repl, text)
+
+
+def _has_digit_run(text: str) -> bool:
+    return any(c in text for c in "0123456789")
+
+
+_MASKERS: dict[str, Callable[[str, Counter[str]], str]] = {
+    "secret": _mask_secrets,
+    "email": _mask_emails,
+    "iban": _mask_ibans,
+    "credit_card": _mask_cards,
+    "phone": _mask_phones,
+    "ip": _mask_ips,
+}
+_NEEDS_DIGIT = frozenset({"iban", "credit_card", "phone", "ip"})
+
+
+def check_kinds(kinds: Collection[str] | None) -> tuple[str, ...]:
+    """The requested kinds in masking order; unknown names raise ConfigError listing the valid ones."""
+    if kinds is None:
+        return _ORDER
+    if isinstance(kinds, str):
+        kinds = [kinds]
+    unknown = sorted(set(kinds) - set(PII_KINDS))
+    if unknown:
+        raise ConfigError(f"unknown PII kind(s) {', '.join(unknown)}; valid kinds: {', '.join(PII_KINDS)}")
+    return tuple(k for k in _ORDER if k in kinds)
+
+
+def mask_pii(text: str, kinds: Collection[str] | None = None) -> tuple[str, dict[str, int]]:
+    """Mask `kinds` (default: all of PII_KINDS) in `text`.
+
+    Returns (masked text, counts) where counts has every requested kind, in PII_KINDS order, with 0 for
+    kinds not found, so per-document counts can be summed without key checks.
+    """
+    order = check_kinds(kinds)
+    counts: Counter[str] = Counter()
+    while True:  # until a pass changes nothing; each match shrinks the unmasked text, so this ends
+        before = sum(counts.values())
+        has_digit = _has_digit_run(text)
+        for kind in order:
+            if kind in _NEEDS_DIGIT and not has_digit:
+                continue
+            text = _MASKERS[kind](text, counts)
+        if sum(counts.values()) == before:
+            break
+    return text, {k: counts[k] for k in PII_KINDS if k in order}
