@@ -1,0 +1,364 @@
+"""THE model: one decoder-only transformer for the Llama family (Llama, Mistral, Qwen2) and GPT-2.
+
+    from lmforge.model.config import get_preset
+    from lmforge.model.transformer import build_model
+    model = build_model(get_preset("tiny"))            # built on meta, materialised, init_weights()
+    logits = model(torch.randint(0, 2048, (2, 16)))   # (B, T, vocab) in the model's dtype
+
+References: Llama (Touvron et al. 2023) and its HF implementation (rotate-half RoPE, SwiGLU, RMSNorm computed
+in fp32), Llama-3 RoPE scaling, GQA (Ainslie et al. 2023), GPT-2 (Radford et al. 2019) and nanoGPT's init.
+
+    x ─ tok_embeddings (+ pos_embeddings: gpt2) ─┬─> [Block] x n_layers ─> norm ─> output (or tied embedding) ─> logits
+    Block:  h = x + attn(attn_norm(x))          attn: q,k,v proj -> RoPE (llama) -> SDPA causal (GQA) -> o proj
+            y = h + mlp(mlp_norm(h))            mlp:  llama down(silu(gate(x)) * up(x)) | gpt2 down(gelu(up(x)))
+
+Parameter names matter to other code: embeddings contain "embed" (no weight decay), blocks are `model.layers`
+(wrapped from outside for activation checkpointing / FSDP), and the HF key table in hf.py maps these names.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lmforge.model.config import ModelConfig
+
+# `enable_gqa` exists from torch 2.5; older versions repeat k/v heads by hand.
+_SDPA_GQA = tuple(int(x) for x in torch.__version__.split(".")[:2]) >= (2, 5)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# RoPE
+
+
+def rope_inv_freq(cfg: ModelConfig) -> Tensor:
+    """Inverse frequencies (head_dim/2,), with Llama-3 scaling if configured; same float ops as transformers."""
+    hd = cfg.head_size
+    inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.int64).float() / hd))
+    s = cfg.rope_scaling
+    if s is None:
+        return inv
+    low_wavelen = s.original_max_position_embeddings / s.low_freq_factor
+    high_wavelen = s.original_max_position_embeddings / s.high_freq_factor
+    wavelen = 2 * math.pi / inv
+    scaled = torch.where(wavelen > low_wavelen, inv / s.factor, inv)  # long wavelengths: slowed down
+    smooth = (s.original_max_position_embeddings / wavelen - s.low_freq_factor) / (
+        s.high_freq_factor - s.low_freq_factor
+    )
+    smoothed = (1 - smooth) * scaled / s.factor + smooth * scaled  # in between: interpolated
+    medium = ~(wavelen < high_wavelen) * ~(wavelen > low_wavelen)
+    return torch.where(medium, smoothed, scaled)
+
+
+def rope_tables(cfg: ModelConfig, device: torch.device | str | None = None) -> tuple[Tensor, Tensor]:
+    """cos, sin of shape (max_seq_len, head_dim), in fp32, in HF's rotate-half layout [f0..fn, f0..fn]."""
+    inv = rope_inv_freq(cfg).to(device)
+    t = torch.arange(cfg.max_seq_len, device=device, dtype=torch.float32)
+    freqs = torch.outer(t, inv)  # (T, head_dim/2)
+    emb = torch.cat([freqs, freqs], dim=-1)  # (T, head_dim)
+    return emb.cos(), emb.sin()
+
+
+def _rotate_half(x: Tensor) -> Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([-x2, x1], dim=-1)
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """x: (B, H, T, hd); cos/sin: (T, hd) or (B, T, hd)."""
+    if cos.dim() == 3:
+        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # (B, 1, T, hd)
+    return x * cos.to(x.dtype) + _rotate_half(x) * sin.to(x.dtype)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# KV cache
+
+
+@dataclass
+class KVCache:
+    """Preallocated keys/values per layer, (B, n_kv_heads, max_len, head_dim), plus the filled length.
+
+    Static shapes so a decode step can be compiled; `forward(ids, kv_cache=cache)` writes the new keys at
+    [length, length + T) and advances `length` after the last layer.
+    """
+
+    k: list[Tensor]
+    v: list[Tensor]
+    length: int = 0
+
+    @classmethod
+    def empty(
+        cls,
+        cfg: ModelConfig,
+        batch_size: int,
+        max_len: int | None = None,
+        *,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.float32,
+    ) -> KVCache:
+        shape = (batch_size, cfg.kv_heads, max_len or cfg.max_seq_len, cfg.head_size)
+        return cls(
+            k=[torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)],
+            v=[torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)],
+        )
+
+    @property
+    def max_len(self) -> int:
+        return self.k[0].shape[2]
+
+    def reset(self) -> None:
+        self.length = 0
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Blocks
+
+
+class RMSNorm(nn.Module):
+    """x / rms(x) * weight, computed in fp32 and cast back before the weight, as HF Llama does."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
+
+
+def _norm(cfg: ModelConfig) -> nn.Module:
+    return nn.LayerNorm(cfg.dim, eps=cfg.norm_eps) if cfg.arch == "gpt2" else RMSNorm(cfg.dim, cfg.norm_eps)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.n_heads, self.n_kv, self.hd = cfg.n_heads, cfg.kv_heads, cfg.head_size
+        self.rope = cfg.arch == "llama"
+        self.window = cfg.sliding_window
+        qkv_bias = cfg.qkv_bias or cfg.arch == "gpt2"
+        self.q = nn.Linear(cfg.dim, self.n_heads * self.hd, bias=qkv_bias)
+        self.k = nn.Linear(cfg.dim, self.n_kv * self.hd, bias=qkv_bias)
+        self.v = nn.Linear(cfg.dim, self.n_kv * self.hd, bias=qkv_bias)
+        self.o = nn.Linear(self.n_heads * self.hd, cfg.dim, bias=cfg.arch == "gpt2")
+
+    def forward(
+        self,
+        x: Tensor,
+        cos: Tensor | None,
+        sin: Tensor | None,
+        mask: Tensor | None,
+        cache: KVCache | None,
+        layer: int,
+    ) -> Tensor:
+        B, T, _ = x.shape
+        q = self.q(x).view(B, T, self.n_heads, self.hd).transpose(1, 2)  # (B, H, T, hd)
+        k = self.k(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)  # (B, Hkv, T, hd)
+        v = self.v(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)  # (B, Hkv, T, hd)
+        if self.rope:
+            assert cos is not None and sin is not None
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            start = cache.length
+            cache.k[layer][:, :, start : start + T] = k
+            cache.v[layer][:, :, start : start + T] = v
+            k, v = cache.k[layer][:, :, : start + T], cache.v[layer][:, :, : start + T]  # (B, Hkv, S, hd)
+        if self.n_kv != self.n_heads and not _SDPA_GQA:
+            rep = self.n_heads // self.n_kv
+            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+        gqa = {"enable_gqa": True} if self.n_kv != self.n_heads and _SDPA_GQA else {}
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1, **gqa)
+        return self.o(y.transpose(1, 2).reshape(B, T, self.n_heads * self.hd))  # (B, T, dim)
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.gpt2 = cfg.arch == "gpt2"
+        self.gate = None if self.gpt2 else nn.Linear(cfg.dim, cfg.hidden_dim, bias=False)
+        self.up = nn.Linear(cfg.dim, cfg.hidden_dim, bias=self.gpt2)
+        self.down = nn.Linear(cfg.hidden_dim, cfg.dim, bias=self.gpt2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.gate is None:
+            return self.down(F.gelu(self.up(x), approximate="tanh"))
+        return self.down(F.silu(self.gate(x)) * self.up(x))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.attn_norm = _norm(cfg)
+        self.attn = Attention(cfg)
+        self.mlp_norm = _norm(cfg)
+        self.mlp = MLP(cfg)
+
+    def forward(
+        self,
+        x: Tensor,
+        cos: Tensor | None,
+        sin: Tensor | None,
+        mask: Tensor | None = None,
+        cache: KVCache | None = None,
+        layer: int = 0,
+    ) -> Tensor:
+        x = x + self.attn(self.attn_norm(x), cos, sin, mask, cache, layer)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The model
+
+
+class Transformer(nn.Module):
+    rope_cos: Tensor  # (max_seq_len, head_dim) fp32 buffers, llama only
+    rope_sin: Tensor
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.pos_embeddings = nn.Embedding(cfg.max_seq_len, cfg.dim) if cfg.arch == "gpt2" else None
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.norm = _norm(cfg)
+        # Tied: no separate head; forward multiplies by tok_embeddings.weight (one Parameter, FSDP-safe).
+        self.output = None if cfg.tie_embeddings else nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        if cfg.arch == "llama":  # fp32 tables, not saved: rebuilt by init_buffers() after to_empty/load
+            cos, sin = rope_tables(cfg, device=self.tok_embeddings.weight.device)
+            self.register_buffer("rope_cos", cos, persistent=False)
+            self.register_buffer("rope_sin", sin, persistent=False)
+
+    @torch.no_grad()
+    def init_buffers(self) -> None:
+        """Recompute the non-persistent RoPE tables (needed after `to_empty`, which leaves them garbage)."""
+        if self.cfg.arch == "llama":
+            cos, sin = rope_tables(self.cfg, device=self.rope_cos.device)
+            self.rope_cos.copy_(cos)
+            self.rope_sin.copy_(sin)
+
+    @torch.no_grad()
+    def init_weights(self, seed: int | None = 0) -> None:
+        """Every tensor's initialisation, in one place (GPT-2 / nanoGPT scheme):
+
+        - tok_embeddings, pos_embeddings, q/k/v, mlp gate/up, untied output: normal(0, init_std)
+        - attn.o and mlp.down (write into the residual stream): normal(0, init_std / sqrt(2 * n_layers)),
+          so the residual's variance does not grow with depth
+        - all biases: 0; norm weights: 1 (LayerNorm bias 0)
+        - RoPE tables: recomputed (init_buffers)
+        `seed=None` draws from torch's global RNG instead of a private generator.
+        """
+        device = self.tok_embeddings.weight.device
+        gen = None if seed is None else torch.Generator(device=device).manual_seed(seed)
+        std = self.cfg.init_std
+        resid_std = std / math.sqrt(2 * self.cfg.n_layers)
+        for name, p in self.named_parameters():
+            if name.endswith("bias"):
+                p.zero_()
+            elif "norm" in name:
+                p.fill_(1.0)
+            elif name.endswith(("attn.o.weight", "mlp.down.weight")):
+                p.normal_(0.0, resid_std, generator=gen)
+            else:
+                p.normal_(0.0, std, generator=gen)
+        self.init_buffers()
+
+    def forward(
+        self,
+        input_ids: Tensor,
+        position_ids: Tensor | None = None,
+        kv_cache: KVCache | None = None,
+        attn_mask: Tensor | None = None,
+    ) -> Tensor:
+        """input_ids (B, T) -> logits (B, T, vocab) in the model's dtype.
+
+        position_ids (B, T): defaults to [start, start + T) with start = kv_cache.length (0 without a cache).
+        kv_cache: the new keys/values are appended and attention covers everything cached so far.
+        attn_mask: optional bool (True = attend) or additive float mask broadcastable to (B, H, T, S) with
+        S = cached + T; it replaces the causal mask (the caller supplies causality).
+        """
+        T = input_ids.shape[1]
+        start = kv_cache.length if kv_cache is not None else 0
+        end = start + T
+        if end > self.cfg.max_seq_len or (kv_cache is not None and end > kv_cache.max_len):
+            limit = min(
+                self.cfg.max_seq_len, kv_cache.max_len if kv_cache is not None else self.cfg.max_seq_len
+            )
+            raise ValueError(f"sequence of {end} positions exceeds the limit of {limit}")
+        x = self.tok_embeddings(input_ids)  # (B, T, dim)
+        cos = sin = None
+        if position_ids is None and self.pos_embeddings is not None:
+            x = x + self.pos_embeddings.weight[start:end]
+        elif self.pos_embeddings is not None:
+            x = x + self.pos_embeddings(position_ids)
+        elif position_ids is None:
+            cos, sin = self.rope_cos[start:end], self.rope_sin[start:end]  # (T, hd)
+        else:
+            cos, sin = self.rope_cos[position_ids], self.rope_sin[position_ids]  # (B, T, hd)
+        mask = attn_mask if attn_mask is not None else self._mask(T, start, x.device)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, mask, kv_cache, i)
+        if kv_cache is not None:
+            kv_cache.length = end
+        x = self.norm(x)
+        weight = self.tok_embeddings.weight if self.output is None else self.output.weight
+        return F.linear(x, weight)  # (B, T, vocab)
+
+    def _mask(self, T: int, start: int, device: torch.device) -> Tensor | None:
+        """None when plain causal attention (SDPA is_causal) is right; else a bool (T, S) mask, True = attend."""
+        S = start + T
+        window = self.cfg.sliding_window
+        needs_window = window is not None and window < S
+        if (start == 0 or T == 1) and not needs_window:
+            return None  # T == 1 with a cache attends to everything; start == 0 is plain causal
+        qpos = torch.arange(start, S, device=device)[:, None]
+        kpos = torch.arange(S, device=device)[None, :]
+        allowed = kpos <= qpos
+        if needs_window:
+            assert window is not None
+            allowed &= kpos > qpos - window
+        return allowed
+
+
+def build_model(
+    cfg: ModelConfig,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    seed: int | None = 0,
+) -> Transformer:
+    """Build on the meta device (no memory, no wasted init), materialise on `device`, then `init_weights`.
+
+    `seed=None` skips init_weights (for loading a checkpoint right after); the RoPE tables are still built.
+    """
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    model.to_empty(device=device)
+    model.to(dtype=dtype)
+    if hasattr(model, "rope_cos"):  # keep RoPE tables in fp32 whatever the weights' dtype
+        model.rope_cos = model.rope_cos.float()
+        model.rope_sin = model.rope_sin.float()
+    if seed is None:
+        model.init_buffers()
+    else:
+        model.init_weights(seed)
+    return model
+
+
+@torch.no_grad()
+def generate_greedy(model: Transformer, input_ids: Tensor, max_new_tokens: int) -> Tensor:
+    """Minimal greedy decoding with the KV cache (for parity tests; the sampling engine lives in infer/)."""
+    B, T = input_ids.shape
+    p = next(model.parameters())
+    cache = KVCache.empty(model.cfg, B, T + max_new_tokens, device=p.device, dtype=p.dtype)
+    logits = model(input_ids, kv_cache=cache)
+    out = [input_ids]
+    for i in range(max_new_tokens):
+        nxt = logits[:, -1].argmax(-1, keepdim=True)  # (B, 1)
+        out.append(nxt)
+        if i + 1 < max_new_tokens:
+            logits = model(nxt, kv_cache=cache)
+    return torch.cat(out, dim=1)
