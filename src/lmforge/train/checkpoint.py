@@ -1,0 +1,231 @@
+"""Crash-safe training checkpoints for exact resume: safetensors + JSON, never pickle.
+
+    <run>/checkpoints/step-000100/
+        model.safetensors       full (consolidated) weights, keyed by parameter name
+        optimizer.safetensors   every optimizer state tensor, keyed "<param name>/<state key>"
+        optimizer.json          param groups and non-tensor state (the structure of the above)
+        rng-<rank>.json         torch (CPU, CUDA), numpy and Python RNG states of each rank
+        state.json              step, sampler position, schedule, counters, config; written last
+
+A checkpoint is written into `step-000100.tmp`, every file fsynced, then renamed; a directory named
+`step-NNNNNN` holding `state.json` is complete by construction, and `latest_checkpoint` picks the newest
+one. A process killed mid-save leaves only a `.tmp` directory, which is ignored and cleaned up later.
+With FSDP the weights and optimizer state are gathered into full tensors on save (collective on all ranks)
+and re-sharded on load, so a checkpoint does not depend on the number of processes that wrote it.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import random
+import re
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+
+from lmforge.errors import IntegrityError
+from lmforge.io import atomic_write_json, fsync_dir
+
+CHECKPOINTS = "checkpoints"
+STATE = "state.json"
+_NAME = re.compile(r"^step-(\d{6,})$")
+
+
+def _noop() -> None:
+    pass
+
+
+def _before_commit(tmp: Path) -> None:
+    """Seam between writing the files and the rename (tests use it to kill a process mid-save)."""
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def _b64(t: torch.Tensor) -> str:
+    return base64.b64encode(t.cpu().numpy().tobytes()).decode("ascii")
+
+
+def _unb64(s: str) -> torch.Tensor:
+    return torch.from_numpy(np.frombuffer(base64.b64decode(s), dtype=np.uint8).copy())
+
+
+def rng_state() -> dict[str, Any]:
+    """Every RNG this process may draw from, JSON-encodable."""
+    np_state: Any = np.random.get_state()
+    state: dict[str, Any] = {
+        "torch": _b64(torch.get_rng_state()),
+        "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
+        "python": [random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]],
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = [_b64(s) for s in torch.cuda.get_rng_state_all()]
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(_unb64(state["torch"]))
+    kind, keys, *rest = state["numpy"]
+    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), *rest))
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([_unb64(s) for s in state["cuda"]])
+
+
+def _options(cpu_offload: bool = False) -> StateDictOptions:
+    return StateDictOptions(full_state_dict=True, cpu_offload=cpu_offload)
+
+
+def _flatten_optimizer(osd: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, dict[str, Any]] = {}
+    for name, entry in osd["state"].items():
+        for key, value in entry.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"{name}/{key}"] = value.detach().cpu().contiguous()
+            else:
+                scalars.setdefault(name, {})[key] = value
+    return tensors, {"param_groups": osd["param_groups"], "scalars": scalars}
+
+
+def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict[str, Any]:
+    state: dict[str, dict[str, Any]] = {}
+    for flat, value in tensors.items():
+        name, key = flat.rsplit("/", 1)
+        state.setdefault(name, {})[key] = value
+    for name, entry in meta["scalars"].items():
+        state.setdefault(name, {}).update(entry)
+    groups = []
+    for g in meta["param_groups"]:
+        g = dict(g)
+        if isinstance(g.get("betas"), list):
+            g["betas"] = tuple(g["betas"])
+        groups.append(g)
+    return {"state": state, "param_groups": groups}
+
+
+def list_checkpoints(root: Path) -> list[tuple[int, Path]]:
+    """Complete checkpoints under `root` (a run's `checkpoints/` dir), oldest first."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    found = []
+    for p in root.iterdir():
+        m = _NAME.match(p.name)
+        if m and p.is_dir() and (p / STATE).is_file():
+            found.append((int(m.group(1)), p))
+    return sorted(found)
+
+
+def latest_checkpoint(root: Path) -> Path | None:
+    found = list_checkpoints(root)
+    return found[-1][1] if found else None
+
+
+def save_checkpoint(
+    root: Path,
+    step: int,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    state: dict[str, Any],
+    *,
+    rank: int = 0,
+    keep: int = 0,
+    rng: dict[str, Any] | None = None,
+    barrier: Callable[[], None] = _noop,
+) -> Path:
+    """Write checkpoint `step` under `root`; every rank must call it (FSDP gathers are collective).
+
+    `rng` is this rank's RNG state to record (default: the current one); the loop passes the state from
+    the start of the step when it stops in the middle of a gradient-accumulation cycle.
+    """
+    root = Path(root)
+    final = root / f"step-{step:06d}"
+    tmp = root / f"step-{step:06d}.tmp"
+    model_sd: dict[str, Any] = get_model_state_dict(model, options=_options(cpu_offload=True))
+    optim_sd: Any = get_optimizer_state_dict(model, optimizer, options=_options(cpu_offload=True))
+    if rank == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        for stale in root.glob("step-*.tmp"):  # left by a process killed mid-save
+            shutil.rmtree(stale, ignore_errors=True)
+        tmp.mkdir()
+    barrier()
+    atomic_write_json(tmp / f"rng-{rank}.json", rng if rng is not None else rng_state())
+    barrier()
+    if rank == 0:
+        # Tied weights share storage, which safetensors refuses: store each name's own copy.
+        weights = {k: v.detach().cpu().clone().contiguous() for k, v in model_sd.items()}
+        save_file(weights, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        tensors, meta = _flatten_optimizer(optim_sd)
+        save_file(tensors, str(tmp / "optimizer.safetensors"), metadata={"format": "pt"})
+        atomic_write_json(tmp / "optimizer.json", meta)
+        for f in ("model.safetensors", "optimizer.safetensors"):
+            _fsync_file(tmp / f)
+        atomic_write_json(tmp / STATE, {**state, "step": step})
+        fsync_dir(tmp)
+        _before_commit(tmp)
+        if final.exists():  # e.g. the end-of-run save at a step that was just saved
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        fsync_dir(root)
+        if keep > 0:
+            for _, old in list_checkpoints(root)[:-keep]:
+                shutil.rmtree(old, ignore_errors=True)
+    barrier()
+    return final
+
+
+def read_state(path: Path) -> dict[str, Any]:
+    path = Path(path)
+    try:
+        state: dict[str, Any] = json.loads((path / STATE).read_text("utf-8"))
+    except (OSError, ValueError) as e:
+        raise IntegrityError(f"{path / STATE}: unreadable checkpoint state ({e})") from e
+    return state
+
+
+def load_weights(path: Path) -> dict[str, torch.Tensor]:
+    file = Path(path) / "model.safetensors"
+    if not file.is_file():
+        raise IntegrityError(f"{file}: missing; not a complete lmforge checkpoint")
+    return load_file(str(file))
+
+
+def load_checkpoint(
+    path: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None, *, rank: int = 0
+) -> dict[str, Any]:
+    """Restore weights, optimizer state and this rank's RNG state; returns the contents of state.json.
+
+    Every rank reads the full tensors (the checkpoint directory must be visible to all nodes) and FSDP
+    keeps its own shard. A rank that did not exist when the checkpoint was written keeps its seeded RNG.
+    """
+    path = Path(path)
+    state = read_state(path)
+    weights: dict[str, Any] = dict(load_weights(path))
+    set_model_state_dict(model, weights, options=_options())
+    if optimizer is not None:
+        tensors = load_file(str(path / "optimizer.safetensors"))
+        meta = json.loads((path / "optimizer.json").read_text("utf-8"))
+        set_optimizer_state_dict(model, optimizer, _unflatten_optimizer(tensors, meta), options=_options())
+    rng_file = path / f"rng-{rank}.json"
+    if rng_file.is_file():
+        set_rng_state(json.loads(rng_file.read_text("utf-8")))
+    return state

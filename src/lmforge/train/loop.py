@@ -1,0 +1,335 @@
+"""The one training loop: accumulate, normalise per token, clip, skip non-finite steps, log, evaluate, save.
+
+Pretraining, fine-tuning and preference training share it and differ only in the objective (a function
+`(model, batch) -> (loss_sum, n_tokens)`, see objectives.py) and in where batches come from (anything with
+`micro_batches(step) -> list[batch]` and `state(step)`, see sampler.py).
+
+Per optimizer step `s`:
+    lr     = peak_lr * schedule(s)
+    ranks' micro batches of global batch s -> target-token count N, summed over micro batches and ranks
+    each micro batch: backward(loss_sum * world / N)     # DDP/FSDP average over ranks: = sum / N overall
+    clip the global grad norm; if the loss or the norm is not finite, skip the update (weights and
+    optimizer state untouched), count it, and stop after `max_bad_steps` in a row (exit code 4)
+A SIGTERM/SIGINT stops the loop after the current micro batch; if that is mid-accumulation the partial
+gradients are dropped and the checkpoint records the RNG state from the start of the step, so the resumed
+run recomputes step s exactly (exit code 130).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import signal
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Protocol, cast
+
+import torch
+from torch import nn
+
+from lmforge.errors import LmforgeError
+from lmforge.train import distributed as D
+from lmforge.train.checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint
+from lmforge.train.metrics import MetricsLogger
+from lmforge.train.objectives import Batch, Objective, count_targets
+from lmforge.train.schedule import ScheduleConfig, lr_multiplier
+
+EXIT_NONFINITE = 4
+EXIT_INTERRUPTED = 130
+
+
+class NonFiniteError(LmforgeError):
+    """Too many consecutive steps with a NaN/inf loss or gradient norm."""
+
+    exit_code = EXIT_NONFINITE
+
+
+class Interrupted(LmforgeError):
+    """SIGTERM/SIGINT: a checkpoint was saved, the run can be resumed with --resume auto."""
+
+    exit_code = EXIT_INTERRUPTED
+
+
+class BatchSource(Protocol):
+    def micro_batches(self, step: int) -> list[Batch]: ...
+
+    def state(self, step: int) -> dict[str, int]: ...
+
+
+@dataclass
+class LoopSettings:
+    total_steps: int
+    lr: float
+    schedule: ScheduleConfig
+    grad_clip: float = 1.0
+    log_every: int = 10
+    eval_every: int = 0  # 0 = only at the end
+    checkpoint_every: int = 0  # 0 = only at the end
+    keep_checkpoints: int = 3
+    max_bad_steps: int = 5
+    flops_per_token: float = 0.0  # training FLOPs per token (6N + attention), for MFU
+    peak_flops: float | None = None  # of one device; None = no MFU
+    progress: bool = True
+
+
+@dataclass
+class LoopState:
+    step: int = 0  # optimizer steps done = index of the next global batch
+    tokens: int = 0  # target tokens trained on, all ranks
+    bad_steps: int = 0
+    consecutive_bad: int = 0
+    losses: list[float] = field(default_factory=list)  # this process's steps only, for tests and summaries
+
+
+class Evaluator(Protocol):
+    def __call__(self, model: nn.Module, step: int) -> dict[str, Any]: ...
+
+
+@contextlib.contextmanager
+def stop_signals(flag: list[bool]) -> Iterator[None]:
+    """Turn SIGTERM/SIGINT into a flag the loop polls (only possible in the main thread)."""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: object) -> None:
+        flag[0] = True
+
+    old = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
+class Trainer:
+    """Holds what a run trains; `run()` goes from `state.step` to `settings.total_steps`."""
+
+    def __init__(
+        self,
+        *,
+        model: nn.Module,
+        train_model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        batches: BatchSource,
+        objective: Objective,
+        settings: LoopSettings,
+        run_dir: Path,
+        info: D.DistInfo = D.DistInfo(),
+        logger: MetricsLogger | None = None,
+        evaluator: Evaluator | None = None,
+        autocast: Callable[[], contextlib.AbstractContextManager[Any]] = contextlib.nullcontext,
+        scaler: torch.amp.GradScaler | None = None,
+        extra_state: dict[str, Any] | None = None,
+        should_stop: Callable[[int, int], bool] | None = None,
+    ) -> None:
+        self.model = model  # unwrapped (or FSDP-sharded in place): what checkpoints read and write
+        self.train_model = train_model  # what the forward pass runs through (DDP wrapper or the model)
+        self.optimizer = optimizer
+        self.batches = batches
+        self.objective = objective
+        self.settings = settings
+        self.run_dir = Path(run_dir)
+        self.info = info
+        self.logger = logger
+        self.evaluator = evaluator
+        self.autocast = autocast
+        self.scaler = scaler
+        self.extra_state = extra_state or {}
+        self.should_stop = should_stop  # (step, micro) -> bool; tests use it to stop at an exact point
+        self.state = LoopState()
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self._signal = [False]
+
+    # -- checkpoints ---------------------------------------------------------------------------------
+    @property
+    def checkpoint_root(self) -> Path:
+        return self.run_dir / "checkpoints"
+
+    def save(self, rng: dict[str, Any] | None = None) -> Path:
+        s = self.state
+        state = {
+            "tokens": s.tokens,
+            "bad_steps": s.bad_steps,
+            "consecutive_bad": s.consecutive_bad,
+            "sampler": self.batches.state(s.step),
+            "schedule": {
+                "total_steps": self.settings.total_steps,
+                "lr_multiplier": lr_multiplier(s.step, self.settings.total_steps, self.settings.schedule),
+                **self.settings.schedule.model_dump(),
+            },
+            "world_size": self.info.world_size,
+            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+            **self.extra_state,
+        }
+        return save_checkpoint(
+            self.checkpoint_root,
+            s.step,
+            self.model,
+            self.optimizer,
+            state,
+            rank=self.info.rank,
+            keep=self.settings.keep_checkpoints,
+            rng=rng,
+            barrier=D.barrier,
+        )
+
+    def resume(self, path: Path | str) -> Path | None:
+        """Load `path` ('auto' = the newest complete checkpoint of this run, if any)."""
+        if str(path) == "auto":
+            found = latest_checkpoint(self.checkpoint_root)
+            if found is None:
+                return None
+            path = found
+        state = load_checkpoint(Path(path), self.model, self.optimizer, rank=self.info.rank)
+        self.state.step = int(state["step"])
+        self.state.tokens = int(state["tokens"])
+        self.state.bad_steps = int(state["bad_steps"])
+        self.state.consecutive_bad = int(state["consecutive_bad"])
+        if self.scaler is not None and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        return Path(path)
+
+    # -- one step ------------------------------------------------------------------------------------
+    def _sync_context(self, last: bool) -> contextlib.AbstractContextManager[Any]:
+        """Skip the gradient all-reduce on all but the last micro batch of an accumulation cycle."""
+        no_sync = getattr(self.train_model, "no_sync", None)  # DDP
+        if no_sync is not None and not last:
+            return cast(contextlib.AbstractContextManager[Any], no_sync())
+        set_sync = getattr(self.train_model, "set_requires_gradient_sync", None)  # FSDP2
+        if set_sync is not None:
+            set_sync(last)
+        return contextlib.nullcontext()
+
+    def _stop_requested(self, step: int, micro: int) -> bool:
+        local = self._signal[0] or (self.should_stop is not None and self.should_stop(step, micro))
+        return bool(D.all_reduce_max(int(local)))
+
+    def _grad_norm(self) -> torch.Tensor:
+        clip = self.settings.grad_clip if self.settings.grad_clip > 0 else math.inf
+        norm = torch.nn.utils.clip_grad_norm_(self.params, clip, error_if_nonfinite=False, foreach=True)
+        full = getattr(norm, "full_tensor", None)  # a DTensor under FSDP
+        return (full() if full is not None else norm).detach().float().cpu()
+
+    def train_step(self) -> dict[str, float] | None:
+        """One optimizer step; None when a stop was requested (the state is then at the step's start)."""
+        s, st = self.state, self.settings
+        step_rng = rng_state()
+        lr = st.lr * lr_multiplier(s.step, st.total_steps, st.schedule)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        micro = self.batches.micro_batches(s.step)
+        device = self.params[0].device
+        counts = torch.tensor([float(sum(count_targets(b) for b in micro))])
+        n_global = float(D.all_reduce_sum(counts).item())
+        assert n_global > 0, "a global batch with no target tokens"
+        scale = self.info.world_size / n_global
+        loss_sum = torch.zeros((), dtype=torch.float64)
+        for m, batch in enumerate(micro):
+            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+            with self._sync_context(m == len(micro) - 1), self.autocast():
+                part, _ = self.objective(self.train_model, batch)
+                scaled = part * scale
+                if self.scaler is not None:
+                    scaled = self.scaler.scale(scaled)
+                scaled.backward()
+            loss_sum += part.detach().double().cpu()
+            if self._stop_requested(s.step, m):
+                self.optimizer.zero_grad(set_to_none=True)
+                self.save(rng=step_rng)
+                return None
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
+        norm = self._grad_norm()
+        loss = float(D.all_reduce_sum(loss_sum).item()) / n_global
+        loss_ok = math.isfinite(loss)
+        norm_ok = bool(torch.isfinite(norm))
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)  # skips the update itself on inf/NaN gradients
+            self.scaler.update()
+            bad = not loss_ok  # gradient overflow is routine with fp16 loss scaling
+        elif loss_ok and norm_ok:
+            self.optimizer.step()
+            bad = False
+        else:
+            bad = True
+        self.optimizer.zero_grad(set_to_none=True)
+        s.step += 1
+        s.tokens += int(n_global)
+        s.losses.append(loss)
+        if bad:
+            s.bad_steps += 1
+            s.consecutive_bad += 1
+            if self.logger is not None:
+                self.logger.log("event", s.step, {"message": "non-finite step skipped", "loss": str(loss)})
+        else:
+            s.consecutive_bad = 0
+        return {"loss": loss, "grad_norm": float(norm), "lr": lr, "tokens": n_global, "skipped": bad}
+
+    # -- the loop ------------------------------------------------------------------------------------
+    def run(self) -> LoopState:
+        s, st = self.state, self.settings
+        with stop_signals(self._signal), self._progress() as bar:
+            task = bar.add_task("pretrain", total=st.total_steps, completed=s.step, loss="-", rate="-", mfu="")
+            t0, tok0 = time.perf_counter(), s.tokens
+            while s.step < st.total_steps:
+                out = self.train_step()
+                if out is None:
+                    raise Interrupted(
+                        f"stopped by signal at step {s.step}; checkpoint saved in {self.checkpoint_root}, "
+                        "continue with --resume auto"
+                    )
+                if s.consecutive_bad >= st.max_bad_steps:
+                    raise NonFiniteError(
+                        f"{s.consecutive_bad} consecutive steps with a non-finite loss or gradient norm "
+                        f"(last at step {s.step}); lower optim.lr, check the data, or raise max_bad_steps"
+                    )
+                if s.step % st.log_every == 0 or s.step == st.total_steps:
+                    dt = max(time.perf_counter() - t0, 1e-9)
+                    rate = (s.tokens - tok0) / dt
+                    values = {**out, "tokens_per_s": rate, "tokens_seen": s.tokens, "bad_steps": s.bad_steps}
+                    mfu = ""
+                    if st.peak_flops and st.flops_per_token:
+                        values["mfu"] = rate * st.flops_per_token / (st.peak_flops * self.info.world_size)
+                        mfu = f"MFU {values['mfu']:.1%}"
+                    if self.logger is not None:
+                        self.logger.log("train", s.step, values)
+                    bar.update(task, completed=s.step, loss=f"{out['loss']:.4f}", rate=f"{rate:,.0f}", mfu=mfu)
+                    if not bar.live.is_started and self.info.is_main and st.progress:
+                        print(f"step {s.step}/{st.total_steps} loss {out['loss']:.4f} {rate:,.0f} tok/s {mfu}")
+                    t0, tok0 = time.perf_counter(), s.tokens
+                if self.evaluator is not None and (
+                    (st.eval_every and s.step % st.eval_every == 0) or s.step == st.total_steps
+                ):
+                    results = self.evaluator(self.model, s.step)
+                    if self.logger is not None:
+                        self.logger.log("eval", s.step, results)
+                if st.checkpoint_every and s.step % st.checkpoint_every == 0 and s.step < st.total_steps:
+                    self.save()
+            self.save()
+        return s
+
+    def _progress(self) -> Any:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        live = self.info.is_main and self.settings.progress and sys.stderr.isatty()
+        return Progress(
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("loss {task.fields[loss]}  {task.fields[rate]} tok/s  {task.fields[mfu]}"),
+            TimeRemainingColumn(),
+            disable=not live,
+        )
+
+
+def summary(state: LoopState) -> dict[str, Any]:
+    d = asdict(state)
+    d.pop("losses")
+    return d
