@@ -48,10 +48,8 @@ _EMAIL = re.compile(
 )
 
 # ----------------------------------------------------------------------------------------- credit card
-# A candidate is a run of digit groups joined by single spaces or dashes with >= 13 digits; the check
-# then looks for a contiguous sequence of whole groups that is a card (Luhn + issuer + length).
-_CARD_CANDIDATE = re.compile(r"(?<![\w+.,/:-])\d+(?:[ -]\d+)*(?![\w]|[.,/:-]\d)")
-_CARD_SPLIT = re.compile(r"[ -]")
+# A candidate is a run of digit groups joined by single spaces or dashes; `is_card_number` decides.
+_CARD_CANDIDATE = re.compile(r"(?<![\w+.,/:-])\d{2,19}(?:[ -]\d{1,19}){0,9}(?![\w]|[.,/:-]\d)")
 
 # (prefix range low, high, allowed lengths): the major issuers' IIN ranges. Requiring one of them
 # (on top of Luhn) cuts matches on random 16-digit numbers from 10% to about 2.5%.
@@ -104,38 +102,20 @@ def is_card_number(digits: str) -> bool:
     return 13 <= len(digits) <= 19 and _issuer_ok(digits) and luhn_ok(digits)
 
 
-def _card_span(groups: list[str]) -> tuple[int, int] | None:
-    """The longest run groups[i:j] whose digits form a valid card number, if any."""
-    best: tuple[int, int] | None = None
-    for i in range(len(groups)):
-        digits = ""
-        for j in range(i, len(groups)):
-            digits += groups[j]
-            if len(digits) > 19:
-                break
-            if (best is None or j + 1 - i > best[1] - best[0]) and is_card_number(digits):
-                best = (i, j + 1)
-    return best
+# Text ending in an IBAN head ("SE40 "): digits after it belong to an IBAN, valid or not.
+_IBAN_HEAD_BEFORE = re.compile(r"[A-Z]{2}\d{2}[ ]?(?:[A-Z0-9]{4} )*$")
 
 
 def _mask_cards(text: str, counts: Counter[str]) -> str:
     def repl(m: re.Match[str]) -> str:
+        # The whole run of groups must be the card: a valid 16 digits inside a longer run (a 19-digit
+        # number, an account number) is a coincidence 1 time in 40, not a card.
         s = m.group(0)
-        if len(s) < 13:
+        digits = s.replace(" ", "").replace("-", "")
+        if not is_card_number(digits) or _IBAN_HEAD_BEFORE.search(text, max(0, m.start() - 40), m.start()):
             return s
-        groups = _CARD_SPLIT.split(s)
-        if sum(map(len, groups)) < 13:
-            return s
-        span = _card_span(groups)
-        if span is None:
-            return s
-        # Rebuild "before <CREDIT_CARD> after" from the group boundaries (separators are 1 char).
-        starts = [0]
-        for g in groups:
-            starts.append(starts[-1] + len(g) + 1)
-        i, j = span
         counts["credit_card"] += 1
-        return s[: starts[i]] + PLACEHOLDERS["credit_card"] + s[starts[j] - 1 :]
+        return PLACEHOLDERS["credit_card"]
 
     return _CARD_CANDIDATE.sub(repl, text)
 
@@ -185,8 +165,10 @@ def _mask_ibans(text: str, counts: Counter[str]) -> str:
 
 
 # ----------------------------------------------------------------------------------------------- phone
-# International: a '+' then 8-15 digits with single separators (space . - or parentheses around a group).
-_PHONE_INTL = re.compile(r"(?<![\w+])\+\d(?:[ .-]?(?:\(\d{1,4}\)|\d)){7,14}(?![\w]|[.-]\d)")
+# International: '+', a country code (never 0), then 8-15 digits in all, with single separators
+# (space . - or parentheses around a group); `_phone_intl_ok` checks the grouping.
+_PHONE_INTL = re.compile(r"(?<![\w+])\+[1-9](?:[ .-]?(?:\(\d{1,4}\)|\d)){7,14}(?![\w]|[.-]\d)")
+_PHONE_SEP = re.compile(r"[ .\-()]+")
 # North American with separators: [1-] (NPA) NXX-XXXX; plain 10-digit runs are not phone numbers here.
 _PHONE_NANP = re.compile(
     r"(?<![\w.+/:-])(?:1[ .-]?)?(?:\([2-9]\d{2}\)[ ]?|[2-9]\d{2}[ .-])\d{3}[ .-]\d{4}(?![\w]|[.:/-]\d)"
@@ -194,8 +176,15 @@ _PHONE_NANP = re.compile(
 
 
 def _phone_intl_ok(s: str) -> bool:
-    digits = sum(c.isdigit() for c in s)
-    return 8 <= digits <= 15
+    """Digit count and grouping of a '+' number; rejects signed decimals such as +35236450.6."""
+    groups = [g for g in _PHONE_SEP.split(s[1:]) if g]
+    digits = sum(map(len, groups))
+    if len(groups) == 1:  # compact E.164: short signed integers are more often plain numbers
+        return 10 <= digits <= 15
+    if not 8 <= digits <= 15 or any(len(g) < 2 for g in groups[2:]):
+        return False
+    # "+1.5" style: a dot-only separated number needs 3+ groups to be a phone number, not a decimal.
+    return len(groups) >= 3 or any(c in s for c in " -(")
 
 
 def _mask_phones(text: str, counts: Counter[str]) -> str:
@@ -315,6 +304,16 @@ def looks_random(value: str) -> bool:
     return shannon_entropy(value) >= min(3.0, math.log2(len(value)) - 0.2)
 
 
+def _mixed_case_digits(value: str) -> bool:
+    """Random base62 of 20+ characters has upper, lower and digits; hyphenated words do not."""
+    return (
+        any(c.isupper() for c in value)
+        and any(c.islower() for c in value)
+        and any(c.isdigit() for c in value)
+        and looks_random(value)
+    )
+
+
 def _jwt_ok(token: str) -> bool:
     header = token.split(".", 1)[0]
     try:
@@ -339,13 +338,19 @@ def _mask_secrets(text: str, counts: Counter[str]) -> str:
         if any(n in text for n in needles):
             text = pattern.sub(whole, text)
     if "sk-" in text:
-        text = _SK_DASH.sub(lambda m: whole(m) if looks_random(m.group(0)[3:]) else m.group(0), text)
+        text = _SK_DASH.sub(lambda m: whole(m) if _mixed_case_digits(m.group(0)[3:]) else m.group(0), text)
     lowered = text.lower()
     if any(k in lowered for k in _GENERIC_KEYWORDS):
 
         def value_only(m: re.Match[str]) -> str:
             value = m.group(1).rstrip(".,;")
-            if not looks_random(value):
+            end = m.start(1) + len(value)
+            quoted = text[m.start(1) - 1 : m.start(1)] in "\"'"
+            if (
+                not looks_random(value)
+                or text[end : end + 1] == "("  # a function call, not a literal
+                or not (quoted or any(c.isdigit() for c in value))  # bare code names like Mgr.find_user
+            ):
                 return m.group(0)
             counts["secret"] += 1
             start = m.start(1) - m.start(0)
