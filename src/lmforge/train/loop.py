@@ -277,9 +277,11 @@ class Trainer:
         s, st = self.state, self.settings
         with stop_signals(self._signal), self._progress() as bar:
             task = bar.add_task("pretrain", total=st.total_steps, completed=s.step, loss="-", rate="-", mfu="")
-            t0, tok0 = time.perf_counter(), s.tokens
+            busy, tok0 = 0.0, s.tokens  # training seconds since the last log (eval and saves excluded)
             while s.step < st.total_steps:
+                t0 = time.perf_counter()
                 out = self.train_step()
+                busy += time.perf_counter() - t0
                 if out is None:
                     raise Interrupted(
                         f"stopped by signal at step {s.step}; checkpoint saved in {self.checkpoint_root}, "
@@ -291,8 +293,7 @@ class Trainer:
                         f"(last at step {s.step}); lower optim.lr, check the data, or raise max_bad_steps"
                     )
                 if s.step % st.log_every == 0 or s.step == st.total_steps:
-                    dt = max(time.perf_counter() - t0, 1e-9)
-                    rate = (s.tokens - tok0) / dt
+                    rate = (s.tokens - tok0) / max(busy, 1e-9)
                     values = {**out, "tokens_per_s": rate, "tokens_seen": s.tokens, "bad_steps": s.bad_steps}
                     mfu = ""
                     if st.peak_flops and st.flops_per_token:
@@ -303,7 +304,7 @@ class Trainer:
                     bar.update(task, completed=s.step, loss=f"{out['loss']:.4f}", rate=f"{rate:,.0f}", mfu=mfu)
                     if not bar.live.is_started and self.info.is_main and st.progress:
                         print(f"step {s.step}/{st.total_steps} loss {out['loss']:.4f} {rate:,.0f} tok/s {mfu}")
-                    t0, tok0 = time.perf_counter(), s.tokens
+                    busy, tok0 = 0.0, s.tokens
                 if self.evaluator is not None and (
                     (st.eval_every and s.step % st.eval_every == 0) or s.step == st.total_steps
                 ):

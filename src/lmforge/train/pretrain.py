@@ -222,13 +222,13 @@ class Validation:
             "val_tokens": count,
         }
         if self.tokenizer is not None and self.cfg.eval.sample_tokens > 0:
-            out["samples"] = [self._sample(model, p, device) for p in self.cfg.eval.prompts]
+            out["samples"] = [self._sample(model, p, device, i) for i, p in enumerate(self.cfg.eval.prompts)]
         model.train(was_training)
         return out
 
-    def _sample(self, model: nn.Module, prompt: str, device: torch.device) -> str:
+    def _sample(self, model: nn.Module, prompt: str, device: torch.device, index: int) -> str:
         e = self.cfg.eval
-        gen = torch.Generator().manual_seed(self.cfg.seed)  # private: never moves the training RNG
+        gen = torch.Generator().manual_seed(self.cfg.seed + index)  # private: never moves the training RNG
         ids = self.tokenizer.encode(prompt) or [self.tokenizer.eos_id]
         x = torch.tensor([ids], device=device)
         for _ in range(e.sample_tokens):
