@@ -26,7 +26,9 @@ GUTENBERG_START = r"^\*{3}\s*START OF (THE|THIS) PROJECT GUTENBERG.*$"
 GUTENBERG_END = r"^(\*{3}\s*END OF (THE|THIS) PROJECT GUTENBERG.*|End of (the )?Project Gutenberg.*)$"
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 _TRAILING_WS = re.compile(r"[ \t]+$", re.MULTILINE)
-_SYMBOLS = frozenset("#$%&*+<=>@\\^_`|~{}[]")
+_ASCII_SYMBOL = re.compile(r"[#$%&*+<=>@\\^_`|~{}\[\]]")
+_LETTER = re.compile(r"[^\W\d_]")  # \w minus digits and underscore = letters in any script
+_NON_ASCII = re.compile(r"[^\x00-\x7f]")
 
 
 class CleanConfig(Section):
@@ -137,8 +139,9 @@ class Boilerplate:
         return text, before - len(text)
 
 
-def _is_symbol(c: str) -> bool:
-    return c in _SYMBOLS or (not c.isascii() and unicodedata.category(c).startswith("S"))
+def _count_symbols(text: str) -> int:
+    ascii_symbols = len(_ASCII_SYMBOL.findall(text))
+    return ascii_symbols + sum(unicodedata.category(c).startswith("S") for c in _NON_ASCII.findall(text))
 
 
 def quality_reason(text: str, q: QualityConfig) -> str | None:
@@ -152,10 +155,10 @@ def quality_reason(text: str, q: QualityConfig) -> str | None:
         return "few_words"
     dense = n - sum(text.count(c) for c in " \n\t")
     if dense:
-        alpha = sum(c.isalpha() for c in text)
+        alpha = len(_LETTER.findall(text))
         if alpha / dense < q.min_alpha_ratio:
             return "alpha_ratio"
-        symbols = sum(1 for c in text if _is_symbol(c))
+        symbols = _count_symbols(text)
         if symbols / dense > q.max_symbol_ratio:
             return "symbol_ratio"
     lines = [line.strip() for line in text.split("\n")]

@@ -15,12 +15,11 @@ from __future__ import annotations
 
 import glob
 import gzip
-import io
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Literal
+from typing import Any, Literal
 
 import zstandard
 from pydantic import Field
@@ -125,13 +124,41 @@ def expand_inputs(specs: str | list[str], extensions: list[str] | None = None) -
     return out
 
 
-def _open_lines(path: Path, kind: str) -> IO[bytes]:
-    if kind == "jsonl.gz":
-        return gzip.open(path, "rb")  # type: ignore[return-value]
+def _zst_chunks(path: Path) -> Iterator[bytes]:
+    """Decompressed bytes of a (possibly multi-frame) zstd file; a truncated last frame raises EOFError.
+
+    zstandard's stream_reader ends quietly on a truncated frame, which would lose documents silently.
+    """
+    dobj: Any = None  # None between frames
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            while chunk:
+                if dobj is None:
+                    dobj = zstandard.ZstdDecompressor().decompressobj()
+                out = dobj.decompress(chunk)
+                if out:
+                    yield out
+                if dobj.eof:  # the frame ended; the rest of the chunk starts the next one
+                    chunk, dobj = dobj.unused_data, None
+                else:
+                    chunk = b""
+    if dobj is not None:
+        raise EOFError("zstd stream ends inside a frame (truncated file)")
+
+
+def _lines(path: Path, kind: str) -> Iterator[bytes]:
     if kind == "jsonl.zst":
-        raw = open(path, "rb")  # noqa: SIM115 - closed with the reader (closefd)
-        return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(raw, closefd=True))
-    return open(path, "rb")
+        rest = b""
+        for chunk in _zst_chunks(path):
+            rest += chunk
+            *lines, rest = rest.split(b"\n")
+            yield from lines
+        if rest:
+            yield rest
+        return
+    opener = gzip.open if kind == "jsonl.gz" else open
+    with opener(path, "rb") as f:
+        yield from f
 
 
 def _read_text(f: InputFile, cfg: IngestConfig) -> Iterator[RawDoc | Skipped]:
@@ -156,37 +183,30 @@ def _read_text(f: InputFile, cfg: IngestConfig) -> Iterator[RawDoc | Skipped]:
 
 
 def _read_jsonl(f: InputFile, kind: str, cfg: IngestConfig) -> Iterator[RawDoc | Skipped]:
-    try:
-        stream = _open_lines(f.path, kind)
-    except OSError as e:
-        yield Skipped(f.source, "unreadable", e.strerror or str(e))
-        return
     lineno = 0
     try:
-        with stream:
-            for lineno, line in enumerate(stream, 1):
-                if not line.strip():
-                    continue
-                problem = ""
-                text = None
-                try:
-                    obj = json.loads(line)
-                    text = obj.get(cfg.text_field) if isinstance(obj, dict) else None
-                    if not isinstance(text, str):
-                        problem = f"no string field {cfg.text_field!r}"
-                except ValueError as e:  # UnicodeDecodeError is a ValueError too
-                    problem = f"not valid JSON ({str(e).splitlines()[0][:80]})"
-                if problem or not isinstance(text, str):
-                    where = f"{f.source}:{lineno}"
-                    if cfg.on_bad_line == "error":
-                        raise DataError(
-                            f"{where}: {problem} (set ingest.on_bad_line=skip to skip such lines)"
-                        )
-                    yield Skipped(where, "bad_line", problem)
-                    continue
-                yield RawDoc(f"{f.source}:{lineno}", text, f.source)
-    except (OSError, EOFError, zstandard.ZstdError) as e:  # truncated or corrupt compressed stream
-        yield Skipped(f"{f.source}:{lineno + 1}", "unreadable", str(e)[:120])
+        for lineno, line in enumerate(_lines(f.path, kind), 1):
+            if not line.strip():
+                continue
+            problem = ""
+            text = None
+            try:
+                obj = json.loads(line)
+                text = obj.get(cfg.text_field) if isinstance(obj, dict) else None
+                if not isinstance(text, str):
+                    problem = f"no string field {cfg.text_field!r}"
+            except ValueError as e:  # UnicodeDecodeError is a ValueError too
+                problem = f"not valid JSON ({str(e).splitlines()[0][:80]})"
+            if problem or not isinstance(text, str):
+                where = f"{f.source}:{lineno}"
+                if cfg.on_bad_line == "error":
+                    raise DataError(f"{where}: {problem} (set ingest.on_bad_line=skip to skip such lines)")
+                yield Skipped(where, "bad_line", problem)
+                continue
+            yield RawDoc(f"{f.source}:{lineno}", text, f.source)
+    except (OSError, EOFError, zstandard.ZstdError) as e:  # unreadable, truncated or corrupt stream
+        where = f.source if lineno == 0 else f"{f.source}:{lineno + 1}"
+        yield Skipped(where, "unreadable", str(e)[:120])
 
 
 def _read_parquet(f: InputFile, cfg: IngestConfig) -> Iterator[RawDoc | Skipped]:
