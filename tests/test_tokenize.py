@@ -218,3 +218,44 @@ def test_cli_and_user_errors(
     (bad_tok / "tokenizer.json").write_text("{}")
     assert cli(["tokenize", f"input={inputs[0]}", f"tokenizer={bad_tok}", f"output={tmp_path / 'y'}"]) == 3
     assert "tokenizer.json: " in capsys.readouterr().err
+
+
+def test_special_token_strings_in_documents_stay_text(inputs: tuple[Path, Path], tmp_path: Path) -> None:
+    text = "The play ends here.<|endoftext|>Or does it? <|im_start|>user"
+    docs = [{"id": "quote", "text": text}, {"id": "other", "text": "Exit, pursued by a bear."}]
+    curated = write_curated(tmp_path / "c", docs)
+    tok = load_tokenizer(inputs[1])
+    for parse, inner_eos in ((False, 0), (True, 1)):
+        out = tmp_path / f"t{parse}"
+        run(
+            TokenizeConfig(
+                input=curated, tokenizer=inputs[1], output=out, val_fraction=0, parse_special_tokens=parse
+            )
+        )
+        arr = ShardSet(out).arrays[0]
+        first = split_docs(arr, tok.eos_id)[0] if not parse else arr[: len(tok.encode(text)) + 1].tolist()
+        assert int((arr == tok.eos_id).sum()) == 2 + inner_eos
+        assert tok.decode(first[:-1] if parse else first) == text
+        assert (tok.special_tokens["<|im_start|>"] in arr.tolist()) == parse
+
+
+def test_demo_configs_load_with_the_make_demo_overrides() -> None:
+    from lmforge.config import load_config
+    from lmforge.tokenizer import TokenizerTrainConfig
+
+    root = Path(__file__).resolve().parents[1] / "configs" / "demo"
+    tc = load_config(
+        TokenizerTrainConfig,
+        root / "tokenizer.yaml",
+        ["input=runs/demo/curated", "output=runs/demo/tokenizer"],
+        command="tokenizer train",
+    )
+    assert tc.vocab_size == 4096 and tc.special_tokens.extra == ["<|im_start|>", "<|im_end|>"]
+    kc = load_config(
+        TokenizeConfig,
+        root / "tokenize.yaml",
+        ["input=runs/demo/curated", "tokenizer=runs/demo/tokenizer", "output=runs/demo/tokens"],
+        command="tokenize",
+    )
+    # The tokenizer's held-out documents are tokenize's validation documents.
+    assert (kc.val_fraction, kc.seed) == (tc.heldout_fraction, tc.seed) and kc.workers == 2

@@ -191,3 +191,12 @@ def _dup_specials():  # type: ignore[no-untyped-def]
     from lmforge.tokenizer import SpecialTokensConfig
 
     return SpecialTokensConfig(eos="<|x|>", bos="<|x|>")
+
+
+def test_plain_text_copy_encodes_special_strings_as_text(tok: Tokenizer) -> None:
+    text = "a<|endoftext|>b<|im_end|>"
+    plain = tok.as_plain_text()
+    assert tok.encode(text) == [*tok.encode("a"), 0, *tok.encode("b"), 4]
+    ids = plain.encode(text)
+    assert not set(ids) & set(tok.special_tokens.values()) and len(ids) > 6
+    assert plain.decode(ids) == text and plain.eos_id == 0

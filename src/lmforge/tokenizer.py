@@ -184,6 +184,26 @@ class Tokenizer:
         encs = (fast or self.backend.encode_batch)(list(texts), add_special_tokens=False)
         return [[self.bos_id, *e.ids] if add_bos else e.ids for e in encs]
 
+    def as_plain_text(self) -> Tokenizer:
+        """A copy that encodes special-token strings found in text ('<|endoftext|>') as ordinary text.
+
+        What `tokenize` uses on documents (like tiktoken's `encode_ordinary`): a document that quotes a
+        special token cannot inject an EOS or a role marker into the training stream.
+        """
+        from tokenizers import Tokenizer as Backend
+
+        backend = Backend.from_str(self.backend.to_str())
+        backend.encode_special_tokens = True
+        return Tokenizer(
+            backend,
+            eos_token=self.eos_token,
+            bos_token=self.bos_token,
+            pad_token=self.pad_token,
+            extra_special_tokens=self.extra_special_tokens,
+            chat_template=self.chat_template,
+            model_max_length=self.model_max_length,
+        )
+
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
         return str(self.backend.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens))
 

@@ -65,6 +65,11 @@ class TokenizeConfig(Section):
     shard_tokens: int = Field(
         1 << 27, ge=1, description="tokens per output shard file (the last shard of a split may be smaller)"
     )
+    parse_special_tokens: bool = Field(
+        False,
+        description="map special-token strings inside documents ('<|endoftext|>') to their ids; by default "
+        "they stay ordinary text, so a document cannot inject an EOS",
+    )
     resume: bool = Field(True, description="reuse finished parts of an interrupted run of the same inputs")
     overwrite: bool = Field(False, description="replace an existing output directory")
     verify_input: bool = Field(True, description="check the input and tokenizer SHA-256 manifests first")
@@ -121,13 +126,17 @@ def _plan_parts(docs: Iterator[dict[str, Any]], cfg: TokenizeConfig) -> Iterator
 _WORKER_TOKENIZER: Any = None
 
 
-def _init_worker(tokenizer_dir: str) -> None:
+def _init_worker(tokenizer_dir: str, parse_special_tokens: bool) -> None:
     # Parallelism comes from processes here; Rust threads on top would oversubscribe the cores.
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    global _WORKER_TOKENIZER
     from lmforge.tokenizer import load_tokenizer
 
-    _WORKER_TOKENIZER = load_tokenizer(tokenizer_dir)
+    _set_worker_tokenizer(load_tokenizer(tokenizer_dir), parse_special_tokens)
+
+
+def _set_worker_tokenizer(tok: Any, parse_special_tokens: bool) -> None:
+    global _WORKER_TOKENIZER
+    _WORKER_TOKENIZER = tok if parse_special_tokens else tok.as_plain_text()
 
 
 def _part_paths(parts_dir: Path, index: int) -> tuple[dict[str, Path], Path]:
@@ -241,6 +250,7 @@ def _plan_key(cfg: TokenizeConfig, tokenizer_sha: str) -> dict[str, Any]:
         "val_fraction": cfg.val_fraction,
         "seed": cfg.seed,
         "part_bytes": cfg.part_bytes,
+        "parse_special_tokens": cfg.parse_special_tokens,
     }
 
 
@@ -314,13 +324,13 @@ def run(cfg: TokenizeConfig, *, stop_after_parts: int | None = None) -> dict[str
                 # spawn, not fork: forking a process whose Rust thread pool already ran can deadlock.
                 mp_context=multiprocessing.get_context("spawn"),
                 initializer=_init_worker,
-                initargs=(str(cfg.tokenizer),),
+                initargs=(str(cfg.tokenizer), cfg.parse_special_tokens),
             )
             if cfg.workers > 1
             else None
         )
-        if pool is None:
-            _init_worker_inprocess(tok)
+        if pool is None:  # workers=1: tokenize here (Rust threads allowed)
+            _set_worker_tokenizer(tok, cfg.parse_special_tokens)
         try:
             with Progress(*columns, console=console, disable=not console.is_terminal) as progress:
                 task = progress.add_task("tokenize", line="")
@@ -379,12 +389,6 @@ def run(cfg: TokenizeConfig, *, stop_after_parts: int | None = None) -> dict[str
     )
     run_stats = {"seconds": elapsed, "parts": len(ordered), "parts_skipped": totals.parts_skipped}
     return {**index, "run": run_stats}
-
-
-def _init_worker_inprocess(tok: Any) -> None:
-    """workers=1: tokenize in this process with the already loaded tokenizer (Rust threads allowed)."""
-    global _WORKER_TOKENIZER
-    _WORKER_TOKENIZER = tok
 
 
 def main(argv: list[str]) -> int:
