@@ -2,7 +2,7 @@
 
     .venv/bin/python -m benchmarks.pii [--peer-python /tmp/presidio/bin/python] [--n 1000]
 
-Measures, for both tools: throughput (MB/s, one core) on real prose (Shakespeare, the demo corpus) and
+Measures, for both tools: throughput (MB/s of CPU time, one core; the machine is shared) on real prose (Shakespeare, the demo corpus) and
 on Python standard-library sources, recall per PII kind on generated items embedded in prose, and the
 false-positive rate on hard negatives (tests/pii_cases.py, the generators the tests use). Presidio has no
 secret recognizers, so its secret recall is reported as null. The peer runs in its own virtualenv (see
@@ -113,9 +113,9 @@ def run_lmforge(sets: dict[str, list[str]]) -> tuple[dict[str, tuple[str, set[st
     results: dict[str, tuple[str, set[str]]] = {}
     seconds = {}
     for name, ds in sets.items():
-        start = time.perf_counter()
+        start = time.process_time()
         outs = [mask_pii(d) for d in ds]
-        seconds[name] = time.perf_counter() - start
+        seconds[name] = time.process_time() - start
         for i, (text, counts) in enumerate(outs):
             results[f"{name}#{i}"] = (text, {k for k, v in counts.items() if v})
     return results, seconds
@@ -125,12 +125,12 @@ def decontam_speed(docs: list[str]) -> dict[str, float]:
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "eval.txt"
         path.write_text("\n".join(docs[:: max(1, len(docs) // 300)]), encoding="utf-8")
-        start = time.perf_counter()
+        start = time.process_time()
         dc = Decontaminator([path])
-        build = time.perf_counter() - start
-        start = time.perf_counter()
+        build = time.process_time() - start
+        start = time.process_time()
         hits = sum(dc.contaminated(d) for d in docs)
-        scan = time.perf_counter() - start
+        scan = time.process_time() - start
     return {
         "eval_ngrams": dc.num_ngrams,
         "build_s": round(build, 3),

@@ -81,12 +81,12 @@ def main() -> None:
     engine.analyze("warm up jo@example.org 4111 1111 1111 1111", language="en")
     out: dict[str, Any] = {"spans": {}, "seconds": {}}
     for name, docs in data["sets"].items():
-        start = time.perf_counter()
+        start = time.process_time()
         spans = [
             [[r.start, r.end, r.entity_type, r.score] for r in engine.analyze(doc, language="en")]
             for doc in docs
         ]
-        out["seconds"][name] = time.perf_counter() - start
+        out["seconds"][name] = time.process_time() - start
         out["spans"][name] = spans
     with open(sys.argv[2], "w", encoding="utf-8") as f:
         json.dump(out, f)

@@ -64,7 +64,9 @@ _ISSUERS: tuple[tuple[int, int, frozenset[int]], ...] = (
     (6011, 6011, frozenset(range(16, 20))),  # Discover
     (644, 649, frozenset(range(16, 20))),
     (65, 65, frozenset(range(16, 20))),
-    (3528, 3589, frozenset(range(16, 20))),  # JCB
+    (35, 35, frozenset(range(16, 20))),  # JCB (3528-3589 issued; test generators use all of 35xx)
+    (1800, 1800, frozenset({15})),  # JCB (legacy 15-digit)
+    (2131, 2131, frozenset({15})),
     (300, 305, frozenset(range(14, 20))),  # Diners Club
     (36, 36, frozenset(range(14, 20))),
     (38, 39, frozenset(range(14, 20))),
@@ -108,13 +110,17 @@ def is_card_number(digits: str) -> bool:
 _IBAN_HEAD_BEFORE = re.compile(r"[A-Z]{2}\d{2}[ ]?(?:[A-Z0-9]{4} )*$")
 
 
+def _inside_iban(m: re.Match[str]) -> bool:
+    return _IBAN_HEAD_BEFORE.search(m.string, max(0, m.start() - 40), m.start()) is not None
+
+
 def _mask_cards(text: str, counts: Counter[str]) -> str:
     def repl(m: re.Match[str]) -> str:
         # The whole run of groups must be the card: a valid 16 digits inside a longer run (a 19-digit
         # number, an account number) is a coincidence 1 time in 40, not a card.
         s = m.group(0)
         digits = s.replace(" ", "").replace("-", "")
-        if not is_card_number(digits) or _IBAN_HEAD_BEFORE.search(text, max(0, m.start() - 40), m.start()):
+        if not is_card_number(digits) or _inside_iban(m):
             return s
         counts["credit_card"] += 1
         return PLACEHOLDERS["credit_card"]
@@ -167,48 +173,76 @@ def _mask_ibans(text: str, counts: Counter[str]) -> str:
 
 
 # ----------------------------------------------------------------------------------------------- phone
-# International: '+', a country code (never 0), then 8-15 digits in all, with single separators
-# (space . - or parentheses around a group); `_phone_intl_ok` checks the grouping.
-_PHONE_INTL = re.compile(r"\+(?<![\w+]\+)[1-9](?:[ .-]?(?:\(\d{1,4}\)|\d)){7,14}(?![\w]|[.-]\d)")
+# International: '+' or '00', a country code (never 0), then 8-15 digits in all, with single separators
+# (space . - or parentheses around a group) and an optional extension; `_phone_intl_ok` checks the grouping.
+_EXT = r"(?:[ ]?(?:x|ext\.?|#)[ ]?\d{1,6})?"
+_PHONE_INTL = re.compile(
+    r"(?:\+(?<![\w+]\+)|0(?<![\w+.-]0)(?<!\d 0)0)[1-9](?:[ .-]?(?:\(\d{1,4}\)|\d)){7,14}"
+    + _EXT
+    + r"(?![\w]|[.-]\d)"
+)
 _PHONE_SEP = re.compile(r"[ .\-()]+")
-# North American with separators: [1-] (NPA) NXX-XXXX; plain 10-digit runs are not phone numbers here.
+_PHONE_EXT = re.compile(r"[ ]?(?:x|ext\.?|#)[ ]?\d{1,6}$")
+# North American with separators: [+1 / 1 / 001] (NPA) NXX-XXXX [x123]; plain 10-digit runs are not
+# phone numbers here (they are as often IDs or counts).
 _PHONE_NANP = re.compile(
-    r"(?<![\w.+/:-])(?:1[ .-]?)?(?:\([2-9]\d{2}\)[ ]?|[2-9]\d{2}[ .-])\d{3}[ .-]\d{4}(?![\w]|[.:/-]\d)"
+    r"(?<![\w.+/:-])(?:(?:\+?1|001)[ .-]?)?(?:\(\d{3}\)[ ]?|\d{3}(?P<s1>[ .-]))\d{3}(?P<s2>[ .-])\d{4}"
+    + _EXT
+    + r"(?![\w]|[.:/-]\d)"
 )
 _NANP_QUICK = re.compile(r"\d{3}[ .-]\d{4}")  # cheap test before the full pattern
+# National formats (no country code) in the shapes that rarely mean anything else: "(0113) 496 0277",
+# "(020)74960774", "(0792)-605892" (area code with trunk 0 in parentheses), "03 10 44 34 60" (French
+# pairs), "07209 824722", "0707-972683", "030/123456", "0113 496 0281" (trunk 0, area code, separated
+# subscriber number) and "11 98765-4321" (Brazil). Unseparated national numbers are not matched.
+_PHONE_NATIONAL = re.compile(
+    r"(?:\((?<!\w\()0\d{1,4}\)[ -]?\d{2,4}(?:[ -]?\d{2,4}){0,2}"
+    r"|0(?<![\w.+/:,-]0)(?<!\d[ /.-]0)(?:[1-9](?:[ .]\d{2}){4}|\d{2,4}[ /-]\d{5,8}|\d{2,4} \d{3,4} \d{4}|\d{4} \d{3} \d{3})"
+    r"|(?:\((?<!\w\()[1-9]\d\) ?|[1-9](?<![\w.+/:,-][1-9])(?<!\d[ /.-][1-9])\d )(?:9\d{4}|\d{4})-\d{4})"
+    r"(?![\w]|[.,:/-]\d)"
+)
 
 
 def _phone_intl_ok(s: str) -> bool:
-    """Digit count and grouping of a '+' number; rejects signed decimals such as +35236450.6."""
+    """Digit count and grouping of a '+'/'00' number; rejects signed decimals such as +35236450.6."""
+    s = _PHONE_EXT.sub("", s)
     groups = [g for g in _PHONE_SEP.split(s[1:]) if g]
     digits = sum(map(len, groups))
     if len(groups) == 1:  # compact E.164: short signed integers are more often plain numbers
-        return 10 <= digits <= 15
-    if not 8 <= digits <= 15 or any(len(g) < 2 for g in groups[2:]):
+        return s[0] == "+" and 10 <= digits <= 15
+    if not 8 <= digits <= 15 or len(groups[-1]) < 2:  # "+35236450.6" is a signed decimal
         return False
-    # "+1.5" style: a dot-only separated number needs 3+ groups to be a phone number, not a decimal.
-    return len(groups) >= 3 or any(c in s for c in " -(")
+    # A dot-only number ("+1.5") needs 3+ groups to be a phone number, not a decimal; so does '00...'.
+    return len(groups) >= 3 or (s[0] == "+" and any(c in s for c in " -("))
 
 
 def _mask_phones(text: str, counts: Counter[str]) -> str:
     def intl(m: re.Match[str]) -> str:
-        if not _phone_intl_ok(m.group(0)):
+        if not _phone_intl_ok(m.group(0)) or _inside_iban(m):
             return m.group(0)
         counts["phone"] += 1
         return PLACEHOLDERS["phone"]
 
     def nanp(m: re.Match[str]) -> str:
-        s = m.group(0)
         # Mixed separators ("555.123-4567") are rare in phone numbers and common in other codes.
-        seps = {c for c in s[-8:-4] + s[-5:] if c in ".-"}
-        if len(seps) > 1:
-            return s
+        if len({m.group("s1"), m.group("s2")} & {".", "-"}) > 1 or _inside_iban(m):
+            return m.group(0)
         counts["phone"] += 1
         return PLACEHOLDERS["phone"]
 
-    if "+" in text:
+    if "+" in text or "00" in text:
         text = _PHONE_INTL.sub(intl, text)
-    return _PHONE_NANP.sub(nanp, text) if _NANP_QUICK.search(text) else text
+
+    def national(m: re.Match[str]) -> str:
+        digits = sum(c.isdigit() for c in m.group(0))
+        if not 9 <= digits <= 12 or _inside_iban(m):
+            return m.group(0)
+        counts["phone"] += 1
+        return PLACEHOLDERS["phone"]
+
+    if _NANP_QUICK.search(text):
+        text = _PHONE_NANP.sub(nanp, text)
+    return _PHONE_NATIONAL.sub(national, text)
 
 
 # -------------------------------------------------------------------------------------------------- IP
