@@ -27,6 +27,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "tokenize": ("lmforge.data.tokenize:main", "turn curated documents into token shards"),
     "model info": ("lmforge.model.info:main", "parameters, shapes, FLOPs and memory of a model"),
     "pretrain": ("lmforge.train.pretrain:main", "train a model on token shards (CPU, GPU, torchrun)"),
+    "generate": ("lmforge.infer.generate:main", "generate text from prompts (sampling, streaming)"),
+    "chat": ("lmforge.infer.chat:main", "chat with a model in the terminal through its chat template"),
+    "eval": ("lmforge.eval.run:main", "perplexity, bits per byte, BLEU and multiple-choice tasks"),
+    "serve": ("lmforge.serve.app:main", "OpenAI-compatible HTTP server with API keys, limits and a chat page"),
 }
 
 
