@@ -46,6 +46,19 @@ def _submodel(annotation: Any) -> type[BaseModel] | None:
     return None
 
 
+def _type_name(annotation: Any) -> str:
+    """`Literal['a', 'b']` -> "a|b"; `list[str] | None` -> "list[str] | None"; `int` -> "int"."""
+    if get_origin(annotation) is typing.Literal:
+        return "|".join(str(a) for a in get_args(annotation))
+    if get_origin(annotation) in (Union, types.UnionType):
+        return " | ".join(_type_name(a) for a in get_args(annotation))
+    if annotation is type(None):
+        return "None"
+    if get_origin(annotation) is not None:
+        return str(annotation).replace("typing.", "")
+    return getattr(annotation, "__name__", None) or str(annotation).replace("typing.", "")
+
+
 def field_table(schema: type[BaseModel], prefix: str = "") -> list[tuple[str, str, Any, str]]:
     """(dotted key, type, default, description) for every leaf field, in declaration order."""
     rows: list[tuple[str, str, Any, str]] = []
@@ -55,8 +68,7 @@ def field_table(schema: type[BaseModel], prefix: str = "") -> list[tuple[str, st
         if sub is not None:
             rows.extend(field_table(sub, key + "."))
             continue
-        tname = typing.get_type_hints(schema).get(name, field.annotation)
-        tstr = getattr(tname, "__name__", None) or str(tname).replace("typing.", "")
+        tstr = _type_name(typing.get_type_hints(schema).get(name, field.annotation))
         default = None if field.is_required() else field.get_default(call_default_factory=True)
         rows.append((key, tstr, default, field.description or ""))
     return rows
