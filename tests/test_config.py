@@ -90,14 +90,23 @@ def test_every_command_resolves() -> None:
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def documented_overrides(path: Path) -> list[str]:
+    """The key=value overrides of the command a recipe opens with (`# lmforge <cmd> -c <file> k=v ...`)."""
+    import shlex
+
+    first = path.read_text().splitlines()[0]
+    assert first.startswith("# lmforge "), f"{path} must open with the command that runs it"
+    return [t for t in shlex.split(first[2:]) if "=" in t and not t.startswith("-")]
+
+
 @pytest.mark.parametrize("path", sorted((ROOT / "configs").rglob("*.yaml")), ids=lambda p: p.name)
 def test_every_shipped_config_loads(path: Path) -> None:
-    """Each YAML in configs/ names its command and validates against that command's schema."""
+    """Each YAML in configs/ names its command and validates, with the overrides its first line documents."""
+    import importlib
+
     import yaml
 
     command = yaml.safe_load(path.read_text())["command"]
     module, _ = COMMANDS[command][0].split(":")
-    import importlib
-
     schema = importlib.import_module(module).CONFIG
-    load_config(schema, path, command=command)
+    load_config(schema, path, documented_overrides(path), command=command)
