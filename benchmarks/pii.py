@@ -124,7 +124,7 @@ def run_lmforge(sets: dict[str, list[str]]) -> tuple[dict[str, tuple[str, set[st
 def decontam_speed(docs: list[str]) -> dict[str, float]:
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "eval.txt"
-        path.write_text("\n".join(docs[:: max(1, len(docs) // 300)]), encoding="utf-8")
+        path.write_text("\n".join(docs[::10]), encoding="utf-8")  # every 10th document is an eval item
         start = time.process_time()
         dc = Decontaminator([path])
         build = time.process_time() - start

@@ -54,15 +54,15 @@ def test_rolling_hash_equals_direct_hash() -> None:
             for t in toks[i : i + n]:
                 h = (h * base + t) & mask
             direct.append(h ^ n)
-        assert list(rolling_hashes(toks, n)) == direct
-    assert list(rolling_hashes(toks[:5], 13)) == []
+        assert rolling_hashes(toks, n).tolist() == direct
+    assert rolling_hashes(toks[:5], 13).tolist() == []
 
 
 def test_hashes_are_stable_across_processes(tmp_path: Path) -> None:
     # BLAKE2b token hashes, not Python's salted hash(): the same eval set gives the same numbers anywhere.
     dc = Decontaminator([_write(tmp_path, "eval.txt", ITEM + "\n")])
     first = int.from_bytes(hashlib.blake2b(b"in", digest_size=8).digest(), "little")
-    assert dc._hash(["in"]) == [first]
+    assert dc._hash(["in"]).tolist() == [first]
 
 
 def test_jsonl_uses_every_string_value_as_its_own_item(tmp_path: Path) -> None:
@@ -128,6 +128,12 @@ def test_errors_name_the_file(tmp_path: Path) -> None:
         Decontaminator([directory])
     with pytest.raises(DataError, match="n >= 1"):
         Decontaminator([], n=0)
+
+
+def test_small_n_lowers_min_words(tmp_path: Path) -> None:
+    dc = Decontaminator([_write(tmp_path, "eval.txt", "alpha beta gamma\nsolo\n")], n=2)
+    assert dc.min_words == 2 and dc.num_items == 1 and dc.skipped_items == 1 and dc.num_ngrams == 2
+    assert dc.hits("x Alpha, beta! y") == 1 and dc.hits("alpha gamma beta") == 0
 
 
 def test_empty_eval_set() -> None:
