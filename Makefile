@@ -23,6 +23,7 @@ demo: $(STAMP)
 	$(BIN)/lmforge prepare -c configs/demo/prepare.yaml output=$(DEMO)/curated
 	$(BIN)/lmforge tokenizer train -c configs/demo/tokenizer.yaml input=$(DEMO)/curated output=$(DEMO)/tokenizer
 	$(BIN)/lmforge tokenize -c configs/demo/tokenize.yaml input=$(DEMO)/curated tokenizer=$(DEMO)/tokenizer output=$(DEMO)/tokens
+	$(BIN)/lmforge pretrain -c configs/demo/pretrain.yaml data=$(DEMO)/tokens output=$(DEMO)/pretrain
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

@@ -6,11 +6,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from train_helpers import make_trainer
 
 from lmforge.train.checkpoint import latest_checkpoint, list_checkpoints
 from lmforge.train.loop import EXIT_INTERRUPTED, EXIT_NONFINITE, Interrupted, NonFiniteError
 from lmforge.train.objectives import causal_lm
+from train_helpers import make_trainer
 
 
 def weights(t: object) -> dict[str, torch.Tensor]:
@@ -82,7 +82,9 @@ def test_nan_step_is_skipped_and_weights_unchanged(tmp_path: Path) -> None:
     t = make_trainer(tmp_path, steps=2, objective=nan_at({2}))
     t.run()
     before = weights(t)
-    opt_before = {i: {k: v.clone() for k, v in s.items()} for i, s in t.optimizer.state_dict()["state"].items()}
+    opt_before = {
+        i: {k: v.clone() for k, v in s.items()} for i, s in t.optimizer.state_dict()["state"].items()
+    }
     t.settings.total_steps = 3
     t.run()  # step index 2 is the NaN one
     assert t.state.bad_steps == 1 and t.state.consecutive_bad == 1

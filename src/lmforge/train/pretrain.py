@@ -79,9 +79,13 @@ class PretrainConfig(Section):
     activation_checkpointing: bool = Field(False, description="recompute each block in backward")
     compile: bool = Field(False, description="torch.compile the model (slow first step)")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="where to train")
-    threads: int | None = Field(None, ge=1, description="torch CPU threads per process (null = torch default)")
+    threads: int | None = Field(
+        None, ge=1, description="torch CPU threads per process (null = torch default)"
+    )
     seed: int = Field(0, description="seeds weights, data order and dropout")
-    resume: str | None = Field(None, description="'auto' (newest checkpoint of this run) or a checkpoint path")
+    resume: str | None = Field(
+        None, description="'auto' (newest checkpoint of this run) or a checkpoint path"
+    )
     nproc: int = Field(1, ge=1, description="processes on this machine; >1 launches torchrun")
     max_bad_steps: int = Field(5, ge=1, description="stop after this many non-finite steps in a row")
     log_every: int = Field(10, ge=1, description="log training metrics every N steps")
@@ -119,7 +123,9 @@ def resolve_model(cfg: PretrainConfig, vocab_size: int, device: torch.device, se
     spec = Path(cfg.model)
     if spec.is_dir():
         if not (spec / "config.json").is_file():
-            raise ConfigError(f"model: {spec} is a directory without config.json; expected an HF model folder")
+            raise ConfigError(
+                f"model: {spec} is a directory without config.json; expected an HF model folder"
+            )
         if cfg.model_overrides:
             raise ConfigError("model_overrides: cannot change the shape of a pretrained HF model")
         from lmforge.model.hf import load_hf
@@ -144,7 +150,9 @@ def resolve_model(cfg: PretrainConfig, vocab_size: int, device: torch.device, se
     except ValueError as e:
         raise ConfigError(f"model_overrides: {e}") from None
     if mcfg.vocab_size < vocab_size:
-        raise ConfigError(f"model_overrides.vocab_size: {mcfg.vocab_size} < the data's vocab_size {vocab_size}")
+        raise ConfigError(
+            f"model_overrides.vocab_size: {mcfg.vocab_size} < the data's vocab_size {vocab_size}"
+        )
     return build_model(mcfg, device=device, dtype=torch.float32, seed=seed)
 
 
@@ -195,7 +203,11 @@ class Validation:
     """Validation loss, perplexity and bits per byte on fixed windows, plus a few sampled generations."""
 
     def __init__(
-        self, cfg: PretrainConfig, batches: list[dict[str, torch.Tensor]], tokens_per_byte: float, tokenizer: Any
+        self,
+        cfg: PretrainConfig,
+        batches: list[dict[str, torch.Tensor]],
+        tokens_per_byte: float,
+        tokenizer: Any,
     ) -> None:
         self.cfg = cfg
         self.batches = batches
@@ -258,7 +270,11 @@ def prepare_run_dir(cfg: PretrainConfig, info: D.DistInfo) -> Path:
         elif final.exists() and not cfg.overwrite and cfg.resume is None:
             raise LmforgeError(f"{final} already exists; pass overwrite=true to replace it or --resume auto")
         if stage.exists() and cfg.resume is None:
-            if (stage / "checkpoints").is_dir() and any((stage / "checkpoints").iterdir()) and not cfg.overwrite:
+            if (
+                (stage / "checkpoints").is_dir()
+                and any((stage / "checkpoints").iterdir())
+                and not cfg.overwrite
+            ):
                 raise LmforgeError(
                     f"{stage} holds checkpoints of an unfinished run; continue it with --resume auto "
                     "or start over with overwrite=true"
@@ -389,7 +405,9 @@ def train(cfg: PretrainConfig, **trainer_kw: Any) -> int:
             raise DataError(f"{cfg.data}: {train_set.num_tokens} training tokens, fewer than seq_len+1")
         val_windows = TokenWindows(val_set.arrays, cfg.seq_len)
         if val_windows.num_windows < 1:
-            raise DataError(f"{cfg.data}: validation split has fewer than seq_len+1 = {cfg.seq_len + 1} tokens")
+            raise DataError(
+                f"{cfg.data}: validation split has fewer than seq_len+1 = {cfg.seq_len + 1} tokens"
+            )
         sampler = BatchSampler(
             windows,
             global_batch=cfg.global_batch,
@@ -497,7 +515,9 @@ def train(cfg: PretrainConfig, **trainer_kw: Any) -> int:
                     f"bits per byte {final_eval['val_bpb']:.4f}"
                 )
             finish_run_dir(run_dir, Path(cfg.output))
-            print(f"wrote {cfg.output} (step {state.step}, {state.tokens:,} tokens, {state.bad_steps} skipped)")
+            print(
+                f"wrote {cfg.output} (step {state.step}, {state.tokens:,} tokens, {state.bad_steps} skipped)"
+            )
         D.barrier()
         return 0
     finally:
