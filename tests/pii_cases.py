@@ -258,6 +258,21 @@ def generic_secret_value(item: str) -> str | None:
     return None
 
 
+def masked_part(kind: str, item: str) -> str:
+    """The exact substring of a generated item that masking must replace by the kind's placeholder."""
+    if kind == "secret":
+        return generic_secret_value(item) or item
+    if kind == "email":
+        return item.removeprefix("mailto:")
+    if kind == "ip":
+        if item.startswith("["):  # [v6]:port
+            return item[1 : item.index("]")]
+        if "." in item and ":" in item and not item.startswith("::"):  # v4:port
+            return item.rsplit(":", 1)[0]
+        return item.split("/", 1)[0]
+    return item
+
+
 POSITIVES: dict[str, Callable[[random.Random], str]] = {
     "email": gen_email,
     "phone": gen_phone,

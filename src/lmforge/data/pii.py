@@ -255,7 +255,7 @@ _VERSION_BEFORE = re.compile(
 )
 _VERSION_AFTER = re.compile(r"^(?:[-+~](?:rc|alpha|beta|dev|post|pre|b|a|r|build|snapshot)|-\d|\+\w)")
 _IPV6 = re.compile(
-    r"(?<![\w:.])(?:[0-9A-Fa-f]{0,4}:){2,7}(?:[0-9A-Fa-f]{1,4}|(?:\d{1,3}\.){3}\d{1,3})?(?:%\w+)?(?![\w:])"
+    r"(?<![\w:.])(?:[0-9A-Fa-f]{0,4}:){2,7}(?:(?:\d{1,3}\.){3}\d{1,3}|[0-9A-Fa-f]{1,4})?(?:%\w+)?(?![\w:]|\.\d)"
 )
 # Cheap test for the IPv6 pass: "::" or three hex groups in a row (prose has many colons, few of these).
 _V6_QUICK = re.compile(r"[0-9A-Fa-f]:[0-9A-Fa-f]{1,4}:[0-9A-Fa-f:]")
@@ -267,8 +267,8 @@ def _mask_ips(text: str, counts: Counter[str]) -> str:
         if any(int(part) > 255 or (len(part) > 1 and part[0] == "0") for part in s.split(".")):
             return s
         start, end = m.span()
-        if _VERSION_BEFORE.search(text, max(0, start - 24), start) or _VERSION_AFTER.match(
-            text[end : end + 12]
+        if _VERSION_BEFORE.search(m.string, max(0, start - 24), start) or _VERSION_AFTER.match(
+            m.string[end : end + 12]
         ):
             return s
         counts["ip"] += 1
@@ -287,17 +287,18 @@ def _mask_ips(text: str, counts: Counter[str]) -> str:
         counts["ip"] += 1
         return PLACEHOLDERS["ip"]
 
-    if "." in text:
-        text = _IPV4.sub(v4, text)
+    # IPv6 first: "::ffff:192.0.2.1" is one address, not a prefix and an IPv4 one.
     if "::" in text or (text.count(":") >= 7 and _V6_QUICK.search(text)):
         text = _IPV6.sub(v6, text)
-    return text
+    return _IPV4.sub(v4, text) if "." in text else text
 
 
 # ---------------------------------------------------------------------------------------------- secret
 _PRIVATE_KEY = re.compile(
     r"-----BEGIN (?:[A-Z0-9]+ )*PRIVATE KEY(?: BLOCK)?-----"
-    r"(?:.*?-----END (?:[A-Z0-9]+ )*PRIVATE KEY(?: BLOCK)?-----|[A-Za-z0-9+/=\s:,-]*)",
+    # ... up to its END line, or, for a block cut off before it, over the header and base64 lines.
+    r"(?:.*?-----END (?:[A-Z0-9]+ )*PRIVATE KEY(?: BLOCK)?-----"
+    r"|(?:\r?\n\s*(?:[A-Za-z0-9+/=]{4,}(?=\r?\n|$)|[A-Za-z-]+: [^\n]*))*)",
     re.DOTALL,
 )
 _JWT = re.compile(r"e(?<![\w-]e)yJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]*(?![\w-])")
