@@ -222,3 +222,29 @@ def test_masking_is_idempotent_and_never_raises(text: str) -> None:
     assert twice == once
     assert sum(again.values()) == 0
     assert all(v >= 0 for v in counts.values())
+
+
+def test_private_key_blocks_pair_up_and_stay_linear() -> None:
+    text = (
+        "a -----BEGIN RSA PRIVATE KEY-----\nAAAA\n-----END RSA PRIVATE KEY----- b -----BEGIN PRIVATE KEY-----"
+        "\nQUJD\n\ntext -----BEGIN EC PRIVATE KEY-----\nxyz1\n-----END EC PRIVATE KEY-----."
+    )
+    assert mask_pii(text) == (
+        "a <SECRET> b <SECRET>\n\ntext <SECRET>.",
+        {**dict.fromkeys(PII_KINDS, 0), "secret": 3},
+    )
+    # Unterminated BEGIN lines once made the END search quadratic (3 s for these 160 KB); now ~10 ms.
+    many = "-----BEGIN PRIVATE KEY-----\nabc\n" * 5000
+    start = time.process_time()
+    assert mask_pii(many)[1]["secret"] == 5000
+    assert time.process_time() - start < 0.5
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["1 " * 100_000, "a@" * 100_000, "ab:" * 100_000, "+1 " * 100_000, "(0" * 100_000, "1.1." * 100_000],
+)
+def test_adversarial_inputs_are_linear(text: str) -> None:
+    start = time.process_time()
+    mask_pii(text)
+    assert time.process_time() - start < 0.5  # each takes ~5-40 ms

@@ -294,13 +294,41 @@ def _mask_ips(text: str, counts: Counter[str]) -> str:
 
 
 # ---------------------------------------------------------------------------------------------- secret
-_PRIVATE_KEY = re.compile(
-    r"-----BEGIN (?:[A-Z0-9]+ )*PRIVATE KEY(?: BLOCK)?-----"
-    # ... up to its END line, or, for a block cut off before it, over the header and base64 lines.
-    r"(?:.*?-----END (?:[A-Z0-9]+ )*PRIVATE KEY(?: BLOCK)?-----"
-    r"|(?:\r?\n\s*(?:[A-Za-z0-9+/=]{4,}(?=\r?\n|$)|[A-Za-z-]+: [^\n]*))*)",
-    re.DOTALL,
-)
+_PEM_BEGIN = re.compile(r"-----BEGIN (?:[A-Z0-9]+ )*PRIVATE KEY(?: BLOCK)?-----")
+_PEM_END = re.compile(r"-----END (?:[A-Z0-9]+ )*PRIVATE KEY(?: BLOCK)?-----")
+# A block cut off before its END line: the header and base64 lines that follow BEGIN.
+_PEM_BODY = re.compile(r"(?:\r?\n\s*(?:[A-Za-z0-9+/=]{4,}(?=\r?\n|$)|[A-Za-z-]+: [^\n]*))*")
+_PEM_MAX = 16384  # characters from BEGIN to END; real keys are a few KB
+
+
+def _mask_private_keys(text: str, counts: Counter[str]) -> str:
+    """BEGIN ... END blocks. END markers are searched forward once (not once per BEGIN), so many
+    unterminated BEGIN lines cost linear time; an END after the next BEGIN belongs to that one."""
+    begins = list(_PEM_BEGIN.finditer(text))
+    parts: list[str] = []
+    pos = 0
+    end: re.Match[str] | None = None
+    no_more_ends = False
+    for i, begin in enumerate(begins):
+        if begin.start() < pos:
+            continue
+        if end is not None and end.start() < begin.end():
+            end = None
+        if end is None and not no_more_ends:
+            end = _PEM_END.search(text, begin.end())
+            no_more_ends = end is None
+        following = begins[i + 1].start() if i + 1 < len(begins) else len(text)
+        if end is not None and end.start() < following and end.end() - begin.start() <= _PEM_MAX:
+            stop = end.end()
+        else:
+            body = _PEM_BODY.match(text, begin.end())
+            stop = body.end() if body else begin.end()
+        counts["secret"] += 1
+        parts += [text[pos : begin.start()], PLACEHOLDERS["secret"]]
+        pos = stop
+    return "".join(parts) + text[pos:] if parts else text
+
+
 _JWT = re.compile(r"e(?<![\w-]e)yJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]*(?![\w-])")
 # Fixed-format tokens: (substring that must occur in the text, pattern).
 _TOKEN_RULES: tuple[tuple[tuple[str, ...], re.Pattern[str]], ...] = (
@@ -380,7 +408,7 @@ def _mask_secrets(text: str, counts: Counter[str]) -> str:
         return ph
 
     if "-----BEGIN" in text:
-        text = _PRIVATE_KEY.sub(whole, text)
+        text = _mask_private_keys(text, counts)
     if "eyJ" in text:
         text = _JWT.sub(lambda m: whole(m) if _jwt_ok(m.group(0)) else m.group(0), text)
     for needles, pattern in _TOKEN_RULES:
