@@ -58,6 +58,8 @@ class BatchStats:
     rows: int = 0
     largest: int = 0
     failures: int = 0
+    tokens: int = 0  # tokens generated, all rows
+    cancelled: int = 0  # rows that ended "cancelled" (client gone, timeout, filtered), queued or running
 
 
 class Batcher:
@@ -137,6 +139,8 @@ class Batcher:
             for events in self.engine.stream_batch([job.request for job in batch]):
                 for ev in events:
                     job = batch[ev.index]
+                    self.stats.tokens += ev.token_id is not None
+                    self.stats.cancelled += ev.finish_reason == "cancelled"
                     job.sink(job.choice, ev)
                     if ev.finish_reason is not None:
                         job.finished = True
@@ -156,6 +160,7 @@ class Batcher:
                     self._finish(job, "length")
 
     def _finish(self, job: Job, reason: str) -> None:
+        self.stats.cancelled += reason == "cancelled"
         job.sink(job.choice, TokenEvent(0, None, "", reason))
         job.finished = True
         job.sink(job.choice, DONE)
