@@ -138,6 +138,15 @@ def test_sharded_save_loads_in_lmforge_and_transformers(tmp_path: Path) -> None:
         torch.testing.assert_close(hf(_ids(T=8)).logits, model(_ids(T=8)), atol=1e-5, rtol=0)
 
 
+def test_hf_sharded_checkpoint_loads(tmp_path: Path) -> None:
+    hf, _ = _hf_model("llama", tmp_path)
+    hf.save_pretrained(tmp_path / "hf-sharded", max_shard_size="100KB")
+    assert len(list((tmp_path / "hf-sharded").glob("*.safetensors"))) > 1
+    model, _ = load_hf(tmp_path / "hf-sharded")
+    with torch.no_grad():
+        torch.testing.assert_close(model(_ids()), hf(_ids()).logits, atol=1e-5, rtol=0)
+
+
 def test_tokenizer_files_travel_and_set_special_ids(tmp_path: Path) -> None:
     from lmforge.tokenizer import train_tokenizer
 

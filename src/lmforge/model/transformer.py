@@ -216,6 +216,7 @@ class Block(nn.Module):
 
 
 class Transformer(nn.Module):
+    cfg: ModelConfig
     rope_cos: Tensor  # (max_seq_len, head_dim) fp32 buffers, llama only
     rope_sin: Tensor
 
