@@ -1,0 +1,220 @@
+"""`lmforge eval`: score a model on perplexity, generation and multiple-choice tasks; write report.json + .md.
+
+    lmforge eval -c configs/demo/eval.yaml model=runs/demo/pretrain output=runs/demo/eval
+
+    model: runs/demo/pretrain
+    output: runs/demo/eval
+    tasks:
+      - {type: perplexity, data: runs/demo/tokens, split: val}          # token shards
+      - {type: perplexity, name: notes, data: [notes.txt], stride: 128}  # raw text, sliding window
+      - {type: generation, data: qa.jsonl, prompt_field: question, reference_field: answer, max_tokens: 32}
+      - {type: multiple_choice, name: arc-mini, data: arc.jsonl}         # {"query", "choices", "gold"}
+
+The output directory appears atomically and holds report.json, report.md, config.yaml and manifest.json.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import torch
+from pydantic import Field
+
+from lmforge.config import Section, parse_command, save_config
+from lmforge.errors import DataError
+from lmforge.io import atomic_write_json, atomic_write_text, staged_output
+
+COMMAND = "eval"
+
+
+class PerplexityTask(Section):
+    type: Literal["perplexity"]
+    name: str | None = Field(None, description="name in the report (default: the data path)")
+    data: str | list[str] = Field(..., description="a tokens directory (`lmforge tokenize`) or text file(s)")
+    split: str = Field("val", description="split of a tokens directory")
+    seq_len: int | None = Field(None, ge=2, description="window length (null = the model's max_seq_len)")
+    stride: int | None = Field(
+        None, ge=1, description="window step (null: seq_len for token shards, seq_len/2 for text files)"
+    )
+    max_tokens: int | None = Field(None, ge=1, description="score at most this many tokens of a tokens split")
+
+
+class GenerationTask(Section):
+    type: Literal["generation"]
+    name: str | None = Field(None, description="name in the report (default: the file name)")
+    data: str = Field(..., description="JSONL file, one example per line")
+    prompt_field: str = Field("prompt", description="field holding the prompt")
+    reference_field: str = Field("reference", description="field holding the reference (string or list)")
+    max_tokens: int = Field(64, ge=1, description="tokens to generate per example")
+    stop: list[str] = Field(default_factory=lambda: ["\n"], description="stop strings")
+    temperature: float = Field(0.0, ge=0, description="0 = greedy")
+    limit: int | None = Field(None, ge=1, description="use only the first N examples")
+
+
+class MultipleChoiceTask(Section):
+    type: Literal["multiple_choice"]
+    name: str | None = Field(None, description="name in the report (default: the file name)")
+    data: str = Field(..., description="JSONL: a context field (query/ctx/question/goal), choices, gold")
+    context_field: str | None = Field(None, description="context field (null = first of query, ctx, ...)")
+    choices_field: str = Field("choices", description="field with the list of choices")
+    gold_field: str = Field("gold", description="field with the index of the right choice")
+    target_delimiter: str = Field(" ", description="put between the context and each choice (lm-eval's)")
+    limit: int | None = Field(None, ge=1, description="use only the first N examples")
+
+
+Task = Annotated[PerplexityTask | GenerationTask | MultipleChoiceTask, Field(discriminator="type")]
+
+
+class EvalConfig(Section):
+    model: str = Field(..., description="HF folder, lmforge run / model folder, or checkpoint directory")
+    output: str = Field(..., description="report directory (report.json, report.md)")
+    tasks: list[Task] = Field(..., min_length=1, description="tasks to run (see docs/eval.md)")
+    batch_size: int = Field(8, ge=1, description="sequences per forward pass")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="where to run")
+    threads: int | None = Field(None, ge=1, description="torch CPU threads (null = torch default)")
+    seed: int = Field(0, description="seed for sampled generation tasks")
+    verify_input: bool = Field(True, description="check a tokens directory against its manifest")
+    overwrite: bool = Field(False, description="replace an existing report directory")
+
+
+CONFIG = EvalConfig
+DESCRIPTION = (
+    "Evaluate a model: perplexity and bits per byte on token shards or text files, generation tasks "
+    "(BLEU, exact match) and multiple-choice tasks (acc, acc_norm) from local JSONL."
+)
+EXAMPLE = "lmforge eval -c configs/demo/eval.yaml model=runs/demo/pretrain output=runs/demo/eval"
+
+
+def _task_name(task: Any) -> str:
+    if task.name:
+        return str(task.name)
+    data = task.data if isinstance(task.data, str) else ",".join(task.data)
+    return Path(data).stem if task.type != "perplexity" else data
+
+
+def run_task(task: Any, model: Any, tok: Any, engine: Any, cfg: EvalConfig) -> dict[str, Any]:
+    from lmforge.eval import perplexity, tasks
+
+    max_len = model.cfg.max_seq_len
+    if task.type == "perplexity":
+        seq_len = min(task.seq_len or max_len, max_len)
+        files = [task.data] if isinstance(task.data, str) else task.data
+        if len(files) == 1 and Path(files[0]).is_dir():
+            from lmforge.data.manifest import ensure_verified
+
+            if cfg.verify_input:
+                ensure_verified(Path(files[0]))
+            return perplexity.shards_perplexity(
+                model,
+                files[0],
+                split=task.split,
+                seq_len=seq_len,
+                stride=task.stride,
+                batch_size=cfg.batch_size,
+                max_tokens=task.max_tokens,
+                verify=cfg.verify_input,
+            )
+        return perplexity.text_perplexity(
+            model,
+            tok,
+            files,
+            seq_len=seq_len,
+            stride=task.stride or max(1, seq_len // 2),
+            batch_size=cfg.batch_size,
+        )
+    if task.type == "generation":
+        return tasks.generation(
+            engine,
+            task.data,
+            prompt_field=task.prompt_field,
+            reference_field=task.reference_field,
+            max_tokens=task.max_tokens,
+            stop=task.stop,
+            temperature=task.temperature,
+            seed=cfg.seed,
+            limit=task.limit,
+        )
+    return tasks.multiple_choice(
+        model,
+        tok,
+        task.data,
+        choices_field=task.choices_field,
+        gold_field=task.gold_field,
+        context_field=task.context_field,
+        target_delimiter=task.target_delimiter,
+        batch_size=cfg.batch_size,
+        limit=task.limit,
+    )
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return "n/a" if math.isnan(v) else f"{v:.4f}"
+    return "n/a" if v is None else str(v)
+
+
+def report_markdown(report: dict[str, Any]) -> str:
+    lines = [f"# Evaluation of `{report['model']}`", ""]
+    metrics = ("loss", "perplexity", "bits_per_byte", "tokens", "acc", "acc_norm", "bleu", "exact_match", "n")
+    lines += ["| task | type | " + " | ".join(metrics) + " | seconds |", "|" + "---|" * (len(metrics) + 3)]
+    for t in report["tasks"]:
+        row = [_fmt(t["metrics"].get(m)) if m in t["metrics"] else "" for m in metrics]
+        lines.append(
+            f"| {t['name']} | {t['type']} | " + " | ".join(row) + f" | {t['metrics']['seconds']:.1f} |"
+        )
+    for t in report["tasks"]:
+        examples = t["metrics"].get("examples")
+        if examples:
+            lines += ["", f"## {t['name']}: first outputs", ""]
+            for ex in examples:
+                lines.append(
+                    f"- prompt `{ex['prompt']!r}` -> `{ex['output']!r}` (reference `{ex['references'][0]!r}`)"
+                )
+    return "\n".join(lines) + "\n"
+
+
+def run(cfg: EvalConfig) -> dict[str, Any]:
+    from rich.console import Console
+
+    from lmforge.data.manifest import write_manifest
+    from lmforge.infer.engine import Engine
+    from lmforge.infer.generate import resolve_device
+    from lmforge.infer.load import load_model
+
+    console = Console(stderr=True)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    names = [_task_name(t) for t in cfg.tasks]
+    if len(set(names)) != len(names):
+        raise DataError(f"tasks: two tasks share a name ({names}); give them distinct `name`s")
+    model, tok = load_model(cfg.model, device=resolve_device(cfg.device))
+    engine = Engine(model, tok, max_batch_size=cfg.batch_size)
+    t0 = time.perf_counter()
+    results = []
+    for name, task in zip(names, cfg.tasks, strict=True):
+        console.print(f"eval: {name} ({task.type}) ...")
+        metrics = run_task(task, model, tok, engine, cfg)
+        shown = ", ".join(f"{k} {_fmt(v)}" for k, v in metrics.items() if k not in ("examples",))
+        console.print(f"  {shown}")
+        results.append({"name": name, "type": task.type, "metrics": metrics})
+    report = {"model": cfg.model, "tasks": results, "seconds": time.perf_counter() - t0}
+    with staged_output(Path(cfg.output), overwrite=cfg.overwrite, resume=False) as stage:
+        atomic_write_json(stage / "report.json", report)
+        atomic_write_text(stage / "report.md", report_markdown(report))
+        save_config(cfg, stage, COMMAND)
+        write_manifest(stage, stage=COMMAND)
+    console.print(f"eval: report -> {cfg.output}/report.md")
+    return report
+
+
+def main(argv: list[str]) -> int:
+    cfg = parse_command(argv, CONFIG, COMMAND, DESCRIPTION, EXAMPLE)
+    run(cfg)
+    return 0
+
+
+__all__ = ["CONFIG", "EvalConfig", "GenerationTask", "MultipleChoiceTask", "PerplexityTask", "main", "run"]
