@@ -98,7 +98,7 @@ class PrepareConfig(Section):
     batch_docs: int = Field(
         256, ge=1, description="documents per work batch (unit of parallelism and resume)"
     )
-    batch_mb: float = Field(2.0, gt=0, description="a batch also closes at this many MB of text")
+    batch_mb: float = Field(1.0, gt=0, description="a batch also closes at this many MB of text")
     ingest: IngestConfig = Field(default_factory=IngestConfig)
     clean: CleanConfig = Field(default_factory=CleanConfig)
     quality: QualityConfig = Field(default_factory=QualityConfig)
