@@ -282,7 +282,8 @@ class ServerState:
             max_tokens=max_tokens,
             temperature=0.0 if req.temperature < 1e-4 else req.temperature,  # tiny T overflows fp32: greedy
             top_k=req.top_k,
-            top_p=req.top_p,
+            # A top_p that is 0 in float32 would drop every token (NaN probabilities in the engine).
+            top_p=max(req.top_p, 1e-6),
             min_p=req.min_p,
             repetition_penalty=req.repetition_penalty,
             stop=stop,

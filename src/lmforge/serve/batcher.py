@@ -135,8 +135,10 @@ class Batcher:
         self.stats.batches += 1
         self.stats.rows += len(batch)
         self.stats.largest = max(self.stats.largest, len(batch))
+        started = False
         try:
             for events in self.engine.stream_batch([job.request for job in batch]):
+                started = True
                 for ev in events:
                     job = batch[ev.index]
                     self.stats.tokens += ev.token_id is not None
@@ -148,6 +150,12 @@ class Batcher:
         except Exception as e:  # a broken batch must not take the server down: fail its rows, keep serving
             self.stats.failures += 1
             log.error("engine failed on a batch of %d rows: %s: %s", len(batch), type(e).__name__, e)
+            if not started and len(batch) > 1:
+                # Nothing was sent yet: run the rows one by one, so one bad row fails only itself.
+                self.busy_rows = 0
+                for job in batch:
+                    self._run_batch([job])
+                return
             for job in batch:
                 if not job.finished:
                     job.sink(job.choice, EngineFailure(f"generation failed ({type(e).__name__})"))
