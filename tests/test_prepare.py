@@ -268,3 +268,32 @@ def test_python_stdlib_corpus(tmp_path: Path) -> None:
     report = run(load_config(PrepareConfig, CODE, [f"output={out}"], command="prepare"), quiet=True)
     assert report["documents"]["in"] > 500 and report["documents"]["out"] > 0.9 * report["documents"]["in"]
     assert report["dedup"]["near_duplicates"] >= 5  # the encodings/ code pages are near copies of each other
+
+
+@pytest.mark.slow
+def test_sigkill_mid_run_then_rerun(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A real crash: SIGKILL the CLI once a few batches are on disk; the rerun resumes to the same bytes."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    raw = _corpus(tmp_path, n=400)
+    args = [f"input={raw}", "batch_docs=1", "quality.min_chars=20", "quality.min_words=3"]
+    ref, out = tmp_path / "ref", tmp_path / "out"
+    assert cli(["prepare", *args, f"output={ref}"]) == 0
+    proc = subprocess.Popen([sys.executable, "-m", "lmforge", "prepare", *args, f"output={out}"])
+    work = partial_dir(out) / "work"
+    deadline = time.time() + 60
+    while time.time() < deadline and len(list(work.glob("batch-*"))) < 5:
+        time.sleep(0.01)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (out / "manifest.json").exists() and len(list(work.glob("batch-*"))) >= 5
+    capsys.readouterr()
+    assert cli(["prepare", *args, f"output={out}"]) == 0
+    resumed = int(re.search(r"(\d+) batches resumed", capsys.readouterr().out).group(1))  # type: ignore[union-attr]
+    assert 5 <= resumed < 402
+    a, b = _files(ref), _files(out)
+    assert all(a[k] == b[k] for k in a if k not in ("config.yaml", "manifest.json"))
