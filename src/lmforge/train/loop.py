@@ -67,6 +67,7 @@ class LoopSettings:
     grad_clip: float = 1.0
     log_every: int = 10
     eval_every: int = 0  # 0 = only at the end
+    eval_at_start: bool = False  # also evaluate the untrained model (step 0), for a before/after
     checkpoint_every: int = 0  # 0 = only at the end
     keep_checkpoints: int = 3
     max_bad_steps: int = 5
@@ -279,6 +280,10 @@ class Trainer:
             task = bar.add_task(
                 "pretrain", total=st.total_steps, completed=s.step, loss="-", rate="-", mfu=""
             )
+            if self.evaluator is not None and st.eval_at_start and s.step == 0:
+                results = self.evaluator(self.model, 0)
+                if self.logger is not None:
+                    self.logger.log("eval", 0, results)
             busy, tok0 = 0.0, s.tokens  # training seconds since the last log (eval and saves excluded)
             while s.step < st.total_steps:
                 t0 = time.perf_counter()

@@ -20,6 +20,7 @@ import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -308,6 +309,18 @@ def export_final(run_dir: Path, ckpt: Path, model: nn.Module) -> None:
         atomic_write_json(out / "model_config.json", mcfg.model_dump(mode="json"))
 
 
+def _on_rank0(info: D.DistInfo, fn: Callable[[], object], what: str) -> None:
+    """Run `fn` on rank 0 only; if it raises a user error, every rank stops (none waits for a timeout)."""
+    failed, error = 0, None
+    if info.is_main:
+        try:
+            fn()
+        except LmforgeError as e:
+            failed, error = 1, e
+    if D.all_reduce_max(failed):
+        raise error or LmforgeError(f"{what} failed on rank 0 (see its message)")
+
+
 # -- entry points ------------------------------------------------------------------------------------
 def _split_flags(argv: list[str]) -> tuple[list[str], int | None]:
     """`--resume X` / `--resume=X` become the override resume=X; `--nproc N` is returned separately."""
@@ -389,15 +402,7 @@ def train(cfg: PretrainConfig, **trainer_kw: Any) -> int:
     D.init(info, device, cfg.dist.timeout_s)
     try:
         # Only rank 0 hashes the input; the others learn the verdict from a collective.
-        failed = 0
-        error: LmforgeError | None = None
-        if info.is_main:
-            try:
-                ensure_verified(Path(cfg.data), skip=not cfg.verify_input)
-            except LmforgeError as e:
-                failed, error = 1, e
-        if D.all_reduce_max(failed):
-            raise error or DataError(f"{cfg.data}: input check failed on rank 0")
+        _on_rank0(info, lambda: ensure_verified(Path(cfg.data), skip=not cfg.verify_input), "input check")
         train_set = ShardSet(cfg.data, "train", verify=False)
         val_set = ShardSet(cfg.data, "val", verify=False)
         windows = TokenWindows(train_set.arrays, cfg.seq_len)
@@ -426,8 +431,8 @@ def train(cfg: PretrainConfig, **trainer_kw: Any) -> int:
         train_model = D.wrap(model, cfg.dist, info, device, param_dtype)
         optimizer = build_optimizer(model, cfg.optim)
 
-        run_dir = prepare_run_dir(cfg, info)
-        D.barrier()
+        run_dir = partial_dir(Path(cfg.output))
+        _on_rank0(info, lambda: prepare_run_dir(cfg, info), "output directory")
         if info.is_main:
             save_config(cfg, run_dir, COMMAND)
         logger = MetricsLogger(
@@ -461,6 +466,7 @@ def train(cfg: PretrainConfig, **trainer_kw: Any) -> int:
             grad_clip=cfg.optim.grad_clip,
             log_every=cfg.log_every,
             eval_every=cfg.eval.every,
+            eval_at_start=True,
             checkpoint_every=cfg.checkpoint.every,
             keep_checkpoints=cfg.checkpoint.keep,
             max_bad_steps=cfg.max_bad_steps,
@@ -506,13 +512,14 @@ def train(cfg: PretrainConfig, **trainer_kw: Any) -> int:
         if info.is_main:
             export_final(run_dir, last, model)
             evals = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
-            final_eval = next((r for r in reversed(evals) if r["kind"] == "eval"), None)
-            if final_eval:
-                for text in final_eval.get("samples", []):
+            evals = [r for r in evals if r["kind"] == "eval"]
+            if evals:
+                first, last = evals[0], evals[-1]
+                for text in last.get("samples", []):
                     print(f"sample: {text!r}")
                 print(
-                    f"validation: loss {final_eval['val_loss']:.4f}, perplexity {final_eval['val_ppl']:.2f}, "
-                    f"bits per byte {final_eval['val_bpb']:.4f}"
+                    f"validation: loss {last['val_loss']:.4f}, perplexity {last['val_ppl']:.2f}, "
+                    f"bits per byte {last['val_bpb']:.4f} (step {first['step']}: {first['val_bpb']:.4f})"
                 )
             finish_run_dir(run_dir, Path(cfg.output))
             print(
