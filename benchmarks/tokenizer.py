@@ -21,7 +21,8 @@ Tokenize (vocabulary 4096, same trained tokenizer everywhere):
   2-process pool, concatenated into a uint16 file. The tiktoken Encoding is built from lmforge's merges
   (same regex, same ranks), and the ids it produces are compared with lmforge's.
 - HF tokenizers `encode_batch_fast` on in-memory texts: the raw library speed, no I/O.
-Timings are the best of `--repeats` runs (the machine is shared; the minimum is the least disturbed).
+Timings are the best of `--repeats` runs taken in turns (the machine is shared; the minimum is the least
+disturbed, and taking turns spreads bursts of outside load over all contenders).
 """
 
 from __future__ import annotations
@@ -60,13 +61,17 @@ def corpus() -> list[dict[str, str]]:
     return docs
 
 
-def best(fn: Callable[[], Any], repeats: int) -> tuple[float, Any]:
-    times, out = [], None
+def interleaved(fns: dict[str, Callable[[], Any]], repeats: int) -> dict[str, tuple[float, Any]]:
+    """Best-of-`repeats` seconds per contender, taking turns (A, B, C, A, B, C, ...) so that a burst of
+    load from other processes on a shared machine hits every contender alike. Returns (seconds, output)."""
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    outs: dict[str, Any] = {}
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        out = fn()
-        times.append(time.perf_counter() - t0)
-    return min(times), out
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            outs[name] = fn()
+            times[name].append(time.perf_counter() - t0)
+    return {k: (min(v), outs[k]) for k, v in times.items()}
 
 
 def bytes_per_token(texts: list[str], encode: Callable[[str], list[int]]) -> float:
@@ -194,9 +199,15 @@ def main() -> int:
             cfg = TokenizerTrainConfig(
                 input=curated, output=out, vocab_size=vocab, heldout_fraction=HELDOUT, overwrite=True
             )
-            t_ours, report = best(lambda cfg=cfg: train_run(cfg), repeats)
-            t_hf, hf_tok = best(lambda v=vocab: train_hf(train_texts, v), repeats)
-            t_sp, sp = best(lambda v=vocab: train_sentencepiece(train_texts, v, tmp), 1)
+            r = interleaved(
+                {
+                    "lmforge": lambda cfg=cfg: train_run(cfg),
+                    "hf": lambda v=vocab: train_hf(train_texts, v),
+                    "sp": lambda v=vocab: train_sentencepiece(train_texts, v, tmp),
+                },
+                repeats,
+            )
+            (t_ours, report), (t_hf, hf_tok), (t_sp, sp) = r["lmforge"], r["hf"], r["sp"]
             ours = load_tokenizer(out)
             row = {
                 "lmforge_s": round(t_ours, 3),
@@ -216,30 +227,31 @@ def main() -> int:
             results["train"][str(vocab)] = row
             print(
                 f"train vocab {vocab}: lmforge {t_ours:.2f} s | HF tokenizers {t_hf:.2f} s "
-                f"(x{t_ours / t_hf:.2f}) | SentencePiece {t_sp:.2f} s (lmforge {t_sp / t_ours:.1f}x faster); "
+                f"(lmforge/HF x{t_ours / t_hf:.2f}) | SentencePiece {t_sp:.2f} s (SentencePiece/lmforge x{t_sp / t_ours:.2f}); "
                 f"bytes/token {row['bytes_per_token']}"
             )
 
         tok_dir = tmp / "tok4096"
         tok = load_tokenizer(tok_dir)
-        speed: dict[str, Any] = {}
+        fns: dict[str, Callable[[], Any]] = {}
         for workers in (1, 2):
-            out = tmp / f"tokens{workers}"
             cfg2 = TokenizeConfig(
                 input=curated,
                 tokenizer=tok_dir,
-                output=out,
+                output=tmp / f"tokens{workers}",
                 workers=workers,
                 val_fraction=0.0,
                 overwrite=True,
             )
-            t, _ = best(lambda cfg2=cfg2: tokenize_run(cfg2), repeats)
-            speed[f"lmforge_workers{workers}"] = {"seconds": round(t, 3), "mb_per_s": round(mb / t, 3)}
+            fns[f"lmforge_workers{workers}"] = lambda cfg2=cfg2: tokenize_run(cfg2)
+        fns["nanogpt_tiktoken_2proc"] = lambda: nanogpt_tokenize(texts, tok_dir, tmp / "nanogpt.bin")
+        fns["hf_encode_batch_in_memory"] = lambda: tok.as_plain_text().encode_batch(texts)
+        r = interleaved(fns, repeats)
+        speed: dict[str, Any] = {
+            k: {"seconds": round(t, 3), "mb_per_s": round(mb / t, 3)} for k, (t, _) in r.items()
+        }
         ours_arr = np.asarray(ShardSet(tmp / "tokens1", "train").arrays[0])
-        t, nano_arr = best(lambda: nanogpt_tokenize(texts, tok_dir, tmp / "nanogpt.bin"), repeats)
-        speed["nanogpt_tiktoken_2proc"] = {"seconds": round(t, 3), "mb_per_s": round(mb / t, 3)}
-        t, _ = best(lambda: tok.encode_batch(texts), repeats)
-        speed["hf_encode_batch_in_memory"] = {"seconds": round(t, 3), "mb_per_s": round(mb / t, 3)}
+        nano_arr = r["nanogpt_tiktoken_2proc"][1]
         same = bool(np.array_equal(ours_arr, nano_arr))
         speed["tokens"] = len(ours_arr)
         speed["nanogpt_ids_identical_to_lmforge"] = same

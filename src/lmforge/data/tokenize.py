@@ -254,6 +254,13 @@ def _plan_key(cfg: TokenizeConfig, tokenizer_sha: str) -> dict[str, Any]:
     }
 
 
+def _read_plan(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text("utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
 def _progress_line(t: Totals, elapsed: float) -> str:
     el = max(elapsed, 1e-9)
     return (
@@ -290,9 +297,7 @@ def run(cfg: TokenizeConfig, *, stop_after_parts: int | None = None) -> dict[str
         parts_dir = stage / PARTS
         key = _plan_key(cfg, tokenizer_sha)
         plan_file = parts_dir / PLAN
-        if parts_dir.exists() and (
-            not plan_file.is_file() or json.loads(plan_file.read_text("utf-8")) != key
-        ):
+        if parts_dir.exists() and _read_plan(plan_file) != key:
             shutil.rmtree(parts_dir)  # made from other inputs or settings: not reusable
         parts_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_json(plan_file, key)
@@ -340,7 +345,7 @@ def run(cfg: TokenizeConfig, *, stop_after_parts: int | None = None) -> dict[str
                     nonlocal inflight
                     while len(inflight) > block_until:
                         done, inflight = wait(inflight, return_when=FIRST_COMPLETED)
-                        for fut in sorted(done, key=id):
+                        for fut in done:  # order is irrelevant: parts are keyed by index
                             record(fut.result(), skipped=False)
                         progress.update(task, line=_progress_line(totals, time.perf_counter() - t0))
 
