@@ -61,6 +61,9 @@ class ServeConfig(Section):
     device: str = Field("cpu", description="torch device: cpu, cuda, cuda:1, mps")
     dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="weights' dtype")
     compile: bool = Field(False, description="torch.compile the model's forward (slow first request)")
+    threads: int = Field(
+        0, ge=0, description="torch CPU threads (0 = torch's default; 1 is best on a busy machine)"
+    )
     api_keys_env: str = Field("LMFORGE_API_KEYS", description="env var holding comma-separated API keys")
     api_keys_file: str | None = Field(None, description="file with one API key per line (# comments)")
     max_batch_size: int = Field(8, ge=1, description="most requests decoded together in one batch")
@@ -787,6 +790,8 @@ def main(argv: list[str]) -> int:
     from lmforge.infer.engine import Engine
     from lmforge.infer.load import load_model
 
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
     logging.basicConfig(level=cfg.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     model, tok = load_model(cfg.model, device=cfg.device, dtype=getattr(torch, cfg.dtype))
     engine = Engine(model, tok, max_batch_size=cfg.max_batch_size, compile=cfg.compile)
