@@ -384,3 +384,38 @@ def test_cli_refuses_open_bind_and_bad_keys(tmp_path: Path, monkeypatch: pytest.
     monkeypatch.setenv("LMFORGE_API_KEYS", "short")
     with pytest.raises(ConfigError, match="at least 8"):
         serve_main([str(tmp_path)])
+
+
+@pytest.mark.parametrize("running", [1, 4])
+def test_new_requests_need_not_wait_for_a_running_batch(running: int) -> None:
+    """max_running_batches=4: a short request arriving during a long one is decoded alongside it and
+    answered first. max_running_batches=1 (static batching): it waits for the long one to finish."""
+    app = make_app(max_running_batches=running, max_tokens_cap=250, batch_wait_ms=0)
+    done: dict[str, float] = {}
+    try:
+        with BackgroundServer(app) as srv:
+            slow = SlowSteps(app, delay=0.01)  # >= 2.5 s for the long request
+
+            def ask(name: str, max_tokens: int) -> None:
+                with httpx.Client(base_url=srv.url, timeout=60) as c:
+                    r = c.post(
+                        "/v1/completions", json={"prompt": name, "max_tokens": max_tokens, "ignore_eos": True}
+                    )
+                    assert r.json()["usage"]["completion_tokens"] == max_tokens
+                done[name] = time.monotonic()
+
+            long = threading.Thread(target=ask, args=("long", 250))
+            long.start()
+            t0 = time.monotonic()
+            while app.state.batcher.busy_rows == 0 and time.monotonic() - t0 < 20:
+                time.sleep(0.01)  # the long request is decoding
+            ask("short", 3)
+            long.join()
+            slow.undo()
+    finally:
+        close(app)
+    if running == 1:
+        assert done["short"] > done["long"]
+    else:
+        assert done["short"] < done["long"] - 1.0  # answered while the long one still had >= 1 s to go
+        assert app.state.batcher.stats.batches == 2

@@ -68,6 +68,9 @@ class ServeConfig(Section):
     api_keys_file: str | None = Field(None, description="file with one API key per line (# comments)")
     max_batch_size: int = Field(8, ge=1, description="most requests decoded together in one batch")
     batch_wait_ms: float = Field(5.0, ge=0, description="how long a batch waits for more requests to join")
+    max_running_batches: int = Field(
+        4, ge=1, description="batches decoded in turn, so new requests need not wait (1 = static batching)"
+    )
     max_queue: int = Field(64, ge=1, description="most requests waiting for the engine; more get 503")
     max_body_bytes: int = Field(1_000_000, ge=1024, description="largest request body accepted (413 beyond)")
     max_prompt_tokens: int | None = Field(
@@ -198,6 +201,7 @@ class ServerState:
             max_batch_size=cfg.max_batch_size,
             max_queue=cfg.max_queue,
             batch_wait_s=cfg.batch_wait_ms / 1e3,
+            max_running_batches=cfg.max_running_batches,
         )
         # A chat turn ends at any special token (ChatML's <|im_end|>, EOS): stop there, as chat clients expect.
         self.chat_stop_ids = sorted({int(i) for i in getattr(tokenizer, "special_tokens", {}).values()})

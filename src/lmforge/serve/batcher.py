@@ -6,11 +6,15 @@
     # sink(choice, TokenEvent | EngineFailure | DONE) is called from the worker thread
 
 The `Engine` is not thread-safe, so one thread owns it. It takes whatever is queued (up to
-`max_batch_size` rows, after waiting `batch_wait_s` for stragglers when the queue holds fewer) and runs
-them as one `stream_batch` call: static batching, every row of a batch starts together; rows that arrive
-meanwhile wait for the next batch. A row whose `cancelled` event is set (client gone, timeout) stops at the
-engine's next step. The queue is bounded: a full one refuses new work at once rather than letting latency
-grow without limit.
+`max_batch_size` rows, after waiting `batch_wait_s` for stragglers when it was idle) and starts them as one
+`stream_batch` call: every row of a batch starts together. Rows that arrive while batches run do not wait
+for them to finish: they form a new batch at once, and the worker steps the running batches in turn
+(up to `max_running_batches`; each `stream_batch` generator owns its KV cache, and one decode step is
+one `next()`). This is iteration-level scheduling across batches: a short request is not stuck behind a
+long one, though two batches cost two forwards per step where true continuous batching (rows joining a
+running batch) would cost one; the engine does not support that yet. `max_running_batches=1` is plain
+static batching. A row whose `cancelled` event is set (client gone, timeout) stops at the engine's next
+step. The queue is bounded: a full one refuses new work at once rather than letting latency grow.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -62,12 +66,26 @@ class BatchStats:
     cancelled: int = 0  # rows that ended "cancelled" (client gone, timeout, filtered), queued or running
 
 
+@dataclass
+class _Batch:
+    jobs: list[Job]
+    gen: Iterator[list[TokenEvent]]  # Engine.stream_batch: one next() = one decode step
+    started: bool = False
+
+
 class Batcher:
     def __init__(
-        self, engine: Any, *, max_batch_size: int = 8, max_queue: int = 64, batch_wait_s: float = 0.005
+        self,
+        engine: Any,
+        *,
+        max_batch_size: int = 8,
+        max_queue: int = 64,
+        batch_wait_s: float = 0.005,
+        max_running_batches: int = 4,
     ):
         self.engine = engine
         self.max_batch_size = max_batch_size
+        self.max_running_batches = max_running_batches
         self.max_queue = max_queue
         self.batch_wait_s = batch_wait_s
         self._queue: queue.Queue[Job] = queue.Queue()
@@ -75,7 +93,7 @@ class Batcher:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.stats = BatchStats()
-        self.busy_rows = 0  # rows in the running batch (for /health)
+        self.busy_rows = 0  # rows in the running batches (for /health)
 
     @property
     def queued(self) -> int:
@@ -108,64 +126,86 @@ class Batcher:
                 self._queue.put_nowait(job)
 
     # -- worker thread -----------------------------------------------------------------------------
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            try:
-                first = self._queue.get(timeout=0.1)
-            except queue.Empty:
-                continue
-            batch = [first]
-            deadline = time.monotonic() + self.batch_wait_s
-            while len(batch) < self.max_batch_size:
-                try:
-                    batch.append(self._queue.get(timeout=max(0.0, deadline - time.monotonic())))
-                except queue.Empty:
-                    break
-            live = []
-            for job in batch:  # rows cancelled while queued never reach the engine
-                if job.request.cancelled is not None and job.request.cancelled.is_set():
-                    self._finish(job, "cancelled")
-                else:
-                    live.append(job)
-            if live:
-                self._run_batch(live)
-
-    def _run_batch(self, batch: list[Job]) -> None:
-        self.busy_rows = len(batch)
-        self.stats.batches += 1
-        self.stats.rows += len(batch)
-        self.stats.largest = max(self.stats.largest, len(batch))
-        started = False
+    def _take(self, idle: bool) -> list[Job]:
+        """Up to max_batch_size queued rows; when idle, block briefly and wait batch_wait_s for company."""
+        batch: list[Job] = []
         try:
-            for events in self.engine.stream_batch([job.request for job in batch]):
-                started = True
-                for ev in events:
-                    job = batch[ev.index]
-                    self.stats.tokens += ev.token_id is not None
-                    self.stats.cancelled += ev.finish_reason == "cancelled"
-                    job.sink(job.choice, ev)
-                    if ev.finish_reason is not None:
-                        job.finished = True
-                        job.sink(job.choice, DONE)
+            batch.append(self._queue.get(timeout=0.1) if idle else self._queue.get_nowait())
+        except queue.Empty:
+            return []
+        deadline = time.monotonic() + (self.batch_wait_s if idle else 0.0)
+        while len(batch) < self.max_batch_size:
+            try:
+                batch.append(self._queue.get(timeout=max(0.0, deadline - time.monotonic())))
+            except queue.Empty:
+                break
+        live = []
+        for job in batch:  # rows cancelled while queued never reach the engine
+            if job.request.cancelled is not None and job.request.cancelled.is_set():
+                self._finish(job, "cancelled")
+            else:
+                live.append(job)
+        return live
+
+    def _start(self, jobs: list[Job]) -> _Batch:
+        self.stats.batches += 1
+        self.stats.rows += len(jobs)
+        self.stats.largest = max(self.stats.largest, len(jobs))
+        return _Batch(jobs, iter(self.engine.stream_batch([job.request for job in jobs])))
+
+    def _run(self) -> None:
+        running: list[_Batch] = []
+        while not self._stop.is_set():
+            if len(running) < self.max_running_batches:
+                jobs = self._take(idle=not running)
+                if jobs:
+                    running.append(self._start(jobs))
+            self.busy_rows = sum(len(b.jobs) for b in running)
+            for b in list(running):  # one decode step of every running batch, in turn
+                running.remove(b)
+                running.extend(self._step(b))
+        for b in running:
+            for job in b.jobs:
+                if not job.finished:
+                    self._finish(job, "cancelled")
+        self.busy_rows = 0
+
+    def _step(self, b: _Batch) -> list[_Batch]:
+        """Advance `b` by one step; the batches to keep running (b itself, or none, or its rows alone)."""
+        try:
+            events = next(b.gen)
+        except StopIteration:
+            self._end(b)
+            return []
         except Exception as e:  # a broken batch must not take the server down: fail its rows, keep serving
             self.stats.failures += 1
-            log.error("engine failed on a batch of %d rows: %s: %s", len(batch), type(e).__name__, e)
-            if not started and len(batch) > 1:
+            log.error("engine failed on a batch of %d rows: %s: %s", len(b.jobs), type(e).__name__, e)
+            if not b.started and len(b.jobs) > 1:
                 # Nothing was sent yet: run the rows one by one, so one bad row fails only itself.
-                self.busy_rows = 0
-                for job in batch:
-                    self._run_batch([job])
-                return
-            for job in batch:
+                self.stats.batches -= 1
+                self.stats.rows -= len(b.jobs)
+                return [self._start([job]) for job in b.jobs]
+            for job in b.jobs:
                 if not job.finished:
                     job.sink(job.choice, EngineFailure(f"generation failed ({type(e).__name__})"))
                     job.finished = True
                     job.sink(job.choice, DONE)
-        finally:
-            self.busy_rows = 0
-            for job in batch:
-                if not job.finished:  # the engine ended without a finish event: still tell the waiter
-                    self._finish(job, "length")
+            return []
+        b.started = True
+        for ev in events:
+            job = b.jobs[ev.index]
+            self.stats.tokens += ev.token_id is not None
+            self.stats.cancelled += ev.finish_reason == "cancelled"
+            job.sink(job.choice, ev)
+            if ev.finish_reason is not None:
+                job.finished = True
+                job.sink(job.choice, DONE)
+        return [b]
+
+    def _end(self, b: _Batch) -> None:
+        for job in b.jobs:
+            if not job.finished:  # the engine ended without a finish event: still tell the waiter
+                self._finish(job, "length")
 
     def _finish(self, job: Job, reason: str) -> None:
         self.stats.cancelled += reason == "cancelled"
