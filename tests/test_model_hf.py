@@ -235,3 +235,13 @@ def test_pickle_checkpoints_need_opt_in_and_load_weights_only(tmp_path: Path) ->
     model, _ = load_hf(path, allow_pickle=True)
     with torch.no_grad():
         torch.testing.assert_close(model(_ids()), hf(_ids()).logits, atol=1e-5, rtol=0)
+
+
+def test_load_in_bf16_casts_weights_and_keeps_rope_fp32(tmp_path: Path) -> None:
+    _, path = _hf_model("llama", tmp_path)
+    fp32, _ = load_hf(path)
+    bf16, _ = load_hf(path, dtype=torch.bfloat16)
+    assert {p.dtype for p in bf16.parameters()} == {torch.bfloat16} and bf16.rope_cos.dtype == torch.float32
+    assert torch.equal(bf16.tok_embeddings.weight, fp32.tok_embeddings.weight.bfloat16())
+    with torch.no_grad():
+        torch.testing.assert_close(bf16(_ids()).float(), fp32(_ids()), atol=0.05, rtol=0)
