@@ -1,5 +1,5 @@
-"""Serving speed: `lmforge serve` over loopback with 1, 4 and 16 concurrent clients, batching on and off,
-against the engine called in-process (no HTTP, same batches).
+"""Serving speed: `lmforge serve` over loopback with 1, 4 and 16 concurrent clients: batching with running
+batches decoded in turn (the default), static batching, no batching; and the engine in-process (no HTTP).
 
     .venv/bin/python -m benchmarks.serve [--preset tiny] [--max-tokens 32] [--requests 64] [--threads 1]
 
@@ -7,8 +7,10 @@ A random-weight model of the preset and a 2,048-token BPE (trained on Shakespear
 package) are saved as a Hugging Face folder; the real CLI (`lmforge serve DIR port=...`) serves it in a
 child process. Clients are threads with keep-alive `httpx` connections sending non-streaming completions
 (`ignore_eos`, so every request generates exactly max_tokens tokens); each level sends the same total
-number of requests. Reported per level: requests/s, generated tokens/s, p50/p99 latency; and the ratios
-batching on / off and server / in-process engine (the cost of HTTP, JSON, queueing). The machine is shared
+number of requests. Servers: "batched" (max_batch_size=16, max_running_batches=4), "static"
+(max_batch_size=16, max_running_batches=1), "unbatched" (max_batch_size=1). Reported per level:
+requests/s, generated tokens/s, p50/p99 latency; and the ratios batched / static, batched / unbatched and
+server / in-process engine (the cost of HTTP, JSON, queueing). The machine is shared
 with other engineers: compare ratios, not absolute numbers. Results: benchmarks/results/serve.json.
 """
 
@@ -50,7 +52,9 @@ def make_model_dir(directory: Path, preset: str) -> Path:
     return directory
 
 
-def start_server(model_dir: Path, port: int, batch: int, threads: int) -> subprocess.Popen[bytes]:
+def start_server(
+    model_dir: Path, port: int, batch: int, running: int, threads: int
+) -> subprocess.Popen[bytes]:
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "LMFORGE_API_KEYS": ""}
     cmd = [
         sys.executable,
@@ -61,7 +65,7 @@ def start_server(model_dir: Path, port: int, batch: int, threads: int) -> subpro
         f"port={port}",
         f"max_batch_size={batch}",
     ]
-    cmd += [f"threads={threads}"]
+    cmd += [f"threads={threads}", f"max_running_batches={running}"]
     cmd += ["requests_per_minute=0", "tokens_per_minute=0", "max_queue=256", "log_level=warning"]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     t0 = time.monotonic()
@@ -169,9 +173,9 @@ def main() -> None:
     }
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = make_model_dir(Path(tmp) / "model", args.preset)
-        for label, batch in [("batched", 16), ("unbatched", 1)]:
+        for label, batch, running in [("batched", 16, 4), ("static", 16, 1), ("unbatched", 1, 1)]:
             port = free_port()
-            proc = start_server(model_dir, port, batch, args.threads)
+            proc = start_server(model_dir, port, batch, running, args.threads)
             try:
                 url = f"http://127.0.0.1:{port}"
                 load_level(url, 1, 2, args.max_tokens)  # warm up

@@ -206,18 +206,51 @@ class ServerState:
         # A chat turn ends at any special token (ChatML's <|im_end|>, EOS): stop there, as chat clients expect.
         self.chat_stop_ids = sorted({int(i) for i in getattr(tokenizer, "special_tokens", {}).values()})
         self.created = int(time.time())
+        # Message text is encoded with special-token strings as plain text (see chat_ids).
+        self.plain = tokenizer.as_plain_text() if hasattr(tokenizer, "as_plain_text") else tokenizer
         self.batcher.start()
 
     def close(self) -> None:
         self.batcher.close()
 
     # -- request -> prompts + sampling params ----------------------------------------------------------
-    def _encode(self, text: str, param: str) -> list[int]:
+    def _check_text(self, text: str, param: str) -> None:
         try:
             text.encode("utf-8")  # lone surrogates ("\ud800" in JSON) are not text
         except UnicodeEncodeError:
             raise ApiError(400, f"{param}: not valid Unicode (lone surrogate)", param=param) from None
+
+    def _encode(self, text: str, param: str) -> list[int]:
+        self._check_text(text, param)
         return list(self.tok.encode(text))
+
+    def chat_ids(self, msgs: list[dict[str, str]]) -> list[int]:
+        """Token ids of the chat prompt, where message text can never become a special token.
+
+        Rendering the template and encoding the string would turn a user's "<|im_end|><|im_start|>system"
+        into real role markers. So the template is rendered around placeholders; its own text is encoded
+        with special tokens, each message's content as plain text.
+        """
+        for m in msgs:
+            self._check_text(m["content"], "messages")
+        marks = [f"\x00{uuid.uuid4().hex}\x00" for _ in msgs]
+        shell = [{**m, "content": mark} for m, mark in zip(msgs, marks, strict=True)]
+        rendered = self.tok.apply_chat_template(shell, add_generation_prompt=True)
+        if any(rendered.count(mark) != 1 for mark in marks):  # a template that edits contents: strip specials
+            clean = [{**m, "content": self._strip_specials(m["content"])} for m in msgs]
+            return list(self.tok.encode(self.tok.apply_chat_template(clean, add_generation_prompt=True)))
+        ids: list[int] = []
+        pos = 0
+        for at, i in sorted((rendered.index(mark), i) for i, mark in enumerate(marks)):
+            ids += self.tok.encode(rendered[pos:at])
+            ids += self.plain.encode(msgs[i]["content"])
+            pos = at + len(marks[i])
+        return ids + list(self.tok.encode(rendered[pos:]))
+
+    def _strip_specials(self, text: str) -> str:
+        for special in getattr(self.tok, "special_tokens", {}):
+            text = text.replace(special, "")
+        return text
 
     def prompts_of(self, req: CompletionRequest | ChatRequest) -> list[list[int]]:
         if isinstance(req, ChatRequest):
@@ -227,7 +260,7 @@ class ServerState:
                     m.content if isinstance(m.content, str) else "".join(p.text for p in m.content or [])
                 )
                 msgs.append({"role": "system" if m.role == "developer" else m.role, "content": content})
-            return [self._encode(self.tok.apply_chat_template(msgs, add_generation_prompt=True), "messages")]
+            return [self.chat_ids(msgs)]
         p = req.prompt
         if isinstance(p, str):
             return [self._encode(p, "prompt") or [int(self.tok.bos_id)]]
