@@ -282,3 +282,22 @@ def test_chat_session_uses_the_template_and_keeps_history(models: dict[str, tupl
     [c] = engine.generate([GenerationRequest(t.encode(expected_prompt), session.params)])
     assert session.messages[1]["content"] == c.text
     assert "(conversation reset)" in out.getvalue()
+
+
+def test_fused_projections_share_the_weights(models: dict[str, tuple[Any, Path]], tok: Tokenizer) -> None:
+    model, t = load_model(models["llama"][1])
+    ids = torch.tensor([tok.encode("To be, or not to be")])
+    with torch.no_grad():
+        before = model(ids)
+    engine = Engine(model, t)
+    assert engine._fused is not None
+    qkv = engine._fused[0][0]
+    attn: Any = model.layers[0].attn
+    assert attn.q.weight.data_ptr() == qkv.data_ptr()  # a view into the merged tensor, not a copy
+    assert attn.k.weight.data_ptr() == qkv.data_ptr() + attn.q.weight.numel() * qkv.element_size()
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids), before, atol=0, rtol=0)
+        attn.k.weight.add_(1.0)  # writes through to what the engine multiplies by
+    assert torch.equal(
+        qkv[attn.q.weight.shape[0] : attn.q.weight.shape[0] + attn.k.weight.shape[0]], attn.k.weight
+    )

@@ -1,6 +1,6 @@
 """`lmforge eval`: score a model on perplexity, generation and multiple-choice tasks; write report.json + .md.
 
-    lmforge eval -c configs/demo/eval.yaml model=runs/demo/pretrain output=runs/demo/eval
+    lmforge eval -c eval.yaml model=runs/demo/pretrain output=runs/demo/eval
 
     model: runs/demo/pretrain
     output: runs/demo/eval
@@ -85,7 +85,7 @@ DESCRIPTION = (
     "Evaluate a model: perplexity and bits per byte on token shards or text files, generation tasks "
     "(BLEU, exact match) and multiple-choice tasks (acc, acc_norm) from local JSONL."
 )
-EXAMPLE = "lmforge eval -c configs/demo/eval.yaml model=runs/demo/pretrain output=runs/demo/eval"
+EXAMPLE = "lmforge eval -c eval.yaml model=runs/demo/pretrain output=runs/demo/eval"
 
 
 def _task_name(task: Any) -> str:
