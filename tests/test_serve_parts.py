@@ -99,6 +99,14 @@ def test_tokens_per_minute_reserve_then_settle() -> None:
     assert e.value.retry_after == 50  # the 20 tokens expire at 1060 and free room; now is 1010
     with pytest.raises(TooLarge):
         lim.admit("k", tokens=101)  # can never fit
+    # The server counts a request on arrival and charges its tokens once the prompt is tokenized.
+    t = lim.count("k2")
+    lim.charge(t, 100)
+    t2 = lim.count("k2")
+    with pytest.raises(RateLimited):
+        lim.charge(t2, 1)
+    lim.settle(t, 50)
+    lim.charge(t2, 50)  # the charge of t2 excludes its own reservation: 50 + 50 = 100
     unlimited = RateLimiter()
     for _ in range(1000):
         unlimited.admit("k", tokens=10**6)

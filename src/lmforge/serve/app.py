@@ -71,6 +71,9 @@ class ServeConfig(Section):
     max_running_batches: int = Field(
         4, ge=1, description="batches decoded in turn, so new requests need not wait (1 = static batching)"
     )
+    interleave_min_steps: int = Field(
+        64, ge=0, description="start a batch beside running ones only if they have more steps than this to go"
+    )
     max_queue: int = Field(64, ge=1, description="most requests waiting for the engine; more get 503")
     max_body_bytes: int = Field(1_000_000, ge=1024, description="largest request body accepted (413 beyond)")
     max_prompt_tokens: int | None = Field(
@@ -202,6 +205,7 @@ class ServerState:
             max_queue=cfg.max_queue,
             batch_wait_s=cfg.batch_wait_ms / 1e3,
             max_running_batches=cfg.max_running_batches,
+            interleave_min_steps=cfg.interleave_min_steps,
         )
         # A chat turn ends at any special token (ChatML's <|im_end|>, EOS): stop there, as chat clients expect.
         self.chat_stop_ids = sorted({int(i) for i in getattr(tokenizer, "special_tokens", {}).values()})
@@ -391,13 +395,14 @@ async def _generate(state: ServerState, request: Any, chat: bool) -> Any:
 
     cfg = state.cfg
     started = time.monotonic()
-    body = await read_capped(request.stream(), cfg.max_body_bytes, request.headers.get("content-length"))
-    req = _parse(body, ChatRequest if chat else CompletionRequest)
-    prompts = state.prompts_of(req)
-    params, worst = state.params_of(req, prompts)
     key_id = request.scope.get("lmforge.key") or f"ip:{request.client.host if request.client else '?'}"
     try:
-        ticket = state.limiter.admit(key_id, worst)
+        ticket = state.limiter.count(key_id)  # before reading or tokenizing anything
+        body = await read_capped(request.stream(), cfg.max_body_bytes, request.headers.get("content-length"))
+        req = _parse(body, ChatRequest if chat else CompletionRequest)
+        prompts = state.prompts_of(req)
+        params, worst = state.params_of(req, prompts)
+        state.limiter.charge(ticket, worst)
     except RateLimited as e:
         raise ApiError(
             429, str(e), type="rate_limit_exceeded", headers={"Retry-After": str(e.retry_after)}

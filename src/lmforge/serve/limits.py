@@ -7,8 +7,9 @@ cannot overshoot together) and corrected to the tokens actually used when the re
 carries the seconds until enough of the window has expired: the `Retry-After` of the 429.
 
     limiter = RateLimiter(requests_per_minute=60, tokens_per_minute=10_000)
-    ticket = limiter.admit("key-1a2b3c4d", tokens=300)   # raises RateLimited(retry_after=...)
-    limiter.settle(ticket, used=120)
+    ticket = limiter.count("key-1a2b3c4d")     # on arrival; raises RateLimited(retry_after=...)
+    limiter.charge(ticket, tokens=300)         # once the prompt is tokenized: prompt + n x max_tokens
+    limiter.settle(ticket, used=120)           # when it ends
 """
 
 from __future__ import annotations
@@ -64,11 +65,12 @@ class RateLimiter:
 
     def admit(self, key: str, tokens: int = 0) -> Ticket:
         """Admit one request needing at most `tokens`, or raise RateLimited / TooLarge."""
-        if self.tpm and tokens > self.tpm:
-            raise TooLarge(
-                f"this request may use {tokens} tokens (prompt + n x max_tokens), more than this key's "
-                f"limit of {self.tpm} tokens per minute; lower max_tokens or n"
-            )
+        ticket = self.count(key)
+        self.charge(ticket, tokens)
+        return ticket
+
+    def count(self, key: str) -> Ticket:
+        """Count one request against requests/minute (before its body is even read), or raise RateLimited."""
         with self._lock:
             now = self.clock()
             window = self._windows[key]
@@ -77,11 +79,27 @@ class RateLimiter:
                 # The oldest of the last `rpm` requests must leave the window first.
                 wait = window[-self.rpm][0] + WINDOW_S - now
                 raise RateLimited(f"rate limit: {self.rpm} requests per minute", _ceil(wait))
+            entry = [now, 0.0]
+            window.append(entry)
+            return Ticket(key, entry)
+
+    def charge(self, ticket: Ticket, tokens: int) -> None:
+        """Reserve a counted request's worst-case tokens, or raise RateLimited / TooLarge."""
+        if self.tpm and tokens > self.tpm:
+            raise TooLarge(
+                f"this request may use {tokens} tokens (prompt + n x max_tokens), more than this key's "
+                f"limit of {self.tpm} tokens per minute; lower max_tokens or n"
+            )
+        with self._lock:
+            now = self.clock()
+            window = self._windows[ticket.key]
+            self._expire(window, now)
             if self.tpm:
-                used = sum(e[1] for e in window)
+                others = [e for e in window if e is not ticket.entry]
+                used = sum(e[1] for e in others)
                 if used + tokens > self.tpm:
                     wait, freed = 0.0, 0.0
-                    for t, n in window:  # oldest first: how long until enough tokens expire
+                    for t, n in others:  # oldest first: how long until enough tokens expire
                         freed += n
                         wait = t + WINDOW_S - now
                         if used - freed + tokens <= self.tpm:
@@ -91,9 +109,7 @@ class RateLimiter:
                         f"this request may use {tokens})",
                         _ceil(wait),
                     )
-            entry = [now, float(tokens)]
-            window.append(entry)
-            return Ticket(key, entry)
+            ticket.entry[1] = float(tokens)
 
     def settle(self, ticket: Ticket, used: int) -> None:
         """Replace the reserved worst case by the tokens the request really used."""
