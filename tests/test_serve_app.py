@@ -40,6 +40,9 @@ def client(server: BackgroundServer) -> openai.OpenAI:
 def test_openai_client_completions_and_chat(client: openai.OpenAI) -> None:
     [model] = client.models.list().data
     assert model.id == "tiny-test"
+    assert client.models.retrieve("tiny-test").id == "tiny-test"
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("gpt-4")
     r = client.completions.create(model=model.id, prompt="To be, or not to be", max_tokens=7, temperature=0)
     assert r.object == "text_completion" and len(r.choices) == 1
     assert r.usage is not None and r.usage.completion_tokens == 7 and r.choices[0].finish_reason == "length"

@@ -744,6 +744,16 @@ def create_app(engine: Any, tokenizer: Any, cfg: ServeConfig, keys: list[str] | 
         card = {"id": state.model_id, "object": "model", "created": state.created, "owned_by": "lmforge"}
         return {"object": "list", "data": [{**card, "max_model_len": state.context}]}
 
+    @app.get("/v1/models/{model_id:path}")
+    async def model(model_id: str) -> Any:
+        if model_id != state.model_id:
+            raise ApiError(
+                404,
+                f"model {model_id[:100]!r} not found; this server has {state.model_id!r}",
+                type="not_found",
+            )
+        return {"id": state.model_id, "object": "model", "created": state.created, "owned_by": "lmforge"}
+
     @app.post("/v1/completions")
     async def completions(request: Request) -> Any:
         return await _generate(state, request, chat=False)

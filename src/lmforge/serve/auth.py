@@ -65,10 +65,11 @@ def match_key(header: str | None, keys: list[str]) -> str | None:
     token = bearer_token(header)
     if token is None:
         return None
-    given = token.encode("utf-8", "surrogateescape")
+    # Digests have one length, so not even a key's length leaks through the comparison's timing.
+    given = hashlib.sha256(token.encode("utf-8", "surrogateescape")).digest()
     found = None
     for key in keys:
-        if hmac.compare_digest(given, key.encode("utf-8")):  # no early exit: all keys are always compared
+        if hmac.compare_digest(given, hashlib.sha256(key.encode("utf-8")).digest()):  # no early exit
             found = key
     return found
 
