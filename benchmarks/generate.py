@@ -1,22 +1,25 @@
 """Generation speed: the lmforge engine vs `transformers` `generate`, same model, same prompts, one process.
 
-    .venv/bin/python -m benchmarks.generate [--new 128] [--prompt 64] [--reps 3] [--threads 1]
+    .venv/bin/python -m benchmarks.generate [--new 128] [--prompt 64] [--reps 3] [--threads 1] [--compile]
 
-The model is the 13.8M Llama of benchmarks/model.py (6 layers, width 384, 6 heads, SwiGLU 1024, tied) with the
-vocabulary of a BPE tokenizer trained here on Shakespeare; `transformers` loads the very same weights
-from an HF folder written by lmforge. Greedy decoding, EOS disabled on both sides, prompts of equal length
-(no padding on either side). For each batch size (1, 8) and each library we time `generate` with 1 new token
-(= prefill + one step) and with `--new` tokens; then
+Two model shapes (`--models`): "llama-14m", the 13.8M Llama of benchmarks/model.py (6 layers, width 384,
+6 heads, SwiGLU 1024, tied), and "tiny", the `tiny` preset's shape (4 layers, width 128, GQA), both with the
+vocabulary (8192) of a BPE tokenizer trained here on Shakespeare; `transformers` loads the very same
+weights from an HF folder written by lmforge. Greedy decoding, EOS disabled on both sides, prompts of
+equal length (no padding on either side). For each batch size (1, 8) and each contestant we time
+`generate` with 1 new token (= prefill + one step) and with `--new` tokens; then
     prefill tokens/s = batch x prompt / t(1),   decode tokens/s = batch x (new - 1) / (t(new) - t(1)).
-Runs alternate between the libraries (ABAB...) and the median of `--reps` is kept, because the machine is
-shared; times are process CPU seconds with one torch thread (what other processes barely disturb), and
-wall-clock numbers are recorded too. The generated tokens are checked equal first.
+Runs alternate between the contestants (ABAB...) and the median of `--reps` is kept, because the machine
+is shared; times are process CPU seconds with one torch thread (what other processes barely disturb), and
+wall-clock numbers are recorded too. `--compile` adds `Engine(compile=True)`, timed after its cold
+compile (reported as compile_seconds). The greedy tokens are compared with transformers' first.
 Results: benchmarks/results/generate.json.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import platform
 import statistics
@@ -60,7 +63,9 @@ MODELS = {
 }
 
 
-def run(new: int, prompt_len: int, reps: int, threads: int, model_name: str = "llama-14m") -> dict[str, Any]:
+def run(
+    new: int, prompt_len: int, reps: int, threads: int, model_name: str = "llama-14m", compile: bool = False
+) -> dict[str, Any]:
     import transformers
 
     torch.set_num_threads(threads)
@@ -75,12 +80,13 @@ def run(new: int, prompt_len: int, reps: int, threads: int, model_name: str = "l
     hf.generation_config.eos_token_id = None  # decode exactly `new` tokens, as ignore_eos does
     hf.generation_config.pad_token_id = tok.pad_id
     engine = Engine(model, tok, max_batch_size=8)
+    compiled = Engine(model, tok, max_batch_size=8, compile=True) if compile else None
     stream = [i for t in texts[:50] for i in tok.encode(t)]
     prompts = [stream[k * 997 : k * 997 + prompt_len] for k in range(8)]
 
-    def ours(batch: int, n: int) -> list[list[int]]:
+    def ours(batch: int, n: int, eng: Engine = engine) -> list[list[int]]:
         params = SamplingParams(max_tokens=n, temperature=0, ignore_eos=True)
-        return [c.token_ids for c in engine.generate([GenerationRequest(p, params) for p in prompts[:batch]])]
+        return [c.token_ids for c in eng.generate([GenerationRequest(p, params) for p in prompts[:batch]])]
 
     def theirs(batch: int, n: int) -> list[list[int]]:
         ids = torch.tensor(prompts[:batch])
@@ -88,9 +94,34 @@ def run(new: int, prompt_len: int, reps: int, threads: int, model_name: str = "l
             out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False)
         return [row[prompt_len:].tolist() for row in out]
 
+    contestants: list[tuple[str, Callable[[int, int], list[list[int]]]]] = [
+        ("lmforge", ours),
+        ("transformers", theirs),
+    ]
+    compile_seconds = None
+    if compiled is not None:
+
+        def ours_compiled(batch: int, n: int) -> list[list[int]]:
+            return ours(batch, n, compiled)
+
+        t0 = time.perf_counter()
+        for b in (1, 8):  # compile the prefill and decode graphs for both batch sizes before timing
+            ours_compiled(b, 4)
+        compile_seconds = round(time.perf_counter() - t0, 1)
+        contestants.append(("lmforge_compiled", ours_compiled))
+
     # Same weights, same greedy tokens (a check, not a timing).
     check = 32
-    same = ours(8, check) == theirs(8, check)
+    reference = theirs(8, check)
+    # Fraction of the 8 x 32 greedy tokens equal to transformers' (eager: all; compiled kernels reorder
+    # float sums, which can flip a near-tie argmax of this random model and everything after it).
+    agree: dict[str, float] = {}
+    for name, fn in contestants:
+        if name != "transformers":
+            got = fn(8, check)
+            hits = sum(a == b for x, y in zip(got, reference, strict=True) for a, b in zip(x, y, strict=True))
+            agree[name] = round(hits / (8 * check), 4)
+    same = agree["lmforge"] == 1.0
     results: dict[str, Any] = {
         "config": {
             "model": model_name,
@@ -106,18 +137,19 @@ def run(new: int, prompt_len: int, reps: int, threads: int, model_name: str = "l
             "machine": platform.machine(),
         },
         "greedy_tokens_equal": same,
+        "greedy_token_agreement": agree,
+        "compile_seconds": compile_seconds,
     }
     for batch in (1, 8):
         times: dict[str, dict[int, list[tuple[float, float]]]] = {
-            "lmforge": {1: [], new: []},
-            "transformers": {1: [], new: []},
+            name: {1: [], new: []} for name, _ in contestants
         }
-        for fn in (ours, theirs):  # warm up both
+        for _, fn in contestants:  # warm up
             fn(batch, 4)
         for _ in range(reps):
             for n in (1, new):
-                for name, fn in (("lmforge", ours), ("transformers", theirs)):
-                    cpu, wall, _ = _timed(lambda fn=fn, n=n, b=batch: fn(b, n))
+                for name, fn in contestants:
+                    cpu, wall, _ = _timed(functools.partial(fn, batch, n))
                     times[name][n].append((cpu, wall))
         row: dict[str, Any] = {}
         for name in times:
@@ -128,9 +160,12 @@ def run(new: int, prompt_len: int, reps: int, threads: int, model_name: str = "l
                 row[f"{name}_decode_tok_s_{kind}"] = round(batch * (new - 1) / max(tn - t1, 1e-9), 1)
         for kind in ("cpu", "wall"):
             for what in ("prefill", "decode"):
-                row[f"{what}_ratio_{kind}"] = round(
-                    row[f"lmforge_{what}_tok_s_{kind}"] / row[f"transformers_{what}_tok_s_{kind}"], 2
-                )
+                for name, _ in contestants:
+                    if name != "transformers":
+                        suffix = "" if name == "lmforge" else "_compiled"
+                        row[f"{what}_ratio{suffix}_{kind}"] = round(
+                            row[f"{name}_{what}_tok_s_{kind}"] / row[f"transformers_{what}_tok_s_{kind}"], 2
+                        )
         results[f"batch_{batch}"] = row
         print(f"{model_name} batch {batch}: {json.dumps(row)}", flush=True)
     return results
@@ -143,20 +178,34 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=3, help="timed repetitions (median kept)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads")
     ap.add_argument("--models", default="llama-14m,tiny", help=f"comma-separated, of {sorted(MODELS)}")
+    ap.add_argument(
+        "--compile", action="store_true", help="also time Engine(compile=True) (cold compile first)"
+    )
     ap.add_argument("--out", type=Path, default=OUT, help="where to write the JSON results")
     args = ap.parse_args()
-    res = {m: run(args.new, args.prompt, args.reps, args.threads, m) for m in args.models.split(",")}
+    res = {
+        m: run(args.new, args.prompt, args.reps, args.threads, m, args.compile)
+        for m in args.models.split(",")
+    }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(res, indent=2) + "\n")
     for m, r_m in res.items():
-        print(f"{m}: greedy tokens equal: {r_m['greedy_tokens_equal']}")
+        print(
+            f"{m}: greedy tokens equal: {r_m['greedy_tokens_equal']}, agreement {r_m['greedy_token_agreement']}"
+        )
         for b in (1, 8):
             r = r_m[f"batch_{b}"]
-            print(
+            line = (
                 f"  batch {b}: decode {r['lmforge_decode_tok_s_cpu']} vs {r['transformers_decode_tok_s_cpu']} tok/s "
                 f"(x{r['decode_ratio_cpu']}), prefill {r['lmforge_prefill_tok_s_cpu']} vs "
-                f"{r['transformers_prefill_tok_s_cpu']} tok/s (x{r['prefill_ratio_cpu']}) [CPU-time based]"
+                f"{r['transformers_prefill_tok_s_cpu']} tok/s (x{r['prefill_ratio_cpu']})"
             )
+            if "decode_ratio_compiled_cpu" in r:
+                line += (
+                    f"; compiled: decode {r['lmforge_compiled_decode_tok_s_cpu']} tok/s (x{r['decode_ratio_compiled_cpu']}),"
+                    f" prefill x{r['prefill_ratio_compiled_cpu']}"
+                )
+            print(line + " [CPU-time based]")
     print(f"-> {args.out}")
 
 

@@ -28,7 +28,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -151,6 +151,10 @@ def _fuse_projections(model: Transformer) -> tuple[list[Tensor], list[Tensor | N
     second copy of the weights; the model computes exactly as before and `load_state_dict` still writes
     through). Skipped (None) for models whose parameters are not plain tensors on one device.
     """
+    cached = getattr(model, "_lmforge_fused", None)
+    first: Any = model.layers[0]
+    if cached is not None and cached[0][0].data_ptr() == first.attn.q.weight.data_ptr():
+        return cast(tuple[list[Tensor], list[Tensor | None], list[Tensor]], cached)  # another Engine fused it
     qkv_w: list[Tensor] = []
     qkv_b: list[Tensor | None] = []
     gu_w: list[Tensor] = []
@@ -182,6 +186,7 @@ def _fuse_projections(model: Transformer) -> tuple[list[Tensor], list[Tensor | N
                         merged_b[row : row + n], requires_grad=mod.bias.requires_grad
                     )
                     row += n
+    object.__setattr__(model, "_lmforge_fused", (qkv_w, qkv_b, gu_w))  # a plain attribute, not a buffer
     return qkv_w, qkv_b, gu_w
 
 
