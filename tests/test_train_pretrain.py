@@ -85,6 +85,12 @@ def test_pretrain_learns_and_writes_a_verified_run(
     assert (out / "model" / "model.safetensors").is_file() and (out / "config.yaml").is_file()
     assert verify_manifest(out)["stage"] == "pretrain"
     assert "bits per byte" in capsys.readouterr().out
+    # the exported model folder is self-contained: weights, config and tokenizer
+    assert (out / "model" / "tokenizer.json").is_file() and (out / "model" / "model_config.json").is_file()
+    from lmforge.infer.load import load_model
+
+    model, tok = load_model(out / "model")
+    assert tok.vocab_size == model.cfg.vocab_size and tok.decode(tok.encode("To be")) == "To be"
     # a finished output is not overwritten by accident
     assert main(["pretrain", *BASE, f"data={tokens}", f"output={out}", "max_steps=2"]) == 2
 

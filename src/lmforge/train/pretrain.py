@@ -299,14 +299,19 @@ def finish_run_dir(stage: Path, final: Path) -> None:
         shutil.rmtree(old)
 
 
-def export_final(run_dir: Path, ckpt: Path, model: nn.Module) -> None:
-    """`model/`: the final weights (a copy of the last checkpoint's) and the model config as JSON."""
+def export_final(run_dir: Path, ckpt: Path, model: nn.Module, tokenizer_dir: Path | None) -> None:
+    """`model/`: the final weights (a copy of the last checkpoint's), the model config as JSON and the
+    tokenizer files, so the folder alone is enough for `generate`, `eval` and `serve`."""
     out = run_dir / "model"
     out.mkdir(exist_ok=True)
     shutil.copyfile(ckpt / "model.safetensors", out / "model.safetensors")
     mcfg = model_config(model)
     if mcfg is not None and hasattr(mcfg, "model_dump"):
         atomic_write_json(out / "model_config.json", mcfg.model_dump(mode="json"))
+    if tokenizer_dir is not None and (tokenizer_dir / "tokenizer.json").is_file():
+        for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+            if (tokenizer_dir / name).is_file():
+                shutil.copyfile(tokenizer_dir / name, out / name)
 
 
 def _on_rank0(info: D.DistInfo, fn: Callable[[], object], what: str) -> None:
@@ -510,7 +515,7 @@ def train(cfg: PretrainConfig, **trainer_kw: Any) -> int:
             logger.close()
         last = Path(run_dir) / "checkpoints" / f"step-{state.step:06d}"
         if info.is_main:
-            export_final(run_dir, last, model)
+            export_final(run_dir, last, model, train_set.tokenizer_dir)
             evals = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
             evals = [r for r in evals if r["kind"] == "eval"]
             if evals:
