@@ -326,3 +326,14 @@ def test_compiled_engine_matches_eager(models: dict[str, tuple[Any, Path]], tok:
                 )
             )
     torch.testing.assert_close(outs[0], outs[1], atol=1e-4, rtol=1e-4)
+
+
+def test_extreme_sampling_params_give_a_token_not_nan() -> None:
+    """A top_p that is 0 in fp32 and a temperature that overflows fp32 both still pick the top token."""
+    import torch
+
+    from lmforge.infer.sampling import SamplingParams, make_generator, sample
+
+    logits = torch.tensor([1.0, 3.0, 2.0, -1.0])
+    for params in (SamplingParams(top_p=1e-320, seed=0), SamplingParams(temperature=1e-40, seed=0)):
+        assert sample(logits, params, make_generator(params)) == 1

@@ -68,7 +68,10 @@ def apply_repetition_penalty(logits: Tensor, seen: Tensor, penalty: float) -> Te
 
 def filter_logits(logits: Tensor, params: SamplingParams) -> Tensor:
     """Temperature, top-k, top-p and min-p on (..., vocab) logits; removed tokens get -inf."""
-    logits = logits.float() / params.temperature
+    # Shift by the max before dividing: the softmax is unchanged, and a tiny temperature cannot overflow
+    # fp32 into inf - inf = NaN (the top token goes to 0, the rest towards -inf).
+    logits = logits.float()
+    logits = (logits - logits.amax(-1, keepdim=True)) / params.temperature
     neg_inf = float("-inf")
     if params.top_k and params.top_k < logits.size(-1):
         kth = torch.topk(logits, params.top_k, dim=-1).values[..., -1:]  # (..., 1)
@@ -78,6 +81,7 @@ def filter_logits(logits: Tensor, params: SamplingParams) -> Tensor:
         probs = sorted_logits.softmax(-1)
         # Drop a token when the mass of the tokens strictly before it already reaches top_p; keeps >= 1.
         drop_sorted = (probs.cumsum(-1) - probs) >= params.top_p
+        drop_sorted[..., 0] = False  # a top_p that rounds to 0 in fp32 must still keep the top token
         drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
         logits = logits.masked_fill(drop, neg_inf)
     if params.min_p > 0.0:

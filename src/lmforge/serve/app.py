@@ -324,10 +324,9 @@ class ServerState:
             raise ApiError(400, "stop: at most 4 non-empty strings of at most 256 characters", param="stop")
         params = SamplingParams(
             max_tokens=max_tokens,
-            temperature=0.0 if req.temperature < 1e-4 else req.temperature,  # tiny T overflows fp32: greedy
+            temperature=req.temperature,
             top_k=req.top_k,
-            # A top_p that is 0 in float32 would drop every token (NaN probabilities in the engine).
-            top_p=max(req.top_p, 1e-6),
+            top_p=req.top_p,
             min_p=req.min_p,
             repetition_penalty=req.repetition_penalty,
             stop=stop,
