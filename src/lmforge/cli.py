@@ -30,7 +30,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "generate": ("lmforge.infer.generate:main", "generate text from prompts (sampling, streaming)"),
     "chat": ("lmforge.infer.chat:main", "chat with a model in the terminal through its chat template"),
     "eval": ("lmforge.eval.run:main", "perplexity, bits per byte, BLEU and multiple-choice tasks"),
-    "serve": ("lmforge.serve.app:main", "OpenAI-compatible HTTP server with API keys, limits and a chat page"),
+    "serve": (
+        "lmforge.serve.app:main",
+        "OpenAI-compatible HTTP server with API keys, limits and a chat page",
+    ),
 }
 
 
