@@ -156,7 +156,19 @@ def test_fuzzed_requests_never_5xx(fuzz_app: Any) -> None:
         r = loop.run_until_complete(client.request(method, path, content=body))
         seen[r.status_code] = seen.get(r.status_code, 0) + 1
         assert r.status_code < 500, (r.status_code, r.text[:300], body[:200])
-        data = r.json()  # every answer is JSON
+        if r.headers.get("content-type", "").startswith("text/event-stream"):
+            # a valid streaming request: every event is JSON, the stream ends with [DONE], and no
+            # choice streams more pieces than the max_tokens cap (3)
+            events = [line[6:] for line in r.text.splitlines() if line.startswith("data: ")]
+            assert events and events[-1] == "[DONE]", r.text[:300]
+            pieces: dict[int, int] = {}
+            for chunk in map(json.loads, events[:-1]):
+                for c in chunk.get("choices", []):
+                    if c.get("text") or (c.get("delta") or {}).get("content"):
+                        pieces[c["index"]] = pieces.get(c["index"], 0) + 1
+            assert all(n <= 3 for n in pieces.values()), pieces
+            return
+        data = r.json()  # every other answer is JSON
         if r.status_code >= 400:
             assert set(data["error"]) == {"message", "type", "param", "code"} and data["error"]["message"]
         elif method == "POST" and path.startswith("/v1/"):
