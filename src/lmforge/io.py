@@ -15,7 +15,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from lmforge.errors import LmforgeError
+from lmforge.errors import DataError, LmforgeError
 
 _CHUNK = 1 << 20
 
@@ -84,6 +84,12 @@ def staged_output(final: Path, *, overwrite: bool = False, resume: bool = True) 
         shutil.rmtree(stage)
     stage.mkdir(parents=True, exist_ok=True)
     yield stage
+    publish_dir(stage, final)
+
+
+def publish_dir(stage: Path, final: Path) -> None:
+    """Swap a finished staging directory into place: the old `final` (if any) is moved aside first and
+    removed only after the rename, so a crash in between leaves one complete directory, never none."""
     old = final.with_name(final.name + ".old")
     if old.exists():
         shutil.rmtree(old)
@@ -93,3 +99,21 @@ def staged_output(final: Path, *, overwrite: bool = False, resume: bool = True) 
     fsync_dir(final.parent)
     if old.exists():
         shutil.rmtree(old)
+
+
+def iter_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(line number, object) for each non-blank line of a JSONL file; DataError naming file:line otherwise."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: file not found")
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except ValueError as e:
+                raise DataError(f"{path}:{n}: not valid JSON ({e})") from None
+            if not isinstance(rec, dict):
+                raise DataError(f"{path}:{n}: expected a JSON object per line")
+            yield n, rec

@@ -14,7 +14,6 @@ by the choice's length in characters, as lm-eval does (= bytes for ASCII).
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -25,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmforge.errors import DataError
+from lmforge.io import iter_jsonl
 
 CONTEXT_FIELDS = ("query", "ctx", "question", "goal", "context")
 
@@ -34,15 +34,7 @@ def read_jsonl(path: str | Path, limit: int | None = None) -> list[dict[str, Any
     if not path.is_file():
         raise DataError(f"{path}: task file not found")
     rows: list[dict[str, Any]] = []
-    for n, line in enumerate(path.read_text("utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except ValueError as e:
-            raise DataError(f"{path}:{n}: not valid JSON ({e})") from None
-        if not isinstance(rec, dict):
-            raise DataError(f"{path}:{n}: expected a JSON object per line")
+    for _, rec in iter_jsonl(path):
         rows.append(rec)
         if limit is not None and len(rows) >= limit:
             break

@@ -22,7 +22,7 @@ from pydantic import Field
 from lmforge.config import Section, parse_command
 from lmforge.errors import ConfigError, DataError
 from lmforge.infer.sampling import SamplingParams
-from lmforge.io import atomic_write_text
+from lmforge.io import atomic_write_text, iter_jsonl
 
 COMMAND = "generate"
 
@@ -71,14 +71,8 @@ def read_prompt_file(path: Path) -> list[str]:
     lines = path.read_text("utf-8").splitlines()
     if path.suffix == ".jsonl":
         out = []
-        for n, line in enumerate(lines, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except ValueError as e:
-                raise DataError(f"{path}:{n}: not valid JSON ({e})") from None
-            if not isinstance(rec, dict) or not isinstance(rec.get("prompt"), str):
+        for n, rec in iter_jsonl(path):
+            if not isinstance(rec.get("prompt"), str):
                 raise DataError(f"{path}:{n}: expected an object with a string 'prompt' field")
             out.append(rec["prompt"])
         return out

@@ -287,16 +287,10 @@ def prepare_run_dir(cfg: PretrainConfig, info: D.DistInfo) -> Path:
 
 def finish_run_dir(stage: Path, final: Path) -> None:
     from lmforge.data.manifest import write_manifest
-    from lmforge.io import fsync_dir
+    from lmforge.io import publish_dir
 
     write_manifest(stage, stage=COMMAND)
-    old = final.with_name(final.name + ".old")
-    if final.exists():
-        os.replace(final, old)
-    os.replace(stage, final)
-    fsync_dir(final.parent)
-    if old.exists():
-        shutil.rmtree(old)
+    publish_dir(stage, final)
 
 
 def export_final(run_dir: Path, ckpt: Path, model: nn.Module, tokenizer_dir: Path | None) -> None:
