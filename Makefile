@@ -60,8 +60,29 @@ typecheck: $(STAMP)
 
 check: lint typecheck test
 
-bench: $(STAMP)
-	$(BIN)/python -m benchmarks.run
+# Side-by-side benchmarks (minutes to an hour on 2 cores); each writes benchmarks/results/<name>.json.
+# Peers that conflict with lmforge's dependencies get their own venvs under benchmarks/.venvs/.
+PEERS := benchmarks/.venvs
+bench: $(STAMP) $(DEMO)/tokens/manifest.json $(PEERS)/litgpt/.installed $(PEERS)/presidio/.installed
+	$(BIN)/python -m benchmarks.prepare
+	$(BIN)/python -m benchmarks.pii --peer-python $(PEERS)/presidio/bin/python
+	$(BIN)/python -m benchmarks.tokenizer
+	$(BIN)/python -m benchmarks.model
+	$(BIN)/python -m benchmarks.pretrain --data $(DEMO)/tokens
+	$(BIN)/python -m benchmarks.generate
+	$(BIN)/python -m benchmarks.serve
+
+# LitGPT 0.5 needs huggingface-hub<1.4 (conflicts with transformers 5); litdata without deps keeps torch CPU.
+$(PEERS)/litgpt/.installed: constraints.txt
+	$(PYTHON) -m venv $(PEERS)/litgpt
+	$(PEERS)/litgpt/bin/python -m pip install -q -c constraints.txt torch==2.13.0 'litgpt==0.5.*' 'huggingface-hub<1.4' requests jsonargparse numpy
+	$(PEERS)/litgpt/bin/python -m pip install -q --no-deps litdata
+	@touch $@
+
+$(PEERS)/presidio/.installed:
+	$(PYTHON) -m venv $(PEERS)/presidio
+	$(PEERS)/presidio/bin/python -m pip install -q presidio-analyzer==2.2.366
+	@touch $@
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .mypy_cache .ruff_cache
