@@ -11,6 +11,7 @@ and then the root, the order torchtitan uses (activation checkpointing and compi
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, Literal
@@ -28,7 +29,10 @@ class DistConfig(Section):
         "ddp", description="with several processes: ddp (replicate) or fsdp (FSDP2 fully_shard per block)"
     )
     timeout_s: int = Field(600, gt=0, description="collective timeout; a hung rank fails the job after this")
-    cpu_offload: bool = Field(False, description="fsdp only: keep parameters and optimizer state on the CPU")
+    cpu_offload: bool = Field(
+        False,
+        description="fsdp only: keep parameters and optimizer state in CPU memory (GPU runs; no-op on CPU)",
+    )
     reshard_after_forward: bool = Field(
         True, description="fsdp only: free gathered weights after forward (less memory, one more all-gather)"
     )
@@ -120,8 +124,12 @@ def wrap(
 
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
     kw: dict[str, Any] = {"mp_policy": mp, "reshard_after_forward": cfg.reshard_after_forward}
-    if cfg.cpu_offload:
+    if cfg.cpu_offload and device.type != "cpu":
         kw["offload_policy"] = CPUOffloadPolicy()
+    elif cfg.cpu_offload and info.is_main:
+        # On a CPU run the shards already live in host memory (and the policy needs an accelerator to
+        # pin memory), so the same recipe runs on a laptop and on a GPU cluster.
+        print("note: dist.cpu_offload has no effect when training on the CPU", file=sys.stderr)
     layers = getattr(model, "layers", None)
     if isinstance(layers, nn.ModuleList):
         for block in layers:
