@@ -34,6 +34,12 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "lmforge.serve.app:main",
         "OpenAI-compatible HTTP server with API keys, limits and a chat page",
     ),
+    "finetune": ("lmforge.train.finetune:main", "supervised fine-tuning: full, LoRA or QLoRA"),
+    "lora merge": ("lmforge.train.lora_merge:main", "fold a LoRA adapter into its base model"),
+    "align dpo": ("lmforge.train.dpo:main", "direct preference optimisation on chosen/rejected pairs"),
+    "quantize": ("lmforge.quant.run:main", "weight-only int8, int4 (RTN/GPTQ) or NF4 with a quality report"),
+    "export": ("lmforge.export.run:main", "export to an HF folder, GGUF or ONNX with a parity report"),
+    "plan": ("lmforge.plan.run:main", "what fits on which hardware, how fast, at what cost; --probe proves it"),
 }
 
 
