@@ -260,6 +260,14 @@ def test_generate_command(tmp_path: Path, models: dict[str, tuple[Any, Path]], t
     assert results == rows and "--- [1]" in buf.getvalue()
     assert main(["generate", f"model={tmp_path / 'nope'}", "prompt=x"]) == 2
     assert main(["generate", f"model={path}"]) == 2  # no prompts
+    latin = tmp_path / "latin1.txt"
+    latin.write_bytes("café\n".encode("latin-1"))
+    with pytest.raises(DataError, match=r"prompt_file: .*latin1.txt is not UTF-8"):
+        run(GenerateConfig(model=str(path), prompt_file=str(latin)))
+    bad_jsonl = tmp_path / "bad.jsonl"
+    bad_jsonl.write_bytes(b'{"prompt": "ok"}\n{"prompt": "\xe9"}\n')
+    with pytest.raises(DataError, match=r"bad.jsonl:2: not UTF-8"):
+        run(GenerateConfig(model=str(path), prompt_file=str(bad_jsonl)))
 
 
 def test_chat_session_uses_the_template_and_keeps_history(models: dict[str, tuple[Any, Path]]) -> None:

@@ -146,3 +146,14 @@ def test_output_filter_whole_words_and_streaming() -> None:
         assert (sent, s.blocked) == (expect, blocked), text
     with pytest.raises(ConfigError):
         OutputFilter(["", "  "])
+
+
+def test_keys_and_wordlist_files_that_are_not_utf8_give_a_clear_error(tmp_path: Path) -> None:
+    from lmforge.serve.filters import OutputFilter
+
+    bad = tmp_path / "latin1.txt"
+    bad.write_bytes("clé-secrète-0001\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match=r"api_keys_file.*latin1.txt is not UTF-8"):
+        load_keys(None, bad)
+    with pytest.raises(ConfigError, match=r"output_wordlist.*latin1.txt is not UTF-8"):
+        OutputFilter.from_file(bad)

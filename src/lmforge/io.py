@@ -101,13 +101,42 @@ def publish_dir(stage: Path, final: Path) -> None:
         shutil.rmtree(old)
 
 
+def read_lines(
+    path: Path | str,
+    what: str,
+    *,
+    comments: bool = True,
+    strip: bool = True,
+    error: type[LmforgeError] = DataError,
+) -> list[tuple[int, str]]:
+    """(line number, line) for each non-blank line of a UTF-8 text file, stripped when `strip` (`#` lines
+    skipped when `comments`); a missing or undecodable file raises `error` naming `what` (the config key) and the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise error(f"{what}: {path} not found")
+    try:
+        text = path.read_text("utf-8")
+    except UnicodeDecodeError as e:
+        raise error(f"{what}: {path} is not UTF-8 text (byte {e.start}: {e.reason})") from None
+    out = []
+    for n, line in enumerate(text.splitlines(), 1):
+        bare = line.strip()
+        if bare and not (comments and bare.startswith("#")):
+            out.append((n, bare if strip else line))
+    return out
+
+
 def iter_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
     """(line number, object) for each non-blank line of a JSONL file; DataError naming file:line otherwise."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: file not found")
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"{path}:{n}: not UTF-8 text ({e.reason})") from None
             if not line.strip():
                 continue
             try:

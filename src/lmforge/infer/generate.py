@@ -22,7 +22,7 @@ from pydantic import Field
 from lmforge.config import Section, parse_command
 from lmforge.errors import ConfigError, DataError
 from lmforge.infer.sampling import SamplingParams
-from lmforge.io import atomic_write_text, iter_jsonl
+from lmforge.io import atomic_write_text, iter_jsonl, read_lines
 
 COMMAND = "generate"
 
@@ -66,9 +66,6 @@ def resolve_device(name: str) -> torch.device:
 
 
 def read_prompt_file(path: Path) -> list[str]:
-    if not path.is_file():
-        raise DataError(f"prompt_file: {path} not found")
-    lines = path.read_text("utf-8").splitlines()
     if path.suffix == ".jsonl":
         out = []
         for n, rec in iter_jsonl(path):
@@ -76,7 +73,9 @@ def read_prompt_file(path: Path) -> list[str]:
                 raise DataError(f"{path}:{n}: expected an object with a string 'prompt' field")
             out.append(rec["prompt"])
         return out
-    return [line.replace("\\n", "\n") for line in lines if line.strip()]
+    return [
+        line.replace("\\n", "\n") for _, line in read_lines(path, "prompt_file", comments=False, strip=False)
+    ]
 
 
 def collect_prompts(cfg: GenerateConfig) -> list[str]:

@@ -16,6 +16,7 @@ import os
 from pathlib import Path
 
 from lmforge.errors import ConfigError
+from lmforge.io import read_lines
 
 MIN_KEY_LENGTH = 8
 
@@ -26,15 +27,10 @@ def load_keys(env_var: str | None = "LMFORGE_API_KEYS", path: Path | str | None 
     if env_var:
         keys += [k.strip() for k in os.environ.get(env_var, "").split(",") if k.strip()]
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"api_keys_file: {path} not found (one key per line)")
-        for n, line in enumerate(path.read_text("utf-8").splitlines(), 1):
-            line = line.strip()
-            if line and not line.startswith("#"):
-                if any(c.isspace() for c in line) or "," in line:
-                    raise ConfigError(f"{path}:{n}: a key may not contain spaces or commas")
-                keys.append(line)
+        for n, line in read_lines(path, "api_keys_file (one key per line)", error=ConfigError):
+            if any(c.isspace() for c in line) or "," in line:
+                raise ConfigError(f"{path}:{n}: a key may not contain spaces or commas")
+            keys.append(line)
     for k in keys:
         if len(k) < MIN_KEY_LENGTH:
             raise ConfigError(

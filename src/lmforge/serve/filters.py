@@ -16,6 +16,7 @@ import re
 from pathlib import Path
 
 from lmforge.errors import ConfigError
+from lmforge.io import read_lines
 
 
 class OutputFilter:
@@ -29,11 +30,14 @@ class OutputFilter:
 
     @classmethod
     def from_file(cls, path: Path | str) -> OutputFilter:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"output_wordlist: {path} not found (one word or phrase per line)")
-        lines = path.read_text("utf-8").splitlines()
-        return cls([ln for ln in lines if ln.strip() and not ln.lstrip().startswith("#")])
+        return cls(
+            [
+                ln
+                for _, ln in read_lines(
+                    path, "output_wordlist (one word or phrase per line)", error=ConfigError
+                )
+            ]
+        )
 
     def cut(self, text: str) -> tuple[str, bool]:
         """(text before the first listed word, whether one was found) for a whole answer."""

@@ -14,6 +14,8 @@ from typing import Any
 
 import torch
 
+from lmforge.io import iter_jsonl
+
 # Dense bf16 tensor-core peak, FLOP/s, by a substring of torch.cuda.get_device_name().
 _PEAK_FLOPS = {
     "H200": 989e12,
@@ -89,5 +91,4 @@ class MetricsLogger:
 
 
 def read_metrics(path: Path, kind: str | None = None) -> list[dict[str, Any]]:
-    rows = [json.loads(line) for line in Path(path).read_text("utf-8").splitlines() if line.strip()]
-    return [r for r in rows if kind is None or r["kind"] == kind]
+    return [r for _, r in iter_jsonl(Path(path)) if kind is None or r.get("kind") == kind]
