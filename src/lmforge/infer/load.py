@@ -7,6 +7,7 @@
 
 Accepted layouts, tried in this order:
 - HF folder: config.json + *.safetensors (via `model.hf.load_hf`), tokenizer files in the same folder.
+- quantized model folder (`lmforge quantize`): quant_config.json + model_config.json + model.safetensors.
 - lmforge model folder: model_config.json + model.safetensors.
 - run directory: <run>/model/ (above), else its newest checkpoint.
 - checkpoint: model.safetensors + state.json in <run>/checkpoints/step-N/; the shape comes from
@@ -131,6 +132,10 @@ def load_model(
 
         model, _ = load_hf(p, dtype=dtype, device=device)
         return model.eval(), find_tokenizer([p], None)
+    if (p / "quant_config.json").is_file():  # an `lmforge quantize` output folder
+        from lmforge.quant.io import load_quantized
+
+        return load_quantized(p, device=device, dtype=dtype), find_tokenizer([p], None)
     if (p / MODEL_CONFIG).is_file():
         model = _build(_read_model_config(p / MODEL_CONFIG), p / WEIGHTS, device, dtype)
         run = p.parent if (p.parent / "config.yaml").is_file() else None
