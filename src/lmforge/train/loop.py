@@ -302,6 +302,9 @@ class Trainer:
                 if s.step % st.log_every == 0 or s.step == st.total_steps:
                     rate = (s.tokens - tok0) / max(busy, 1e-9)
                     values = {**out, "tokens_per_s": rate, "tokens_seen": s.tokens, "bad_steps": s.bad_steps}
+                    pop_metrics = getattr(self.objective, "pop_metrics", None)  # e.g. DPO reward statistics
+                    if pop_metrics is not None:
+                        values.update(pop_metrics())
                     mfu = ""
                     if st.peak_flops and st.flops_per_token:
                         values["mfu"] = rate * st.flops_per_token / (st.peak_flops * self.info.world_size)

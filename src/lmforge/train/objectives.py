@@ -14,13 +14,18 @@ import torch.nn.functional as F
 from torch import nn
 
 IGNORE_INDEX = -100
+# Optional batch key: per-row units the loss is normalised by when they are not target tokens
+# (DPO: one per preference pair). Absent = count the target tokens.
+COUNT = "count"
 
 Batch = dict[str, torch.Tensor]
 Objective = Callable[[nn.Module, Batch], tuple[torch.Tensor, torch.Tensor]]
 
 
 def count_targets(batch: Batch) -> int:
-    """Target tokens in a batch, known before the forward pass (for the global normaliser)."""
+    """Targets in a batch, known before the forward pass (for the global normaliser): tokens, or `count`."""
+    if COUNT in batch:
+        return int(batch[COUNT].sum())
     return int((batch["labels"] != IGNORE_INDEX).sum())
 
 
@@ -37,3 +42,108 @@ def causal_lm(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tenso
         reduction="sum",
     )
     return loss_sum, (labels != IGNORE_INDEX).sum()
+
+
+# -- preference optimisation (DPO) -------------------------------------------------------------------------
+def sequence_logps(model: nn.Module, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Summed log-probability of each row's target tokens (labels != -100): (B,) float32."""
+    logits = model(input_ids)  # (B, T, V)
+    if not isinstance(logits, torch.Tensor):
+        logits = logits.logits
+    token_logps = -F.cross_entropy(
+        logits.reshape(-1, logits.size(-1)).float(),
+        labels.reshape(-1),
+        ignore_index=IGNORE_INDEX,
+        reduction="none",
+    )  # (B*T,), 0 where ignored
+    return token_logps.view(labels.shape).sum(-1)
+
+
+def dpo_loss(
+    policy_chosen: torch.Tensor,
+    policy_rejected: torch.Tensor,
+    ref_chosen: torch.Tensor,
+    ref_rejected: torch.Tensor,
+    beta: float,
+    label_smoothing: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-pair DPO loss (Rafailov et al. 2023) and the implicit rewards beta * (log pi - log ref).
+
+    loss = -(1 - eps) * logsigmoid(beta * h) - eps * logsigmoid(-beta * h),
+    h = (pi_c - ref_c) - (pi_r - ref_r); eps > 0 is conservative DPO (labels flipped with probability eps).
+    """
+    chosen = beta * (policy_chosen - ref_chosen)
+    rejected = beta * (policy_rejected - ref_rejected)
+    z = chosen - rejected
+    losses = -(1 - label_smoothing) * F.logsigmoid(z) - label_smoothing * F.logsigmoid(-z)
+    return losses, chosen.detach(), rejected.detach()
+
+
+Reference = Callable[[nn.Module, Batch], torch.Tensor]
+
+
+class DPOObjective:
+    """`(model, batch) -> (summed pair losses, pairs)` on batches of rows [chosen..., rejected...].
+
+    Reference log-probs come from the batch (`ref_logps`, precomputed once) or from `reference(model, batch)`
+    (computed live, without gradient). Reward statistics accumulate until `pop_metrics()`, which the loop
+    calls at each log step (means over the pairs trained on since the previous call).
+    """
+
+    def __init__(self, beta: float, label_smoothing: float = 0.0, reference: Reference | None = None) -> None:
+        self.beta = beta
+        self.label_smoothing = label_smoothing
+        self.reference = reference
+        self._sums = torch.zeros(5, dtype=torch.float64)
+
+    def pair_terms(
+        self, model: nn.Module, batch: Batch
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(losses, chosen rewards, rejected rewards, policy log-probs) of the batch's pairs."""
+        logps = sequence_logps(model, batch["input_ids"], batch["labels"])  # (2m,)
+        if "ref_logps" in batch:
+            ref = batch["ref_logps"].to(logps.dtype)
+        else:
+            assert self.reference is not None, "a batch without ref_logps needs a live reference"
+            with torch.no_grad():
+                ref = self.reference(model, batch).to(logps.dtype)
+        m = logps.shape[0] // 2
+        losses, chosen, rejected = dpo_loss(
+            logps[:m], logps[m:], ref[:m], ref[m:], self.beta, self.label_smoothing
+        )
+        return losses, chosen, rejected, logps.detach()
+
+    def __call__(self, model: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        losses, chosen, rejected, _ = self.pair_terms(model, batch)
+        self._sums += reward_sums(chosen, rejected)
+        return losses.sum(), torch.tensor(losses.shape[0])
+
+    def pop_metrics(self) -> dict[str, float]:
+        from lmforge.train.distributed import all_reduce_sum
+
+        sums = all_reduce_sum(self._sums.clone())
+        self._sums.zero_()
+        return reward_metrics(sums)
+
+
+def reward_sums(chosen: torch.Tensor, rejected: torch.Tensor) -> torch.Tensor:
+    """[pairs, wins, margin, chosen, rejected] summed, float64; a tie counts as half a win."""
+    c, r = chosen.detach().double().cpu(), rejected.detach().double().cpu()
+    margin = c - r
+    wins = (margin > 0).double() + 0.5 * (margin == 0).double()
+    return torch.stack(
+        [torch.tensor(float(len(c)), dtype=torch.float64), wins.sum(), margin.sum(), c.sum(), r.sum()]
+    )
+
+
+def reward_metrics(sums: torch.Tensor) -> dict[str, float]:
+    """Means from `reward_sums`: reward accuracy, margin, chosen and rejected rewards."""
+    n = float(sums[0])
+    if n == 0:
+        return {}
+    return {
+        "reward_accuracy": float(sums[1]) / n,
+        "reward_margin": float(sums[2]) / n,
+        "reward_chosen": float(sums[3]) / n,
+        "reward_rejected": float(sums[4]) / n,
+    }

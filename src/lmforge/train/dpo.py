@@ -1,0 +1,522 @@
+"""`lmforge align dpo`: direct preference optimisation (Rafailov et al. 2023) on chosen/rejected pairs.
+
+    lmforge align dpo -c configs/align/dpo-demo.yaml
+    lmforge align dpo -c cfg.yaml method=full beta=0.2 --resume auto
+
+The policy starts from a model folder (HF or lmforge), a pretraining or fine-tuning run (its model/, or
+its adapter/ merged into the base), or a checkpoint. The reference policy is the starting model:
+- LoRA / QLoRA: the same model with its adapters switched off (`adapters_disabled`), no second copy;
+- full: a frozen copy (reference=live) or, by default, nothing at all: with reference=precompute the
+  reference log-probs of every pair are computed once before training, stored in the run directory
+  (reference.safetensors) and reused on resume.
+Training is the shared loop (train/loop.py) with the DPO objective (train/objectives.py); the loss is
+normalised per pair. Checkpoints hold the adapter only for LoRA, resume is exact. Reward accuracy, margin
+and chosen/rejected rewards (beta * (log pi - log ref)) are logged at each log step and on held-out pairs.
+
+The run directory gets config.yaml, metrics.jsonl, checkpoints/, reference.safetensors, report.json (the
+held-out numbers before and after) and `model/` (full) or `adapter/` (LoRA, PEFT format). Exit codes as
+for pretrain: 0 ok, 2 user error, 3 integrity, 4 too many non-finite steps, 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import hashlib
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from pydantic import Field, model_validator
+from torch import nn
+
+from lmforge.config import Section, parse_command, save_config
+from lmforge.data.preference import PairSampler, PreferenceStats, collate, fixed_batches, load_pairs
+from lmforge.errors import ConfigError, IntegrityError
+from lmforge.io import atomic_write_json, sha256_file
+from lmforge.model.lora import LoraConfig
+from lmforge.train import distributed as D
+from lmforge.train.objectives import (
+    Batch,
+    DPOObjective,
+    Reference,
+    reward_metrics,
+    reward_sums,
+    sequence_logps,
+)
+from lmforge.train.optim import OptimConfig
+from lmforge.train.pretrain import CheckpointConfig
+from lmforge.train.schedule import ScheduleConfig
+
+COMMAND = "align dpo"
+REFERENCE_FILE = "reference.safetensors"
+REPORT = "report.json"
+
+
+class DPOEvalConfig(Section):
+    every: int = Field(
+        50, ge=0, description="held-out reward accuracy and margins every N steps (0 = at the end)"
+    )
+    batch_size: int = Field(8, ge=1, description="held-out pairs per forward pass")
+    max_pairs: int = Field(256, ge=0, description="evaluate on at most this many held-out pairs (0 = all)")
+
+
+class DPOConfig(Section):
+    model: str = Field(
+        ...,
+        description="policy to start from: HF folder, lmforge model folder, pretrain/finetune run dir "
+        "(its model/, or its LoRA adapter/ merged into the base) or checkpoint",
+    )
+    tokenizer: str | None = Field(
+        None, description="tokenizer folder (null = the one that comes with the model)"
+    )
+    data: str = Field(
+        ..., description='preference JSONL: {"prompt", "chosen", "rejected"}, text or chat messages'
+    )
+    eval_data: str | None = Field(
+        None, description="held-out preference JSONL (null = hold out eval_fraction)"
+    )
+    eval_fraction: float = Field(
+        0.05, ge=0, lt=1, description="share of `data` held out (seeded) when eval_data is null; 0 = none"
+    )
+    output: str = Field(..., description="run directory (checkpoints, metrics, report, model/ or adapter/)")
+    method: Literal["full", "lora", "qlora"] = Field(
+        "lora", description="full = every weight; lora = adapters on a frozen base; qlora = on an NF4 base"
+    )
+    lora: LoraConfig = Field(default_factory=LoraConfig, description="adapter shape (method lora/qlora)")
+    beta: float = Field(
+        0.1, gt=0, description="strength of the KL tie to the reference: higher = stay closer to it"
+    )
+    label_smoothing: float = Field(
+        0.0, ge=0, lt=0.5, description="conservative DPO: assumed probability that a pair's label is flipped"
+    )
+    reference: Literal["precompute", "live"] = Field(
+        "precompute",
+        description="precompute = reference log-probs once before training (stored, reused on resume); "
+        "live = every step (LoRA: adapters off; full: a frozen copy of the model in memory)",
+    )
+    max_len: int = Field(
+        512, ge=8, description="tokens per sequence (prompt + response); longer pairs are cut"
+    )
+    max_prompt_len: int = Field(
+        256, ge=1, description="a cut pair keeps at most this many prompt tokens (its end)"
+    )
+    append_eos: bool = Field(True, description="plain-text records: end each response with EOS")
+    global_batch: int = Field(16, ge=1, description="pairs per optimizer step")
+    micro_batch: int = Field(4, ge=1, description="pairs per forward pass (2 sequences each)")
+    max_steps: int = Field(100, ge=1, description="optimizer steps to train")
+    optim: OptimConfig = Field(
+        default_factory=lambda: OptimConfig(lr=5e-5, weight_decay=0.0), description="AdamW settings"
+    )
+    schedule: ScheduleConfig = Field(
+        default_factory=lambda: ScheduleConfig(warmup_steps=10), description="learning-rate schedule"
+    )
+    eval: DPOEvalConfig = Field(default_factory=DPOEvalConfig, description="held-out evaluation")
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig, description="checkpointing")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="auto = bf16 autocast on GPUs that support it, fp32 on CPU"
+    )
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="where to train")
+    threads: int | None = Field(None, ge=1, description="torch CPU threads (null = torch default)")
+    seed: int = Field(0, description="seeds the held-out split, pair order and adapter init")
+    resume: str | None = Field(
+        None, description="'auto' (newest checkpoint of this run) or a checkpoint path"
+    )
+    max_bad_steps: int = Field(5, ge=1, description="stop after this many non-finite steps in a row")
+    log_every: int = Field(10, ge=1, description="log training loss and reward statistics every N steps")
+    tensorboard: bool = Field(True, description="also log to <output>/tensorboard")
+    progress: bool = Field(True, description="show a progress bar (or log lines when not a terminal)")
+    overwrite: bool = Field(False, description="replace an existing finished output directory")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> DPOConfig:
+        if self.global_batch % self.micro_batch:
+            raise ValueError(
+                f"global_batch ({self.global_batch}) must be a multiple of micro_batch ({self.micro_batch})"
+            )
+        if self.max_prompt_len >= self.max_len:
+            raise ValueError(f"max_prompt_len ({self.max_prompt_len}) must be below max_len ({self.max_len})")
+        return self
+
+
+CONFIG = DPOConfig
+DESCRIPTION = (
+    "Direct preference optimisation on chosen/rejected pairs (plain text or chat): full, LoRA or QLoRA on the "
+    "shared training loop; the reference is the starting model (adapters off for LoRA, precomputed "
+    "log-probs or a frozen copy for full). Logs reward accuracy and margins; writes model/ or adapter/ and "
+    "report.json. Exit codes: 0 ok, 2 user error, 3 integrity, 4 too many non-finite steps, 130 interrupted."
+)
+EXAMPLE = "lmforge align dpo -c configs/align/dpo-demo.yaml"
+
+
+# -- model -------------------------------------------------------------------------------------------
+def _adapter_dir(path: Path) -> Path | None:
+    """A LoRA adapter folder (or a fine-tuning run whose result is one), else None."""
+    from lmforge.model.lora import ADAPTER_CONFIG
+
+    if (path / ADAPTER_CONFIG).is_file():
+        return path
+    if (path / "adapter" / ADAPTER_CONFIG).is_file() and not (path / "model").is_dir():
+        return path / "adapter"
+    return None
+
+
+def load_policy(cfg: DPOConfig, device: torch.device) -> tuple[nn.Module, Any]:
+    """(model in train mode, tokenizer); a LoRA fine-tuning result is merged into its base first."""
+    from lmforge.train.finetune import load_base
+
+    adapter = _adapter_dir(Path(cfg.model))
+    if adapter is None:
+        return load_base(cfg.model, tokenizer=cfg.tokenizer, device=device, seed=cfg.seed)
+    from lmforge.model.lora import load_adapter, merge_lora, read_adapter_config
+
+    base = str(read_adapter_config(adapter).get("base_model_name_or_path") or "")
+    if not Path(base).is_dir():
+        raise ConfigError(
+            f"model: {adapter} adapts {base!r}, which is not a model folder here; merge it with "
+            "`lmforge lora merge` and point model= at the result"
+        )
+    tokenizer = cfg.tokenizer or (str(adapter) if (adapter / "tokenizer.json").is_file() else None)
+    model, tok = load_base(base, tokenizer=tokenizer, device=device, seed=cfg.seed)
+    load_adapter(model, adapter)
+    merge_lora(model)
+    print(f"align dpo: merged the adapter {adapter} into {base}", file=sys.stderr)
+    return model, tok
+
+
+# -- reference log-probs -----------------------------------------------------------------------------
+def reference_scope(model: nn.Module, method: str) -> Callable[[], contextlib.AbstractContextManager[Any]]:
+    """What turns the policy into the reference: adapters off for LoRA; the untrained model for full."""
+    if method == "full":
+        return contextlib.nullcontext
+    from lmforge.model.lora import adapters_disabled
+
+    return lambda: adapters_disabled(model)
+
+
+@torch.no_grad()
+def compute_reference(
+    model: nn.Module,
+    scope: Callable[[], contextlib.AbstractContextManager[Any]],
+    batches: list[Batch],
+    autocast: Callable[[], contextlib.AbstractContextManager[Any]],
+    what: str,
+    progress: bool,
+) -> torch.Tensor:
+    """(pairs, 2) reference log-probs [chosen, rejected] of the pairs of `batches`, in order."""
+    from rich.progress import Progress
+
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    out = []
+    with Progress(disable=not (progress and sys.stderr.isatty())) as bar:
+        task = bar.add_task(f"reference log-probs ({what})", total=len(batches))
+        for b in batches:
+            with scope(), autocast():
+                lp = sequence_logps(model, b["input_ids"].to(device), b["labels"].to(device)).float().cpu()
+            m = lp.shape[0] // 2
+            out.append(torch.stack([lp[:m], lp[m:]], dim=1))
+            bar.advance(task)
+    model.train(was_training)
+    return torch.cat(out) if out else torch.zeros(0, 2)
+
+
+def fingerprint(cfg: DPOConfig) -> str:
+    """What the stored reference log-probs depend on: data files, tokenisation, split, model, method."""
+    keys = (
+        "model",
+        "tokenizer",
+        "eval_fraction",
+        "method",
+        "max_len",
+        "max_prompt_len",
+        "append_eos",
+        "seed",
+    )
+    parts: dict[str, Any] = {k: getattr(cfg, k) for k in keys}
+    parts["lora"] = cfg.lora.model_dump(mode="json") if cfg.method != "full" else None
+    parts["eval"] = [cfg.eval.batch_size, cfg.eval.max_pairs]
+    parts["data"] = sha256_file(Path(cfg.data))
+    parts["eval_data"] = sha256_file(Path(cfg.eval_data)) if cfg.eval_data else None
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
+
+
+def stored_reference(
+    run_dir: Path, key: str, compute: Callable[[], dict[str, torch.Tensor]]
+) -> dict[str, torch.Tensor]:
+    """The run's reference log-probs: read back if stored for the same `key`, else computed and stored."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    path = run_dir / REFERENCE_FILE
+    if path.is_file():
+        with safe_open(str(path), framework="pt") as f:
+            stored = (f.metadata() or {}).get("fingerprint")
+        if stored != key:
+            raise IntegrityError(
+                f"{path}: computed for other data or settings than this config; continue the run with the "
+                "config it started with, or start over with overwrite=true"
+            )
+        return load_file(str(path))
+    tensors = compute()
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata={"fingerprint": key})
+    tmp.replace(path)
+    return tensors
+
+
+# -- evaluation --------------------------------------------------------------------------------------
+class PreferenceEval:
+    """DPO loss, reward accuracy / margin / chosen and rejected rewards on fixed held-out batches.
+
+    `logp_accuracy` is the share of pairs where the policy itself gives the chosen response the higher
+    log-probability: the model's raw preference, meaningful before training too (rewards are then 0)."""
+
+    def __init__(self, model: nn.Module, objective: DPOObjective, batches: list[Batch]) -> None:
+        self.model, self.objective, self.batches = model, objective, batches
+
+    @torch.no_grad()
+    def __call__(self, model: nn.Module, step: int) -> dict[str, Any]:
+        model = self.model  # the loop passes what checkpoints hold (only the adapter, for LoRA)
+        was_training = model.training
+        model.eval()
+        device = next(model.parameters()).device
+        sums = torch.zeros(5, dtype=torch.float64)
+        loss, logp_wins = 0.0, 0
+        for b in self.batches:
+            losses, chosen, rejected, logps = self.objective.pair_terms(
+                model, {k: v.to(device) for k, v in b.items()}
+            )
+            sums += reward_sums(chosen, rejected)
+            loss += float(losses.double().sum())
+            m = losses.shape[0]
+            logp_wins += int((logps[:m] > logps[m:]).sum())
+        model.train(was_training)
+        n = max(int(sums[0]), 1)
+        out: dict[str, Any] = {"val_loss": loss / n}
+        out.update({f"val_{k}": v for k, v in reward_metrics(sums).items()})
+        out.update(val_logp_accuracy=logp_wins / n, val_pairs=int(sums[0]))
+        return out
+
+
+# -- outputs -----------------------------------------------------------------------------------------
+def export_result(run_dir: Path, ckpt: Path, model: nn.Module, tok: Any, cfg: DPOConfig) -> Path:
+    """model/ (full: weights + model_config.json + tokenizer) or adapter/ (PEFT adapter + tokenizer)."""
+    if cfg.method == "full":
+        from lmforge.train.pretrain import export_final
+
+        export_final(run_dir, ckpt, model, None)
+        out = run_dir / "model"
+    else:
+        from lmforge.model.lora import save_adapter
+
+        out = run_dir / "adapter"
+        source = Path(cfg.model)
+        base = str(source.resolve()) if source.is_dir() else cfg.model
+        save_adapter(model, cfg.lora, out, base_model=base)
+        atomic_write_json(out / "lmforge_base.json", {"base": cfg.model, "method": cfg.method})
+    tok.save(out)
+    return out
+
+
+def _stats(s: PreferenceStats) -> dict[str, int]:
+    return {k: int(v) for k, v in vars(s).items()}
+
+
+# -- entry points ------------------------------------------------------------------------------------
+def main(argv: list[str]) -> int:
+    from lmforge.train.pretrain import _split_flags
+
+    rest, nproc = _split_flags(argv)
+    if nproc not in (None, 1):
+        raise ConfigError("--nproc: align dpo runs in one process")
+    cfg = parse_command(rest, CONFIG, COMMAND, DESCRIPTION, EXAMPLE)
+    return train(cfg)
+
+
+def train(cfg: DPOConfig, **trainer_kw: Any) -> int:
+    """Run the configured DPO training in this process; returns the exit code (0)."""
+    from lmforge.data.manifest import write_manifest
+    from lmforge.data.preference import split_pairs
+    from lmforge.io import publish_dir
+    from lmforge.train.finetune import checkpoint_module, setup_method
+    from lmforge.train.loop import LoopSettings, Trainer
+    from lmforge.train.metrics import MetricsLogger, read_metrics
+    from lmforge.train.optim import build_optimizer
+    from lmforge.train.pretrain import precision_setup, prepare_run_dir
+
+    info = D.DistInfo()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    device = D.pick_device(cfg.device, info)
+    model, tok = load_policy(cfg, device)
+    limit = int(getattr(model, "cfg").max_seq_len)  # noqa: B009 - an nn.Module attribute, typed loosely
+    if cfg.max_len > limit:
+        raise ConfigError(f"max_len: {cfg.max_len} exceeds the model's max_seq_len {limit}")
+
+    opts: dict[str, Any] = {
+        "max_len": cfg.max_len,
+        "max_prompt_len": cfg.max_prompt_len,
+        "append_eos": cfg.append_eos,
+    }
+    pairs, stats = load_pairs(cfg.data, tok, **opts)
+    if cfg.eval_data:
+        train_pairs, held = pairs, load_pairs(cfg.eval_data, tok, **opts)[0]
+    else:
+        train_pairs, held = split_pairs(pairs, cfg.eval_fraction, cfg.seed)
+    held = held[: cfg.eval.max_pairs] if cfg.eval.max_pairs else held
+
+    summary = setup_method(model, cfg.method, cfg.lora, cfg.seed)
+    prec, _, autocast, scaler = precision_setup(cfg, device)
+    run_dir = prepare_run_dir(cfg, info)
+    save_config(cfg, run_dir, COMMAND)
+
+    eval_batches = [
+        collate([held[i] for i in idx], tok.pad_id) for idx in fixed_batches(held, cfg.eval.batch_size)
+    ]
+    live: Reference | None = None
+    ref_train: torch.Tensor | None = None
+    if cfg.reference == "precompute":
+        scope = reference_scope(model, cfg.method)
+
+        def compute() -> dict[str, torch.Tensor]:
+            ref_batches = [
+                collate([train_pairs[i] for i in idx], tok.pad_id)
+                for idx in fixed_batches(train_pairs, cfg.micro_batch)
+            ]
+            return {
+                "train": compute_reference(
+                    model, scope, ref_batches, autocast, "training pairs", cfg.progress
+                ),
+                "eval": compute_reference(
+                    model, scope, eval_batches, autocast, "held-out pairs", cfg.progress
+                ),
+            }
+
+        ref = stored_reference(run_dir, fingerprint(cfg), compute)
+        ref_train = ref["train"]
+        start = 0
+        for b in eval_batches:  # the same batches as evaluation: at step 0 every margin is exactly 0
+            m = int(b["count"].numel())
+            b["ref_logps"] = torch.cat([ref["eval"][start : start + m, 0], ref["eval"][start : start + m, 1]])
+            start += m
+    else:
+        live = live_reference(model, cfg.method)
+    objective = DPOObjective(cfg.beta, cfg.label_smoothing, live)
+    batches = PairSampler(
+        train_pairs,
+        global_batch=cfg.global_batch,
+        micro_batch=cfg.micro_batch,
+        pad_id=tok.pad_id,
+        ref=ref_train,
+        seed=cfg.seed,
+    )
+    saved = checkpoint_module(model, cfg.method)
+    optimizer = build_optimizer(saved, cfg.optim)
+    logger = MetricsLogger(
+        run_dir,
+        enabled=True,
+        tensorboard=cfg.tensorboard,
+        wandb_project=None,
+        config=cfg.model_dump(mode="json"),
+    )
+    settings = LoopSettings(
+        total_steps=cfg.max_steps,
+        lr=cfg.optim.lr,
+        schedule=cfg.schedule,
+        grad_clip=cfg.optim.grad_clip,
+        log_every=cfg.log_every,
+        eval_every=cfg.eval.every,
+        eval_at_start=True,
+        checkpoint_every=cfg.checkpoint.every,
+        keep_checkpoints=cfg.checkpoint.keep,
+        max_bad_steps=cfg.max_bad_steps,
+        progress=cfg.progress,
+    )
+    trainer = Trainer(
+        model=saved,
+        train_model=model,
+        optimizer=optimizer,
+        batches=batches,
+        objective=objective,
+        settings=settings,
+        run_dir=run_dir,
+        info=info,
+        logger=logger,
+        evaluator=PreferenceEval(model, objective, eval_batches) if held else None,
+        autocast=autocast,
+        scaler=scaler,
+        extra_state={"config": cfg.model_dump(mode="json"), "precision": prec, "method": cfg.method},
+        **trainer_kw,
+    )
+    if cfg.resume is not None:
+        loaded = trainer.resume(cfg.resume)
+        print(
+            f"resumed from {loaded} at step {trainer.state.step}"
+            if loaded is not None
+            else "resume=auto: no checkpoint yet, starting from step 0",
+            file=sys.stderr,
+        )
+    print(
+        f"align dpo ({cfg.method}, beta {cfg.beta}, reference {cfg.reference}): {summary['trainable']:,} of "
+        f"{summary['total']:,} parameters trainable ({summary['fraction']:.2%}); {len(train_pairs):,} training "
+        f"pairs, {len(held):,} held out; {stats.truncated} truncated to {cfg.max_len} tokens, {stats.identical} "
+        f"skipped (chosen = rejected); {prec} on {device}",
+        file=sys.stderr,
+    )
+    try:
+        state = trainer.run()
+    finally:
+        logger.close()
+    out = export_result(run_dir, run_dir / "checkpoints" / f"step-{state.step:06d}", model, tok, cfg)
+    report: dict[str, Any] = {
+        "method": cfg.method,
+        "beta": cfg.beta,
+        "reference": cfg.reference,
+        "trainable": summary,
+        "data": _stats(stats),
+        "train_pairs": len(train_pairs),
+        "held_out_pairs": len(held),
+        "steps": state.step,
+        "pairs_seen": state.tokens,
+    }
+    evals = read_metrics(run_dir / "metrics.jsonl", "eval")
+    if evals:
+        first, last = evals[0], evals[-1]
+        report["before"] = {
+            k.removeprefix("val_"): v for k, v in first.items() if k.startswith("val_") or k == "step"
+        }
+        report["after"] = {
+            k.removeprefix("val_"): v for k, v in last.items() if k.startswith("val_") or k == "step"
+        }
+        print(
+            f"held-out: reward accuracy {first['val_reward_accuracy']:.1%} -> {last['val_reward_accuracy']:.1%}, "
+            f"margin {first['val_reward_margin']:.3f} -> {last['val_reward_margin']:.3f}, loss "
+            f"{first['val_loss']:.4f} -> {last['val_loss']:.4f} (step {first['step']} -> {last['step']})"
+        )
+    atomic_write_json(run_dir / REPORT, report)
+    write_manifest(run_dir, stage=COMMAND)
+    publish_dir(run_dir, Path(cfg.output))
+    print(f"wrote {cfg.output} ({out.name}/, step {state.step}, {state.tokens:,} pairs)")
+    return 0
+
+
+def live_reference(model: nn.Module, method: str) -> Reference:
+    """Reference log-probs computed every step: adapters off (LoRA) or a frozen copy of the model (full)."""
+    if method == "full":
+        frozen = copy.deepcopy(model).eval().requires_grad_(False)
+        return lambda _, b: sequence_logps(frozen, b["input_ids"], b["labels"])
+    scope = reference_scope(model, method)
+
+    def reference(m: nn.Module, b: Batch) -> torch.Tensor:
+        with scope():
+            return sequence_logps(m, b["input_ids"], b["labels"])
+
+    return reference
+
+
+__all__ = ["CONFIG", "DPOConfig", "PreferenceEval", "load_policy", "main", "train"]
