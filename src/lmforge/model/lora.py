@@ -51,7 +51,7 @@ class LoraConfig(Section):
         default_factory=lambda: list(DEFAULT_TARGETS),
         min_length=1,
         description="fnmatch patterns matched against the end of Linear module names, e.g. attn.q, "
-        "layers.*.mlp.down, output (the LM head)",
+        "layers.*.mlp.down, layers.0.*",
     )
     rslora: bool = Field(False, description="rsLoRA: scale = alpha / sqrt(rank) instead of alpha / rank")
 
@@ -103,7 +103,8 @@ class LoraLinear(nn.Module):
 
 
 def _linear_names(model: nn.Module) -> list[str]:
-    return [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    # The LM head is not adaptable: the model reads `output.weight` directly (shared with tied embeddings).
+    return [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n != "output"]
 
 
 def _matches(name: str, pattern: str) -> bool:

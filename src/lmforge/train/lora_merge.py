@@ -1,0 +1,151 @@
+"""`lmforge lora merge`: fold a LoRA adapter into its base model and write a plain Hugging Face folder.
+
+    lmforge lora merge adapter=runs/demo/finetune output=runs/demo/merged
+    lmforge lora merge adapter=path/to/peft_adapter base=path/to/hf_model output=out/merged dtype=bfloat16
+
+`adapter` is a PEFT adapter folder (adapter_config.json + adapter_model.safetensors, from `lmforge finetune`
+or from PEFT itself) or a finetune run directory holding one in `adapter/`. The base defaults to the one the
+adapter records. For a QLoRA adapter the base weights are first rounded to NF4, as the adapter saw them in
+training, so the merged model computes what the QLoRA model computed. The output is an HF folder
+(config.json, model.safetensors, tokenizer) that `transformers`, `lmforge generate` and `serve` load, plus
+config.yaml, merge_report.json (with a logits parity check of merged vs base + adapter) and manifest.json.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from pydantic import Field
+
+from lmforge.config import Section, parse_command, save_config
+from lmforge.errors import ConfigError, DataError
+from lmforge.io import atomic_write_json, staged_output
+
+COMMAND = "lora merge"
+BASE_INFO = "lmforge_base.json"  # written next to the adapter by `lmforge finetune`: {"base", "method"}
+
+
+class LoraMergeConfig(Section):
+    adapter: str = Field(..., description="PEFT adapter folder, or a finetune run directory with adapter/")
+    base: str | None = Field(
+        None,
+        description="base model: HF folder or lmforge model folder / run dir (null = the base the adapter names)",
+    )
+    output: str = Field(..., description="output folder for the merged model (HF format)")
+    nf4_base: bool | None = Field(
+        None,
+        description="round the base to NF4 before merging, as QLoRA training saw it "
+        "(null = yes when the adapter was trained with method=qlora)",
+    )
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32", description="dtype of the written weights (the merge itself runs in fp32)"
+    )
+    parity_tokens: int = Field(
+        32,
+        ge=0,
+        description="tokens of a fixed random input for the merged-vs-adapter logits check (0 = skip)",
+    )
+    overwrite: bool = Field(False, description="replace an existing output folder")
+
+
+CONFIG = LoraMergeConfig
+DESCRIPTION = (
+    "Merge a LoRA/QLoRA adapter (PEFT format) into its base model: W + scale * B @ A for every adapted "
+    "Linear, written as a Hugging Face folder with the tokenizer. Exit codes: 0 ok, 2 bad config or data."
+)
+EXAMPLE = "lmforge lora merge adapter=runs/demo/finetune output=runs/demo/merged"
+
+
+def find_adapter(path: Path) -> Path:
+    for cand in (path, path / "adapter"):
+        if (cand / "adapter_config.json").is_file():
+            return cand
+    if (path / "model").is_dir():
+        raise DataError(f"{path}: a full fine-tune (model/), not an adapter: there is nothing to merge")
+    raise DataError(f"{path}: no adapter_config.json here or in {path / 'adapter'} (expected a PEFT adapter)")
+
+
+def _base_info(adapter_dir: Path) -> dict[str, Any]:
+    path = adapter_dir / BASE_INFO
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text("utf-8"))
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}: not valid JSON ({e})") from None
+    return data if isinstance(data, dict) else {}
+
+
+def resolve_base(cfg: LoraMergeConfig, adapter_dir: Path, peft_cfg: dict[str, Any]) -> Path:
+    named = cfg.base or _base_info(adapter_dir).get("base") or peft_cfg.get("base_model_name_or_path")
+    if not named:
+        raise ConfigError(f"base: {adapter_dir} does not name its base model; set base=<model folder>")
+    base = Path(str(named))
+    if not base.is_dir():
+        where = "base" if cfg.base else f"base (from {adapter_dir})"
+        raise ConfigError(
+            f"{where}: {named} is not a folder; expected an HF model folder or an lmforge model folder / run "
+            "dir (an adapter trained on a preset's random weights cannot be merged)"
+        )
+    return base
+
+
+def _tokenizer_dir(folders: list[Path]) -> Path | None:
+    for d in folders:
+        if (d / "tokenizer.json").is_file() and (d / "tokenizer_config.json").is_file():
+            return d
+    return None
+
+
+def merge(cfg: LoraMergeConfig) -> dict[str, Any]:
+    """Run the merge; returns the report written to merge_report.json."""
+    from lmforge.data.manifest import write_manifest
+    from lmforge.infer.load import load_model
+    from lmforge.model.hf import save_hf
+    from lmforge.model.lora import load_adapter, lora_modules, merge_lora, read_adapter_config
+
+    adapter_dir = find_adapter(Path(cfg.adapter))
+    peft_cfg = read_adapter_config(adapter_dir)
+    base = resolve_base(cfg, adapter_dir, peft_cfg)
+    nf4 = cfg.nf4_base if cfg.nf4_base is not None else _base_info(adapter_dir).get("method") == "qlora"
+    model, _ = load_model(base, dtype=torch.float32)
+    lcfg = load_adapter(model, adapter_dir, quantize_base=nf4)
+    n_modules = len(lora_modules(model))
+    ids = torch.randint(0, model.cfg.vocab_size, (1, min(cfg.parity_tokens, model.cfg.max_seq_len)),
+                        generator=torch.Generator().manual_seed(0))  # fmt: skip
+    with torch.no_grad():
+        before = model(ids) if cfg.parity_tokens else None
+        merge_lora(model)
+        diff = float((model(ids) - before).abs().max()) if before is not None else None
+    model = model.to(getattr(torch, cfg.dtype))
+    report = {
+        "adapter": str(adapter_dir),
+        "base": str(base),
+        "nf4_base": nf4,
+        "rank": lcfg.rank,
+        "alpha": lcfg.alpha,
+        "rslora": lcfg.rslora,
+        "scale": lcfg.scale,
+        "merged_modules": n_modules,
+        "dtype": cfg.dtype,
+        "parity_max_abs_logit_diff_fp32": diff,
+    }
+    tok_dir = _tokenizer_dir([adapter_dir, base, base / "model", base.parent])
+    with staged_output(Path(cfg.output), overwrite=cfg.overwrite, resume=False) as stage:
+        save_hf(model, stage, tokenizer_dir=tok_dir, overwrite=True)  # stages and swaps into `stage` itself
+        save_config(cfg, stage, COMMAND)
+        atomic_write_json(stage / "merge_report.json", report)
+        write_manifest(stage, stage="lora-merge")
+    return report
+
+
+def main(argv: list[str]) -> int:
+    cfg = parse_command(argv, CONFIG, COMMAND, DESCRIPTION, EXAMPLE)
+    report = merge(cfg)
+    diff = report["parity_max_abs_logit_diff_fp32"]
+    check = "" if diff is None else f"; merged vs adapter logits: max |diff| {diff:.2e}"
+    print(f"merged {report['merged_modules']} LoRA modules into {cfg.output}{check}")
+    return 0
