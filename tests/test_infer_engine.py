@@ -69,6 +69,20 @@ def test_greedy_batch_equals_transformers_generate(
         assert engine.generate([GenerationRequest(t.encode(p), params)])[0].token_ids == c.token_ids
 
 
+def test_rows_with_long_prompts_and_short_budgets_next_to_long_generations(
+    models: dict[str, tuple[Any, Path]],
+) -> None:
+    """A finished row with a long prompt keeps being fed pads while a short-prompt row runs to the end of
+    the context: its positions must not run past the context, and the long row's tokens are its own."""
+    model, t = load_model(models["llama"][1])
+    engine = Engine(model, t, max_batch_size=2)  # the model's own context: 128 positions
+    short, long = t.encode("O")[:2], (t.encode(PROMPTS[2]) * 20)[:100]
+    both = engine.generate([GenerationRequest(short, greedy(1000)), GenerationRequest(long, greedy(1))])
+    assert [len(c.token_ids) for c in both] == [128 - len(short) + 1, 1]
+    alone = engine.generate([GenerationRequest(short, greedy(1000))])[0]
+    assert both[0].token_ids == alone.token_ids
+
+
 def test_max_tokens_and_the_context_limit(engine: Engine, tok: Tokenizer) -> None:
     for n in (1, 2, 7):
         [c] = engine.generate([GenerationRequest(tok.encode("KING"), greedy(n))])

@@ -366,7 +366,9 @@ class Engine:
                 slot = P + step
                 if masked:
                     assert key_pos is not None
-                    q = key_pos[:, slot : slot + 1]  # (B, 1) = each row's position
+                    # (B, 1) = each row's position; a finished row is still fed (a pad) and may run past
+                    # the context when it has a longer prompt than a row still going: clamp, it is ignored
+                    q = key_pos[:, slot : slot + 1].clamp(max=self.max_seq_len - 1)
                     mask = self._mask(q[:, :, None], key_pos[:, None, : slot + 1], window)  # (B, 1, 1, S)
                     logits = self._forward(x, q, mask, cache)
                 else:

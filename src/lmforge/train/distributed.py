@@ -75,7 +75,9 @@ def init(info: DistInfo, device: torch.device, timeout_s: int) -> None:
     """Join torchrun's process group (a no-op for one process)."""
     if not info.enabled or dist.is_initialized():
         return
-    backend = "nccl" if device.type == "cuda" else "gloo"
+    # On GPUs, gradients go through NCCL while the loop's small control tensors (token counts, loss sums,
+    # stop flags) stay on the CPU and need gloo: NCCL alone rejects CPU tensors.
+    backend = "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
     dist.init_process_group(
         backend=backend,
         rank=info.rank,
