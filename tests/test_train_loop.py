@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
 import torch
 
+from lmforge.errors import ConfigError
 from lmforge.train.checkpoint import latest_checkpoint, list_checkpoints
 from lmforge.train.loop import EXIT_INTERRUPTED, EXIT_NONFINITE, Interrupted, NonFiniteError
 from lmforge.train.objectives import causal_lm
@@ -135,3 +137,25 @@ def test_mixed_precision_paths_track_fp32(tmp_path: Path) -> None:
 
     saved = json.loads((tmp_path / "fp16" / "checkpoints" / "step-000004" / "state.json").read_text())
     assert saved["scaler"]["scale"] == scaler.get_scale() == 65536.0
+
+
+def test_resuming_from_an_earlier_checkpoint_sets_the_later_timeline_aside(tmp_path: Path) -> None:
+    make_trainer(tmp_path, steps=6, checkpoint_every=2, keep=1).run()  # leaves step 6 only
+    root = tmp_path / "checkpoints"
+    make_trainer(tmp_path / "other", steps=2).run()  # an earlier checkpoint to roll back to
+    early = tmp_path / "other" / "checkpoints" / "step-000002"
+    t = make_trainer(tmp_path, steps=4, keep=1)
+    t.resume(early)
+    t.run()
+    assert [s for s, _ in list_checkpoints(root)] == [4]  # the new save survives pruning
+    assert latest_checkpoint(root) == root / "step-000004"
+    assert (root / "superseded-step-000006" / "state.json").is_file()  # set aside, not deleted
+
+
+def test_resume_refuses_a_changed_data_order(tmp_path: Path) -> None:
+    make_trainer(tmp_path, steps=2).run()
+    ckpt = tmp_path / "checkpoints" / "step-000002"
+    for kw, named in (({"global_batch": 4}, "global_batch=8 (now 4)"), ({"seed": 1}, "seed=0 (now 1)")):
+        with pytest.raises(ConfigError, match=re.escape(named)):
+            make_trainer(tmp_path / "again", steps=4, **kw).resume(ckpt)
+    make_trainer(tmp_path / "same", steps=4).resume(ckpt)  # same settings: fine

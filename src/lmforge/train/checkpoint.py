@@ -39,7 +39,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from lmforge.errors import IntegrityError
-from lmforge.io import atomic_write_json, fsync_dir
+from lmforge.io import atomic_write_json, fsync_dir, publish_dir
 
 CHECKPOINTS = "checkpoints"
 STATE = "state.json"
@@ -182,10 +182,12 @@ def save_checkpoint(
         atomic_write_json(tmp / STATE, {**state, "step": step})
         fsync_dir(tmp)
         _before_commit(tmp)
-        if final.exists():  # e.g. the end-of-run save at a step that was just saved
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        fsync_dir(root)
+        publish_dir(tmp, final)  # replaces a same-step checkpoint without a moment with neither
+        # Later steps belong to a timeline abandoned by resuming from an earlier checkpoint: set them
+        # aside (not deleted, not picked by --resume auto), so pruning never removes what was just saved.
+        for later_step, later in list_checkpoints(root):
+            if later_step > step:
+                os.replace(later, root / f"superseded-{later.name}")
         if keep > 0:
             for _, old in list_checkpoints(root)[:-keep]:
                 shutil.rmtree(old, ignore_errors=True)

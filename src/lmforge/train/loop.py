@@ -30,7 +30,7 @@ from typing import Any, Protocol, cast
 import torch
 from torch import nn
 
-from lmforge.errors import LmforgeError
+from lmforge.errors import ConfigError, LmforgeError
 from lmforge.train import distributed as D
 from lmforge.train.checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint
 from lmforge.train.metrics import MetricsLogger
@@ -189,6 +189,12 @@ class Trainer:
                 return None
             path = found
         state = load_checkpoint(Path(path), self.model, self.optimizer, rank=self.info.rank)
+        saved, now = state.get("sampler") or {}, self.batches.state(int(state["step"]))
+        changed = [f"{k}={saved[k]} (now {now[k]})" for k in saved.keys() & now.keys() if saved[k] != now[k]]
+        if changed:  # the data order is a function of these: resuming would not continue the same run
+            raise ConfigError(
+                f"{path}: written with {', '.join(sorted(changed))}; resume with the same values"
+            )
         self.state.step = int(state["step"])
         self.state.tokens = int(state["tokens"])
         self.state.bad_steps = int(state["bad_steps"])

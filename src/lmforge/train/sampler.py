@@ -98,7 +98,12 @@ class BatchSampler:
         return out
 
     def state(self, step: int) -> dict[str, int]:
-        return {"seed": self.seed, "step": step, "global_batch": self.global_batch}
+        return {
+            "seed": self.seed,
+            "step": step,
+            "global_batch": self.global_batch,
+            "seq_len": self.windows.seq_len,
+        }
 
 
 def eval_batches(windows: TokenWindows, num_batches: int, batch_size: int) -> list[dict[str, torch.Tensor]]:
