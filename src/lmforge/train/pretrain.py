@@ -178,16 +178,19 @@ def apply_activation_checkpointing(model: nn.Module) -> None:
 
 
 def precision_setup(
-    cfg: PretrainConfig, device: torch.device
+    cfg: Any, device: torch.device
 ) -> tuple[str, torch.dtype | None, Any, torch.amp.GradScaler | None]:
-    """(precision, FSDP param dtype, autocast factory, grad scaler) for this device and config."""
+    """(precision, FSDP param dtype, autocast factory, grad scaler) for this device and config.
+
+    `cfg`: any config with `precision` (and `dist`, when it can run FSDP); fine-tuning shares this."""
     prec = cfg.precision
     if prec == "auto":
         prec = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
     if prec == "fp32":
         return prec, None, contextlib.nullcontext, None
     dtype = torch.bfloat16 if prec == "bf16" else torch.float16
-    if cfg.dist.strategy == "fsdp" and int(os.environ.get("WORLD_SIZE", 1)) > 1:
+    dist_cfg = getattr(cfg, "dist", None)
+    if dist_cfg is not None and dist_cfg.strategy == "fsdp" and int(os.environ.get("WORLD_SIZE", 1)) > 1:
         if prec == "fp16":
             raise ConfigError("precision: fp16 with dist.strategy=fsdp is not supported; use bf16")
         return prec, dtype, contextlib.nullcontext, None  # FSDP's MixedPrecisionPolicy casts instead
@@ -261,8 +264,10 @@ class Validation:
 
 
 # -- run directory -----------------------------------------------------------------------------------
-def prepare_run_dir(cfg: PretrainConfig, info: D.DistInfo) -> Path:
-    """The directory this run writes to (`<output>.partial` until the end); rank 0 creates it."""
+def prepare_run_dir(cfg: Any, info: D.DistInfo) -> Path:
+    """The directory this run writes to (`<output>.partial` until the end); rank 0 creates it.
+
+    `cfg`: any config with `output`, `resume` and `overwrite` (fine-tuning and alignment share this)."""
     final = Path(cfg.output)
     stage = partial_dir(final)
     if info.is_main:
