@@ -220,6 +220,25 @@ def test_cli_and_user_errors(
     assert "tokenizer.json: " in capsys.readouterr().err
 
 
+def test_hf_tokenizer_folder_without_manifest_with_verify_input_off(
+    inputs: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """An HF folder has no manifest and may lack special_tokens_map.json: verify_input=false accepts it."""
+    hf = tmp_path / "hf-tok"
+    hf.mkdir()
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copyfile(inputs[1] / name, hf / name)
+    out = tmp_path / "tokens"
+    args = ["tokenize", f"input={inputs[0]}", f"tokenizer={hf}", f"output={out}", "part_bytes=300000"]
+    assert cli(args) == 3  # verified by default: no manifest is an integrity error
+    assert cli([*args, "verify_input=false"]) == 0
+    assert sorted(p.name for p in (out / "tokenizer").iterdir()) == [
+        "tokenizer.json",
+        "tokenizer_config.json",
+    ]
+    assert not Path(f"{out}.partial").exists()
+
+
 def test_special_token_strings_in_documents_stay_text(inputs: tuple[Path, Path], tmp_path: Path) -> None:
     text = "The play ends here.<|endoftext|>Or does it? <|im_start|>user"
     docs = [{"id": "quote", "text": text}, {"id": "other", "text": "Exit, pursued by a bear."}]

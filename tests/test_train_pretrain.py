@@ -104,6 +104,9 @@ def test_user_errors_name_the_key(tokens: Path, tmp_path: Path, capsys: pytest.C
     assert "no manifest" in capsys.readouterr().err
     assert main(["pretrain", f"data={tokens}", f"output={tmp_path}/c", "model=nope"]) == 2
     assert "nope" in capsys.readouterr().err
+    short = ["model_overrides={max_seq_len: 64}", "seq_len=128"]
+    assert main(["pretrain", f"data={tokens}", f"output={tmp_path}/d", *short]) == 2
+    assert "seq_len: 128 exceeds model_overrides.max_seq_len 64" in capsys.readouterr().err
 
 
 def _wait_for(predicate, timeout: float = 120.0) -> None:  # type: ignore[no-untyped-def]

@@ -69,8 +69,11 @@ def verify_manifest(root: Path) -> dict[str, Any]:
 
 
 def ensure_verified(root: Path, *, skip: bool = False) -> dict[str, Any]:
-    """What every stage calls on its input directory; `skip` (config `verify_input=false`) trusts it."""
-    return read_manifest(root) if skip else verify_manifest(root)
+    """What every stage calls on its input directory; `skip` (config `verify_input=false`) trusts it, and
+    then a directory without a manifest (e.g. an HF tokenizer folder) is fine too."""
+    if not skip:
+        return verify_manifest(root)
+    return read_manifest(root) if (Path(root) / MANIFEST).is_file() else {}
 
 
 def main(argv: list[str]) -> int:

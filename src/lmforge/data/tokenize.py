@@ -380,8 +380,9 @@ def run(cfg: TokenizeConfig, *, stop_after_parts: int | None = None) -> dict[str
         }
         atomic_write_json(stage / INDEX, index)
         (stage / TOKENIZER_DIR).mkdir(exist_ok=True)
-        for name in TOKENIZER_FILES:
-            shutil.copyfile(cfg.tokenizer / name, stage / TOKENIZER_DIR / name)
+        for name in (*TOKENIZER_FILES, "chat_template.jinja"):  # HF folders may lack some of these
+            if (cfg.tokenizer / name).is_file():
+                shutil.copyfile(cfg.tokenizer / name, stage / TOKENIZER_DIR / name)
         save_config(cfg, stage, "tokenize")
         write_manifest(stage, stage="tokenize")
     elapsed = time.perf_counter() - t0
