@@ -9,8 +9,9 @@ weights, vocabulary 8192 of a BPE tokenizer trained here on Shakespeare), and "d
 Contestants, greedy, EOS ignored:
 - lmforge fp32 / int8 (per channel) / int4 (RTN, group 128): `infer.Engine` with its KV cache
 - llama.cpp through llama-cpp-python: our GGUF f32 / f16 / q8_0 with llama.cpp's KV cache
-- onnxruntime: our ONNX graph has no KV cache, so each step recomputes the whole prefix. Reported for
-  completeness under its own name; it is not a like-for-like decode number.
+- onnxruntime with our KV-cache decode graph (model-decode.onnx: past/present keys and values as tensors)
+- onnxruntime with the full-sequence graph (no KV cache: each step recomputes the whole prefix), reported
+  under its own name for completeness; it is not a like-for-like decode number.
 For each contestant, t(1) (prefill + 1 token) and t(new) are timed; decode tokens/s = (new - 1) / (t(new) -
 t(1)). Repetitions alternate between contestants and the median is kept; process CPU seconds (all threads
 of this process) and wall seconds are both recorded; ratios are against lmforge fp32.
@@ -35,7 +36,7 @@ import numpy as np
 import torch
 
 from lmforge.export.gguf import write_gguf
-from lmforge.export.onnx import OnnxRunner, write_onnx
+from lmforge.export.onnx import OnnxDecoder, OnnxRunner, write_onnx, write_onnx_decode
 from lmforge.infer.engine import Engine, GenerationRequest
 from lmforge.infer.sampling import SamplingParams
 from lmforge.model.config import ModelConfig
@@ -62,7 +63,7 @@ def _model(name: str, texts: list[str], max_len: int) -> tuple[Transformer, Toke
 
         return load_model(DEMO)
     tok = train_tokenizer(texts, vocab_size=8192)
-    cfg = ModelConfig(vocab_size=tok.vocab_size, max_seq_len=max_len, **LLAMA_14M)  # type: ignore[arg-type]
+    cfg = ModelConfig(vocab_size=tok.vocab_size, max_seq_len=max_len, **LLAMA_14M)
     return build_model(cfg, seed=0).eval(), tok
 
 
@@ -154,6 +155,10 @@ def run(name: str, new: int, prompt_len: int, reps: int, threads: int, tmp: Path
         notes["llama_cpp"] = "not installed (pip install -c constraints.txt llama-cpp-python)"
     onnx_path = tmp / f"{name}.onnx"
     write_onnx(model, onnx_path)
+    write_onnx_decode(model, tmp / f"{name}-decode.onnx")
+    contestants["onnxruntime_kv_cache"] = OnnxDecoder(
+        tmp / f"{name}-decode.onnx", model.cfg, threads
+    ).generate
     contestants["onnxruntime_no_kv_cache"] = onnx_decoder(onnx_path, threads)
     notes["onnxruntime_no_kv_cache"] = "full-sequence graph, prefix recomputed each step: not comparable"
 
@@ -221,7 +226,9 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(res, indent=2) + "\n")
     for m, r in res.items():
-        print(f"{m} ({r['config']['params_m']}M params), decode tok/s at batch 1, CPU time (x vs lmforge fp32):")
+        print(
+            f"{m} ({r['config']['params_m']}M params), decode tok/s at batch 1, CPU time (x vs lmforge fp32):"
+        )
         for c, row in r["results"].items():
             print(f"  {c:26s} {row['decode_tok_s_cpu']:>9} (x{row['ratio_vs_lmforge_fp32_cpu']})")
 

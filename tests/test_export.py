@@ -227,7 +227,7 @@ def test_hf_export_loads_in_transformers(tmp_path: Path, tok: Tokenizer) -> None
 
 
 def test_onnx_export_matches_pytorch(tmp_path: Path, tok: Tokenizer) -> None:
-    from lmforge.export.onnx import OnnxRunner
+    from lmforge.export.onnx import OnnxDecoder, OnnxRunner
 
     cfg = llama_cfg()
     src = make_model_dir(tmp_path / "src", cfg, tok)
@@ -243,6 +243,20 @@ def test_onnx_export_matches_pytorch(tmp_path: Path, tok: Tokenizer) -> None:
         with torch.no_grad():
             ref = model(x).numpy()
         np.testing.assert_allclose(run(x.numpy()), ref, atol=1e-4, rtol=0)
+    # the KV-cache graph: prompt with an empty past, then one token at a time, against the model's logits
+    assert report["decode_graph_greedy_identical"] == 2
+    dec = OnnxDecoder(tmp_path / "onnx" / "model-decode.onnx", cfg)
+    ids = torch.randint(0, cfg.vocab_size, (1, 24))
+    with torch.no_grad():
+        ref = model(ids)[0].numpy()
+    empty = np.zeros((1, cfg.kv_heads, 0, cfg.head_size), dtype=np.float32)
+    logits, past = dec.step(ids[0, :20].tolist(), [empty] * 2 * cfg.n_layers)
+    steps = [logits]
+    for t in range(20, 24):
+        logits, past = dec.step([int(ids[0, t])], past)
+        steps.append(logits)
+    assert past[0].shape == (1, cfg.kv_heads, 24, cfg.head_size)
+    np.testing.assert_allclose(np.concatenate(steps), ref, atol=1e-4, rtol=0)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -158,7 +158,7 @@ def print_table(report: dict[str, Any], title: str) -> None:
             f"{p['perplexity_reference']:.4f} -> {p['perplexity_export']:.4f} ({p['perplexity_rel_change']:+.2e})",
         ),
     ]
-    for key in ("tokenizer_match", "chat_template_match"):
+    for key in ("tokenizer_match", "chat_template_match", "decode_graph_greedy_identical"):
         if key in report:
             rows.append((key.replace("_", " "), str(report[key])))
     for k, v in rows:

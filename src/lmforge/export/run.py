@@ -52,6 +52,10 @@ class ExportConfig(Section):
     seq_len: int = Field(
         128, ge=2, description="window length for the perplexity check (capped at the context)"
     )
+    onnx_decode: bool = Field(
+        True,
+        description="onnx: also write model-decode.onnx, a graph with a KV cache (past/present keys, values)",
+    )
     threads: int = Field(0, ge=0, description="CPU threads for the runtimes (0: all)")
     overwrite: bool = Field(False, description="replace an existing output directory")
 
@@ -59,6 +63,7 @@ class ExportConfig(Section):
 CONFIG = ExportConfig
 
 ARTEFACT = {"gguf": "model.gguf", "onnx": "model.onnx"}
+DECODE_GRAPH = "model-decode.onnx"
 
 
 def _positional(argv: list[str]) -> list[str]:
@@ -181,6 +186,11 @@ def run_export(cfg: ExportConfig) -> dict[str, Any]:
 
             artefact = stage / ARTEFACT["onnx"]
             write_onnx(model, artefact)
+            if cfg.onnx_decode:
+                from lmforge.export.onnx import write_onnx_decode
+
+                write_onnx_decode(model, stage / DECODE_GRAPH)
+                report["decode_graph"] = DECODE_GRAPH
             tok.save(stage / "tokenizer")
             report |= {
                 "opset": OPSET,
@@ -215,6 +225,10 @@ def verify(cfg: ExportConfig, model: Any, tok: Any, artefact: Path) -> dict[str,
         seq_len=min(cfg.seq_len, max_len),
         max_len=max_len,
     )
+    if cfg.format == "onnx" and (artefact.parent / DECODE_GRAPH).is_file():
+        checks["decode_graph_greedy_identical"] = _decode_graph_check(
+            artefact.parent / DECODE_GRAPH, model, prompt_ids, cfg
+        )
     close = getattr(runner, "close", None)
     if close is not None:
         close()
@@ -225,6 +239,21 @@ def verify(cfg: ExportConfig, model: Any, tok: Any, artefact: Path) -> dict[str,
         "text": str(cfg.text) if cfg.text is not None else "builtin:sonnet-18",
         "verify_seconds": round(time.perf_counter() - t0, 2),
     }
+
+
+def _decode_graph_check(path: Path, model: Any, prompt_ids: list[list[int]], cfg: ExportConfig) -> int:
+    """Prompts for which the KV-cache graph on onnxruntime generates exactly lmforge's greedy tokens."""
+    from lmforge.export.onnx import OnnxDecoder
+    from lmforge.export.parity import greedy, torch_runner
+
+    dec = OnnxDecoder(path, model.cfg, cfg.threads)
+    ref = torch_runner(model)
+    n_max = model.cfg.max_seq_len
+    same = 0
+    for p in prompt_ids:
+        want = greedy(ref, p, cfg.new_tokens, n_max)
+        same += int(dec.generate(p, len(want)) == want)
+    return same
 
 
 def main(argv: list[str]) -> int:
