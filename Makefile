@@ -63,7 +63,7 @@ check: lint typecheck test
 # Side-by-side benchmarks (minutes to an hour on 2 cores); each writes benchmarks/results/<name>.json.
 # Peers that conflict with lmforge's dependencies get their own venvs under benchmarks/.venvs/.
 PEERS := benchmarks/.venvs
-bench: $(STAMP) $(DEMO)/tokens/manifest.json $(PEERS)/litgpt/.installed $(PEERS)/presidio/.installed
+bench: $(STAMP) $(DEMO)/tokens/manifest.json $(PEERS)/litgpt/.installed $(PEERS)/presidio/.installed $(VENV)/.llamacpp
 	$(BIN)/python -m benchmarks.prepare
 	$(BIN)/python -m benchmarks.pii --peer-python $(PEERS)/presidio/bin/python
 	$(BIN)/python -m benchmarks.tokenizer
@@ -71,12 +71,19 @@ bench: $(STAMP) $(DEMO)/tokens/manifest.json $(PEERS)/litgpt/.installed $(PEERS)
 	$(BIN)/python -m benchmarks.pretrain --data $(DEMO)/tokens
 	$(BIN)/python -m benchmarks.generate
 	$(BIN)/python -m benchmarks.serve
+	$(BIN)/python -m benchmarks.decode
 
 # LitGPT 0.5 needs huggingface-hub<1.4 (conflicts with transformers 5); litdata without deps keeps torch CPU.
 $(PEERS)/litgpt/.installed: constraints.txt
 	$(PYTHON) -m venv $(PEERS)/litgpt
 	$(PEERS)/litgpt/bin/python -m pip install -q -c constraints.txt torch==2.13.0 'litgpt==0.5.*' 'huggingface-hub<1.4' requests jsonargparse numpy
 	$(PEERS)/litgpt/bin/python -m pip install -q --no-deps litdata
+	@touch $@
+
+# llama.cpp for the GGUF checks (tests/test_export_llamacpp.py) and the decode benchmark: llama-cpp-python
+# compiles it with cmake and a C++ compiler (several minutes on 2 cores).
+$(VENV)/.llamacpp: | $(STAMP)
+	$(PIP) install -q -c constraints.txt llama-cpp-python
 	@touch $@
 
 $(PEERS)/presidio/.installed:
