@@ -254,7 +254,9 @@ def test_load_model_from_every_layout(
         load_model(pickled)
 
 
-def test_generate_command(tmp_path: Path, models: dict[str, tuple[Any, Path]], tok: Tokenizer) -> None:
+def test_generate_command(
+    tmp_path: Path, models: dict[str, tuple[Any, Path]], tok: Tokenizer, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from lmforge.cli import main
     from lmforge.infer.generate import GenerateConfig, run
 
@@ -274,6 +276,17 @@ def test_generate_command(tmp_path: Path, models: dict[str, tuple[Any, Path]], t
     assert results == rows and "--- [1]" in buf.getvalue()
     assert main(["generate", f"model={tmp_path / 'nope'}", "prompt=x"]) == 2
     assert main(["generate", f"model={path}"]) == 2  # no prompts
+    seen: list[list[int]] = []
+    real = Engine.generate
+
+    def spy(self: Engine, reqs: Any, *a: Any, **kw: Any) -> Any:
+        seen.extend(list(r.params.stop_token_ids) for r in reqs)
+        return real(self, reqs, *a, **kw)
+
+    monkeypatch.setattr(Engine, "generate", spy)
+    run(GenerateConfig(model=str(path), prompts=["hi", "there"], chat=True, sampling=greedy(3)))
+    end = tok.special_tokens["<|im_end|>"]
+    assert len(seen) == 2 and all(end in ids for ids in seen)  # a chat reply stops at the turn end
     latin = tmp_path / "latin1.txt"
     latin.write_bytes("café\n".encode("latin-1"))
     with pytest.raises(DataError, match=r"prompt_file: .*latin1.txt is not UTF-8"):

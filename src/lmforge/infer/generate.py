@@ -105,9 +105,12 @@ def run(cfg: GenerateConfig, out: Any = None) -> list[dict[str, Any]]:
     engine = Engine(
         model, tok, max_batch_size=cfg.batch_size, max_seq_len=cfg.max_seq_len, compile=cfg.compile
     )
-    requests = [
-        GenerationRequest(encode_prompt(tok, p, cfg.chat, cfg.add_bos), cfg.sampling) for p in prompts
-    ]
+    params = cfg.sampling
+    if cfg.chat:  # the reply ends at the template's end-of-turn token, as in `lmforge chat`
+        from lmforge.infer.chat import turn_end_ids
+
+        params = params.model_copy(update={"stop_token_ids": [*params.stop_token_ids, *turn_end_ids(tok)]})
+    requests = [GenerationRequest(encode_prompt(tok, p, cfg.chat, cfg.add_bos), params) for p in prompts]
     t0 = time.perf_counter()
     results: list[dict[str, Any]] = []
     if len(requests) == 1 and cfg.stream:

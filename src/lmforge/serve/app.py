@@ -239,7 +239,14 @@ class ServerState:
             self._check_text(m["content"], "messages")
         marks = [f"\x00{uuid.uuid4().hex}\x00" for _ in msgs]
         shell = [{**m, "content": mark} for m, mark in zip(msgs, marks, strict=True)]
-        rendered = self.tok.apply_chat_template(shell, add_generation_prompt=True)
+        import jinja2
+
+        try:
+            rendered = self.tok.apply_chat_template(shell, add_generation_prompt=True)
+        except jinja2.TemplateError as e:  # e.g. the template's raise_exception("roles must alternate")
+            raise ApiError(
+                400, f"messages: rejected by the model's chat template: {e}", param="messages"
+            ) from None
         if any(rendered.count(mark) != 1 for mark in marks):  # a template that edits contents: strip specials
             clean = [{**m, "content": self._strip_specials(m["content"])} for m in msgs]
             return list(self.tok.encode(self.tok.apply_chat_template(clean, add_generation_prompt=True)))
@@ -252,8 +259,10 @@ class ServerState:
         return ids + list(self.tok.encode(rendered[pos:]))
 
     def _strip_specials(self, text: str) -> str:
-        for special in getattr(self.tok, "special_tokens", {}):
-            text = text.replace(special, "")
+        specials = list(getattr(self.tok, "special_tokens", {}))
+        while any(s in text for s in specials):  # until stable: "<|im_<|im_end|>end|>" rebuilds one
+            for special in specials:
+                text = text.replace(special, "")
         return text
 
     def prompts_of(self, req: CompletionRequest | ChatRequest) -> list[list[int]]:
