@@ -71,6 +71,10 @@ def test_text_perplexity_and_bpb_equal_hand_computation(setup: dict[str, Any], t
     short = text_perplexity(setup["model"], tok, [f], seq_len=128, stride=128)
     overlap = text_perplexity(setup["model"], tok, [f], seq_len=128, stride=32)
     assert short["loss"] != overlap["loss"]  # more context per token changes the number
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    with pytest.raises(DataError, match=r"empty\.txt: no text to score"):
+        text_perplexity(setup["model"], tok, [empty], seq_len=128)
 
 
 def test_shards_perplexity_equals_hand_computation(setup: dict[str, Any]) -> None:

@@ -185,6 +185,12 @@ def test_user_errors_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[
     with pytest.raises(ConfigError, match="more than once"):
         train_tokenizer(["abc"], special_tokens=_dup_specials())
     assert not out.exists()
+    # The output is checked before any work: these fail on it although the input is missing too.
+    out.mkdir()
+    assert cli(["tokenizer", "train", f"input={tmp_path / 'nope'}", f"output={out}"]) == 2
+    assert "already exists; pass overwrite=true" in capsys.readouterr().err
+    assert cli(["tokenizer", "train", f"input={tmp_path / 'nope'}", "output=/proc/lmforge-test"]) == 2
+    assert "output: cannot write in /proc" in capsys.readouterr().err
 
 
 def _dup_specials():  # type: ignore[no-untyped-def]

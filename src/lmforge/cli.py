@@ -39,7 +39,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "align dpo": ("lmforge.train.dpo:main", "direct preference optimisation on chosen/rejected pairs"),
     "quantize": ("lmforge.quant.run:main", "weight-only int8, int4 (RTN/GPTQ) or NF4 with a quality report"),
     "export": ("lmforge.export.run:main", "export to an HF folder, GGUF or ONNX with a parity report"),
-    "plan": ("lmforge.plan.run:main", "what fits on which hardware, how fast, at what cost; --probe proves it"),
+    "plan": (
+        "lmforge.plan.run:main",
+        "what fits on which hardware, how fast, at what cost; --probe proves it",
+    ),
 }
 
 
@@ -91,6 +94,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except OSError as e:  # disk full, permissions, a path that cannot exist: say so without a traceback
+        where = f" ({e.filename})" if e.filename else ""
+        print(f"error: {e.strerror or e}{where}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ import hashlib
 import json
 import os
 import shutil
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -66,6 +67,24 @@ def partial_dir(final: Path) -> Path:
     """Where a stage stages its output before the final rename (deterministic so reruns can resume)."""
     final = Path(final)
     return final.with_name(final.name + ".partial")
+
+
+def check_output(final: Path, overwrite: bool) -> None:
+    """Fail before the work, not after it: the output must be new (or `overwrite`) and its parent
+    writable. Stages that do their work before opening `staged_output` call this first."""
+    final = Path(final)
+    if final.exists() and not overwrite:
+        raise LmforgeError(f"{final} already exists; pass overwrite=true to replace it")
+    parent = final.parent if str(final.parent) else Path(".")
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise LmforgeError(f"output: cannot create {parent} ({e.strerror})") from None
+    try:  # a real write: os.access says yes to root even where nothing can be created (/proc)
+        with tempfile.TemporaryFile(dir=parent):
+            pass
+    except OSError as e:
+        raise LmforgeError(f"output: cannot write in {parent} ({e.strerror})") from None
 
 
 @contextmanager

@@ -388,9 +388,10 @@ def run(cfg: TokenizerTrainConfig) -> dict[str, Any]:
 
     from lmforge.data.curated import curated_shards, iter_curated
     from lmforge.data.manifest import ensure_verified, write_manifest
-    from lmforge.io import staged_output
+    from lmforge.io import check_output, staged_output
 
     console = Console(stderr=True)
+    check_output(cfg.output, cfg.overwrite)
     ensure_verified(cfg.input, skip=not cfg.verify_input)
     curated_shards(cfg.input)  # a clear DataError when the directory holds no documents
     splitter = _Splitter(iter_curated(cfg.input), cfg.heldout_fraction, cfg.seed, cfg.max_train_bytes)

@@ -133,6 +133,8 @@ def text_perplexity(
         ids = [tokenizer.eos_id, *tokenizer.encode(text)]
         s, c = stream_nll(model, ids, seq_len=seq_len, stride=stride, batch_size=batch_size)
         nll, tokens, nbytes = nll + s, tokens + c, nbytes + len(text.encode("utf-8"))
+    if tokens == 0:  # otherwise an empty file would score a perfect perplexity of 1
+        raise DataError(f"{', '.join(str(f) for f in files)}: no text to score (empty files)")
     out = summarize(nll, tokens, nbytes)
     out["seconds"] = time.perf_counter() - t0
     return out

@@ -25,7 +25,7 @@ from pydantic import Field
 
 from lmforge.config import Section, parse_command, save_config
 from lmforge.errors import DataError
-from lmforge.io import atomic_write_json, atomic_write_text, staged_output
+from lmforge.io import atomic_write_json, atomic_write_text, check_output, staged_output
 
 COMMAND = "eval"
 
@@ -185,6 +185,7 @@ def run(cfg: EvalConfig) -> dict[str, Any]:
     from lmforge.infer.load import load_model
 
     console = Console(stderr=True)
+    check_output(Path(cfg.output), cfg.overwrite)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
