@@ -323,13 +323,10 @@ def export_result(run_dir: Path, ckpt: Path, model: nn.Module, tok: Any, cfg: Fi
         from lmforge.model.lora import save_adapter
 
         out = run_dir / "adapter"
-        save_adapter(
-            model,
-            cfg.lora,
-            out,
-            base_model=str(Path(cfg.base).resolve()) if Path(cfg.base).is_dir() else cfg.base,
-        )
-        atomic_write_json(out / "lmforge_base.json", {"base": cfg.base, "method": cfg.method})
+        base = str(Path(cfg.base).resolve()) if Path(cfg.base).is_dir() else cfg.base
+        save_adapter(model, cfg.lora, out, base_model=base)
+        # Read by `lmforge lora merge`: which base, and whether it was NF4 (qlora) in training.
+        atomic_write_json(out / "lmforge_base.json", {"base": base, "method": cfg.method})
     tok.save(out)
     return out
 
@@ -361,6 +358,7 @@ def train(cfg: FinetuneConfig, **trainer_kw: Any) -> int:
     from lmforge.train.pretrain import precision_setup, prepare_run_dir
 
     info = D.DistInfo()
+    torch.manual_seed(cfg.seed)  # LoRA dropout draws from the global RNG; checkpoints save its state
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     device = D.pick_device(cfg.device, info)
