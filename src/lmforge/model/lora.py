@@ -85,7 +85,13 @@ class LoraLinear(nn.Module):
         if self.disabled:
             return y
         a = F.linear(self.dropout(x).to(self.lora_A.dtype), self.lora_A)  # (..., r)
-        return y + (F.linear(a, self.lora_B) * self.scale).to(y.dtype)
+        if y.dtype != a.dtype:
+            return y + (F.linear(a, self.lora_B) * self.scale).to(y.dtype)
+        # One kernel for y + scale * a @ B^T: no separate scale and add passes over the (..., out) output.
+        out = torch.addmm(
+            y.reshape(-1, self.out_features), a.reshape(-1, self.rank), self.lora_B.t(), alpha=self.scale
+        )
+        return out.view(y.shape)
 
     def delta_weight(self) -> Tensor:
         """scale * B @ A, shape (out, in): what merging adds to the base weight."""

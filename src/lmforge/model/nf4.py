@@ -81,10 +81,14 @@ def dequantize_nf4(
 ) -> Tensor:
     """Inverse of `quantize_nf4`: level * absmax of the block, computed in fp32, returned as `dtype`."""
     n = math.prod(shape)
-    values = _PAIRS.to(packed.device)[packed.long()].reshape(-1)  # (2 * len(packed),)
+    # index_select with int32 indices: ~10x faster on CPU than advanced indexing with int64.
+    values = torch.index_select(_PAIRS.to(packed.device), 0, packed.int()).view(-1)  # (2 * len(packed),)
     blocks = absmax.numel()
-    values = F.pad(values, (0, blocks * block_size - values.numel()))
-    out = (values.view(blocks, block_size) * absmax.float().unsqueeze(1)).reshape(-1)[:n]
+    if values.numel() != blocks * block_size:  # a partial last block
+        values = F.pad(values, (0, blocks * block_size - values.numel()))
+    out = values.view(blocks, block_size) * absmax.float().unsqueeze(1)
+    if out.numel() != n:
+        out = out.view(-1)[:n]
     return out.view(shape).to(dtype)
 
 
