@@ -1,6 +1,6 @@
 """`lmforge lora merge`: fold a LoRA adapter into its base model and write a plain Hugging Face folder.
 
-    lmforge lora merge adapter=runs/demo/finetune output=runs/demo/merged
+    lmforge lora merge adapter=runs/demo/sft output=runs/demo/merged
     lmforge lora merge adapter=path/to/peft_adapter base=path/to/hf_model output=out/merged dtype=bfloat16
 
 `adapter` is a PEFT adapter folder (adapter_config.json + adapter_model.safetensors, from `lmforge finetune`
@@ -56,7 +56,7 @@ DESCRIPTION = (
     "Merge a LoRA/QLoRA adapter (PEFT format) into its base model: W + scale * B @ A for every adapted "
     "Linear, written as a Hugging Face folder with the tokenizer. Exit codes: 0 ok, 2 bad config or data."
 )
-EXAMPLE = "lmforge lora merge adapter=runs/demo/finetune output=runs/demo/merged"
+EXAMPLE = "lmforge lora merge adapter=runs/demo/sft output=runs/demo/merged"
 
 
 def find_adapter(path: Path) -> Path:
