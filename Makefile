@@ -69,6 +69,7 @@ bench: $(STAMP) $(DEMO)/tokens/manifest.json $(PEERS)/litgpt/.installed $(PEERS)
 	$(BIN)/python -m benchmarks.tokenizer
 	$(BIN)/python -m benchmarks.model
 	$(BIN)/python -m benchmarks.pretrain --data $(DEMO)/tokens
+	$(BIN)/python -m benchmarks.finetune
 	$(BIN)/python -m benchmarks.generate
 	$(BIN)/python -m benchmarks.serve
 	$(BIN)/python -m benchmarks.decode
