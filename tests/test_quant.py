@@ -1,7 +1,7 @@
 """Weight-only quantization: quality on a trained model, GPTQ vs round-to-nearest, exact packed sizes, the
 safetensors round trip, loading through `load_model`, and the `lmforge quantize` command end to end.
 
-The model is the `tiny` Llama trained for 40 steps on Shakespeare shards in the documented tokens format.
+The model is the `tiny` Llama trained for 30 steps on Shakespeare shards in the documented tokens format.
 """
 
 from __future__ import annotations
@@ -57,7 +57,7 @@ def run(tokens: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("qrun") / "run"
     args = ["model=tiny", "seq_len=64", "global_batch=16", "micro_batch=8", "optim.lr=3e-3"]
     args += ["schedule.warmup_steps=3", "eval.every=0", "checkpoint.every=0", "log_every=20"]
-    args += ["progress=false", "tensorboard=false", f"data={tokens}", f"output={out}", "max_steps=40"]
+    args += ["progress=false", "tensorboard=false", f"data={tokens}", f"output={out}", "max_steps=30"]
     assert main(["pretrain", *args]) == 0
     return out
 
@@ -86,11 +86,16 @@ def quantized(fp: nn.Module, calib: torch.Tensor) -> dict[str, nn.Module]:
 BOUNDS = {"int8": 1.0, "int4": 3.0, "int4-gptq": 2.0, "nf4": 3.0}
 
 
+@pytest.fixture(scope="module")
+def fp_ppl(fp: nn.Module, tokens: Path) -> float:
+    return val_ppl(fp, tokens)
+
+
 @pytest.mark.parametrize("method", METHODS)
 def test_perplexity_change_is_within_the_method_bound(
-    method: str, fp: nn.Module, quantized: dict[str, nn.Module], tokens: Path
+    method: str, fp_ppl: float, quantized: dict[str, nn.Module], tokens: Path
 ) -> None:
-    before, after = val_ppl(fp, tokens), val_ppl(quantized[method], tokens)
+    before, after = fp_ppl, val_ppl(quantized[method], tokens)
     assert before < 300  # the fixture did learn (ln(512) = 6.24 nats -> ppl 512 untrained)
     change = 100 * (after - before) / before
     assert abs(change) < BOUNDS[method], (method, before, after)
@@ -159,7 +164,7 @@ def test_int4_dequantization_error_is_bounded_by_half_a_step() -> None:
     lin = nn.Linear(352, 16)
     q = Int4Linear.from_linear(lin, 128)
     step = q.scales.float().repeat_interleave(128, dim=1)[:, :352]
-    assert float(((q.weight - lin.weight).abs() / step).max()) <= 0.5 + 1e-4
+    assert float(((q.weight - lin.weight.detach()).abs() / step).max()) <= 0.5 + 1e-4
 
 
 def test_int8_fast_kernel_matches_dequantize_then_matmul() -> None:
@@ -277,3 +282,42 @@ def test_calibration_windows_are_seeded_and_from_the_train_split(tokens: Path) -
     for row in a.numpy():  # each window is a contiguous slice of the train shard
         starts = np.flatnonzero(train[: len(train) - 31] == row[0])
         assert any(np.array_equal(train[s : s + 32], row) for s in starts)
+
+
+DEMO = Path(__file__).resolve().parents[1] / "runs" / "demo"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    not (DEMO / "pretrain" / "model").is_dir(), reason="needs `make demo` (runs/demo/pretrain)"
+)
+def test_demo_model_quality_bounds() -> None:
+    # Measured on the demo model (val ppl 240.0): int8 +0.00%, int4 -0.05%, int4-gptq +0.02%, nf4 +0.07%;
+    # GPTQ's mean layer output error 0.0196 vs RTN 0.163.
+    fp, _ = load_model(DEMO / "pretrain")
+    tokens = DEMO / "tokens"
+    calib = calibration_ids(tokens, n=128, seq_len=256, seed=0)
+    before = float(shards_perplexity(fp, tokens, seq_len=256, max_tokens=65_536, verify=False)["perplexity"])
+    for method, bound in {"int8": 0.5, "int4": 2.0, "int4-gptq": 1.0, "nf4": 2.0}.items():
+        q = quantize_model(copy.deepcopy(fp), method, calib=calib)
+        after = float(
+            shards_perplexity(q, tokens, seq_len=256, max_tokens=65_536, verify=False)["perplexity"]
+        )
+        assert abs(100 * (after - before) / before) < bound, (method, before, after)
+        if method == "int4-gptq":
+            errs = q.quant_spec.errors.values()
+            assert all(e["gptq"] < e["rtn"] for e in errs)
+            assert sum(e["gptq"] for e in errs) < 0.3 * sum(e["rtn"] for e in errs)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("method", METHODS)
+def test_quantized_model_runs_on_gpu_like_on_cpu(method: str, fp: nn.Module, calib: torch.Tensor) -> None:
+    cpu = quantize_model(copy.deepcopy(fp), method, calib=calib)
+    gpu = copy.deepcopy(cpu).to("cuda")
+    ids = torch.randint(0, 512, (2, 32), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(gpu(ids.cuda()).cpu(), cpu(ids), rtol=1e-3, atol=1e-3)
+    gq = quantize_model(copy.deepcopy(fp).to("cuda"), method, calib=calib)  # quantizing on the GPU works too
+    assert gq.quant_spec.layers == cpu.quant_spec.layers
