@@ -284,6 +284,26 @@ def test_calibration_windows_are_seeded_and_from_the_train_split(tokens: Path) -
         assert any(np.array_equal(train[s : s + 32], row) for s in starts)
 
 
+@pytest.mark.parametrize("method", ["int4-gptq", "int8"])
+def test_include_head_quantizes_an_untied_head(method: str, tmp_path: Path) -> None:
+    from lmforge.model.config import get_preset
+    from lmforge.model.transformer import build_model
+
+    cfg = get_preset("tiny").model_copy(update={"tie_embeddings": False, "vocab_size": 256, "n_layers": 2})
+    model = build_model(cfg, seed=0)
+    calib = torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(0))
+    q = quantize_model(model, method, calib=calib, include_head=True, act_order=True)
+    assert q.quant_spec.layers[-1] == "output" and not isinstance(q.output, nn.Linear)
+    if method == "int4-gptq":
+        assert (
+            q.quant_spec.act_order
+            and q.quant_spec.errors["output"]["gptq"] < q.quant_spec.errors["output"]["rtn"]
+        )
+    save_quantized(q, tmp_path)
+    with torch.no_grad():
+        assert torch.equal(load_quantized(tmp_path)(calib), q(calib))
+
+
 DEMO = Path(__file__).resolve().parents[1] / "runs" / "demo"
 
 
