@@ -110,3 +110,20 @@ def test_every_shipped_config_loads(path: Path) -> None:
     module, _ = COMMANDS[command][0].split(":")
     schema = importlib.import_module(module).CONFIG
     load_config(schema, path, documented_overrides(path), command=command)
+
+
+def test_text_fields_take_override_values_verbatim(tmp_path: Path) -> None:
+    from lmforge.infer.generate import GenerateConfig
+
+    def prompt(value: str) -> object:
+        return load_config(GenerateConfig, None, ["model=m", f"prompt={value}"]).prompt
+
+    assert prompt("#include <stdio.h>") == "#include <stdio.h>"  # not a YAML comment
+    assert prompt("1984") == "1984" and prompt("Rules: be terse") == "Rules: be terse"
+    assert prompt("null") is None  # str | None: null still means unset
+    cfg = load_config(GenerateConfig, None, ["model=m", "sampling.max_tokens=7", "sampling.temperature=0"])
+    assert cfg.sampling.max_tokens == 7 and cfg.sampling.temperature == 0.0  # numbers are still numbers
+    bad = tmp_path / "latin1.yaml"
+    bad.write_bytes("prompt: café\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match=r"latin1\.yaml: not UTF-8"):
+        load_config(GenerateConfig, bad)

@@ -98,6 +98,23 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     return key.split("."), value
 
 
+def _text_field(schema: type[BaseModel], parts: list[str]) -> bool | None:
+    """Whether `a.b` is a plain text field (`str`: True, `str | None`: None); False for anything else.
+
+    Text fields take an override's value verbatim, so `prompt=#include <x>`, `prompt=1984` and
+    `system=Rules: be terse` stay strings instead of becoming a YAML comment, a number or a mapping."""
+    model: type[BaseModel] | None = schema
+    for part in parts[:-1]:
+        field = model.model_fields.get(part) if model is not None else None
+        model = _submodel(field.annotation) if field is not None else None
+    field = model.model_fields.get(parts[-1]) if model is not None else None
+    if field is None:
+        return False
+    if field.annotation is str:
+        return True
+    return None if set(get_args(field.annotation)) == {str, type(None)} else False
+
+
 def _set_dotted(tree: dict[str, Any], parts: list[str], value: Any, source: str) -> None:
     node = tree
     for part in parts[:-1]:
@@ -115,6 +132,8 @@ def _read_yaml(path: Path) -> dict[str, Any]:
         raise ConfigError(f"{path}: config file not found")
     try:
         data = yaml.safe_load(path.read_text("utf-8"))
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason})") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from e
     if data is None:
@@ -162,6 +181,10 @@ def load_config(
         raise ConfigError(f"{path}: this config is for `lmforge {meant_for}`, not `lmforge {command}`")
     for item in overrides or []:
         parts, value = parse_override(item)
+        text = _text_field(schema, parts)
+        raw = item.split("=", 1)[1]
+        if text or (text is None and raw not in ("null", "~", "")):
+            value = raw
         _set_dotted(tree, parts, value, f"override {item!r}")
         source_of[".".join(parts)] = f"override {item!r}"
     try:
