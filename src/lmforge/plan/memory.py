@@ -91,7 +91,7 @@ class Memory:
     notes: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, object]:
-        return asdict(self)
+        return {k: float(v) if isinstance(v, int) else v for k, v in asdict(self).items()}
 
 
 # -- parameter counts ------------------------------------------------------------------------------------
@@ -289,7 +289,12 @@ def memory(s: Setup) -> Memory:
         m.notes.append("FSDP accumulation without sync keeps full-size gradients: prefer accumulation 1")
     static = m.weights + m.optimizer + m.compute_copies - gathered
     during = m.activations + backward + (grads_live if s.accum > 1 else 0.0)
-    m.peak = static + max(during, grads_live + (m.transient if not sharded else 0.0))
+    # The end of backward: nearly all gradients exist while block 0 still holds its activations and
+    # temporaries, and the embedding's dense gradient is built before being added to the tied one.
+    late = grads_live + block_activation_bytes(s) * tokens + backward_temp_bytes(s) * tokens
+    if s.method in ("pretrain", "full"):
+        late += cfg.vocab_size * cfg.dim * 4.0 / w_div
+    m.peak = static + max(during, late, grads_live + (m.transient if not sharded else 0.0))
     if s.device == "gpu":
         m.overhead = GPU_OVERHEAD + GPU_FRAGMENTATION * m.peak
     else:

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from lmforge.config import Section, parse_command, valid_keys
 from lmforge.errors import ConfigError, LmforgeError
@@ -35,6 +35,11 @@ EXIT_DOES_NOT_FIT = 5
 
 class DoesNotFit(LmforgeError):
     exit_code = EXIT_DOES_NOT_FIT
+
+
+def _on_off(value: Any) -> Any:
+    """YAML reads a bare on/off as a boolean; accept both spellings."""
+    return {True: "on", False: "off"}.get(value, value) if isinstance(value, bool) else value
 
 
 class PlanConfig(Section):
@@ -59,7 +64,9 @@ class PlanConfig(Section):
     optimizer: Literal["auto", "adamw", "adamw8bit"] = Field(
         "auto", description="AdamW with fp32 moments, 8-bit moments, or auto (8-bit only when needed to fit)"
     )
-    activation_checkpointing: Literal["auto", "on", "off"] = Field("auto", description="recompute blocks")
+    activation_checkpointing: Literal["auto", "on", "off"] = Field(
+        "auto", description="recompute blocks in backward: auto (when needed to fit), on or off"
+    )
     sharding: Literal["auto", "none", "zero2", "zero3"] = Field(
         "auto", description="several devices: none (DDP), zero2 (FSDP no reshard), zero3 (FSDP reshard)"
     )
@@ -94,6 +101,11 @@ class PlanConfig(Section):
     probe: bool = Field(False, description="also run a few real steps and measure (same as --probe)")
     probe_steps: int = Field(3, ge=1, description="measured probe steps (after one warm-up step)")
     format: Literal["table", "json"] = Field("table", description="print tables, or JSON (same as --json)")
+
+    @field_validator("activation_checkpointing", "cpu_offload", mode="before")
+    @classmethod
+    def _bools(cls, value: Any) -> Any:
+        return _on_off(value)
 
 
 CONFIG = PlanConfig
