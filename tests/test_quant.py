@@ -263,7 +263,10 @@ def test_missing_or_wrong_data_is_a_clear_error(
     assert "index.json: not found" in capsys.readouterr().err
     assert main(["quantize", f"model={tmp_path / 'nomodel'}", f"output={out}", *QUICK]) == 2
     assert "nomodel is not a directory" in capsys.readouterr().err
-    assert not out.exists()
+    other = make_tokens_dir(tmp_path / "other", shakespeare_text(60_000), vocab_size=1024)
+    assert main(["quantize", f"model={run}", f"output={out}", f"data={other}", *QUICK]) == 2
+    assert "1024-token vocabulary, the model has 512" in capsys.readouterr().err
+    assert not out.exists() and not out.with_name("q.partial").exists()
 
 
 def test_an_already_quantized_model_is_refused(quantized: dict[str, nn.Module]) -> None:

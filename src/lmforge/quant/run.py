@@ -19,7 +19,7 @@ import torch
 from pydantic import Field
 
 from lmforge.config import Section, parse_command, save_config
-from lmforge.errors import ConfigError
+from lmforge.errors import ConfigError, DataError
 from lmforge.io import atomic_write_json, staged_output
 
 COMMAND = "quantize"
@@ -139,6 +139,15 @@ def run(cfg: QuantizeConfig) -> dict[str, Any]:
     model, tok = load_model(cfg.model, device=device)
     if getattr(model, "quant_spec", None) is not None:
         raise ConfigError(f"model: {cfg.model} is already quantized; start from a full-precision model")
+    if cfg.data is not None:
+        from lmforge.data.shards import read_index
+
+        vocab = int(read_index(Path(cfg.data))["vocab_size"])
+        if vocab > model.cfg.vocab_size:
+            raise DataError(
+                f"data: {cfg.data} holds ids of a {vocab}-token vocabulary, the model has "
+                f"{model.cfg.vocab_size}: tokens made with another tokenizer?"
+            )
     fp_numel = numel_by_name(model)
     before = measure(model, tok, cfg) if cfg.report.enabled else {}
 
