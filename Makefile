@@ -63,7 +63,7 @@ check: lint typecheck test
 # Side-by-side benchmarks (minutes to an hour on 2 cores); each writes benchmarks/results/<name>.json.
 # Peers that conflict with lmforge's dependencies get their own venvs under benchmarks/.venvs/.
 PEERS := benchmarks/.venvs
-bench: $(STAMP) $(DEMO)/tokens/manifest.json $(PEERS)/litgpt/.installed $(PEERS)/presidio/.installed $(VENV)/.llamacpp
+bench: $(STAMP) $(DEMO)/tokens/manifest.json $(DEMO)/pretrain/manifest.json $(PEERS)/litgpt/.installed $(PEERS)/presidio/.installed $(VENV)/.llamacpp
 	$(BIN)/python -m benchmarks.prepare
 	$(BIN)/python -m benchmarks.pii --peer-python $(PEERS)/presidio/bin/python
 	$(BIN)/python -m benchmarks.tokenizer
@@ -73,6 +73,7 @@ bench: $(STAMP) $(DEMO)/tokens/manifest.json $(PEERS)/litgpt/.installed $(PEERS)
 	$(BIN)/python -m benchmarks.generate
 	$(BIN)/python -m benchmarks.serve
 	$(BIN)/python -m benchmarks.decode
+	$(BIN)/python -m benchmarks.quantize --model $(DEMO)/pretrain --data $(DEMO)/tokens
 
 # LitGPT 0.5 needs huggingface-hub<1.4 (conflicts with transformers 5); litdata without deps keeps torch CPU.
 $(PEERS)/litgpt/.installed: constraints.txt
