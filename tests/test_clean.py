@@ -91,5 +91,12 @@ def test_wordlist(tmp_path: Path) -> None:
     assert wl.hits("a badword, a BADWORD and a very bad phrase; badwords do not count") == 3
     assert wl.rejects("badword badword") and not wl.rejects("one badword only")
     assert not Wordlist(FilterConfig()).rejects("badword")
-    with pytest.raises(ConfigError, match=r"filter\.words_file: cannot read"):
+    with pytest.raises(ConfigError, match=r"filter\.words_file: .*missing\.txt not found"):
         Wordlist(FilterConfig(words_file=str(tmp_path / "missing.txt")))
+    # punctuation at an entry's edge still matches whole words, the same as the server's output filter
+    from lmforge.serve.filters import OutputFilter
+
+    words.write_text("c++\n.net\n")
+    text = "I write c++ and .net daily, not c++x"
+    assert Wordlist(FilterConfig(words_file=str(words))).hits(text) == 2
+    assert OutputFilter.from_file(words).cut(text) == ("I write ", True)

@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import re
 import unicodedata
-from pathlib import Path
 from typing import Literal
 
 from pydantic import Field
 
 from lmforge.config import Section
 from lmforge.errors import ConfigError
+from lmforge.wordlist import read_wordlist, word_pattern
 
 # Project Gutenberg wraps every etext in a licence header and footer between these markers.
 GUTENBERG_START = r"^\*{3}\s*START OF (THE|THIS) PROJECT GUTENBERG.*$"
@@ -176,15 +176,7 @@ class Wordlist:
         self.pattern: re.Pattern[str] | None = None
         if cfg.words_file is None:
             return
-        path = Path(cfg.words_file)
-        try:
-            words = [w.strip() for w in path.read_text("utf-8").splitlines()]
-        except (OSError, UnicodeDecodeError) as e:
-            raise ConfigError(f"filter.words_file: cannot read {path} ({e})") from None
-        words = sorted({w.lower() for w in words if w and not w.startswith("#")}, key=lambda w: (-len(w), w))
-        if not words:
-            raise ConfigError(f"filter.words_file: {path} has no words")
-        self.pattern = re.compile(r"\b(?:" + "|".join(re.escape(w) for w in words) + r")\b", re.IGNORECASE)
+        self.pattern = word_pattern(read_wordlist(cfg.words_file, "filter.words_file"))
 
     def hits(self, text: str) -> int:
         return 0 if self.pattern is None else sum(1 for _ in self.pattern.finditer(text))

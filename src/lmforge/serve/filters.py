@@ -12,11 +12,10 @@ text up to it is released and the choice ends with `finish_reason: "content_filt
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 from lmforge.errors import ConfigError
-from lmforge.io import read_lines
+from lmforge.wordlist import read_wordlist, word_pattern
 
 
 class OutputFilter:
@@ -25,19 +24,11 @@ class OutputFilter:
         if not words:
             raise ConfigError("output filter: the wordlist is empty")
         self.holdback = max(len(w) for w in words) + 1  # +1: the character that closes the word boundary
-        alternation = "|".join(re.escape(w) for w in sorted(words, key=len, reverse=True))
-        self.pattern = re.compile(rf"(?<!\w)(?:{alternation})(?!\w)", re.IGNORECASE)
+        self.pattern = word_pattern(words)
 
     @classmethod
     def from_file(cls, path: Path | str) -> OutputFilter:
-        return cls(
-            [
-                ln
-                for _, ln in read_lines(
-                    path, "output_wordlist (one word or phrase per line)", error=ConfigError
-                )
-            ]
-        )
+        return cls(read_wordlist(path, "output_wordlist (one word or phrase per line)"))
 
     def cut(self, text: str) -> tuple[str, bool]:
         """(text before the first listed word, whether one was found) for a whole answer."""
