@@ -56,3 +56,15 @@ def test_cli_exit_codes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> N
     assert main(["data", "verify", str(d)]) == 3
     assert "report.json" in capsys.readouterr().err
     assert main(["data", "verify", str(tmp_path / "nothing")]) == 3
+
+
+def test_a_malformed_entry_is_named(tmp_path: Path) -> None:
+    import json
+
+    (tmp_path / "a.txt").write_text("x")
+    write_manifest(tmp_path, stage="test")
+    m = json.loads((tmp_path / "manifest.json").read_text())
+    del m["files"]["a.txt"]["bytes"]
+    (tmp_path / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(IntegrityError, match=r"files\['a.txt'\] needs 'bytes'"):
+        verify_manifest(tmp_path)

@@ -45,6 +45,13 @@ def read_manifest(root: Path) -> dict[str, Any]:
         raise IntegrityError(f"{path}: unreadable manifest ({e})") from e
     if not isinstance(manifest.get("files"), dict):
         raise IntegrityError(f"{path}: key 'files' missing or not an object")
+    for rel, meta in manifest["files"].items():
+        if not (
+            isinstance(meta, dict)
+            and isinstance(meta.get("bytes"), int)
+            and isinstance(meta.get("sha256"), str)
+        ):
+            raise IntegrityError(f"{path}: files[{rel!r}] needs 'bytes' (an integer) and 'sha256' (a string)")
     return manifest
 
 
