@@ -339,7 +339,11 @@ class ServerState:
             min_p=req.min_p,
             repetition_penalty=req.repetition_penalty,
             stop=stop,
-            stop_token_ids=self.chat_stop_ids if isinstance(req, ChatRequest) else [],
+            stop_token_ids=[  # ignore_eos: the end-of-text token does not end a chat reply either
+                i for i in self.chat_stop_ids if not (req.ignore_eos and i == self.tok.eos_id)
+            ]
+            if isinstance(req, ChatRequest)
+            else [],
             seed=req.seed,
             ignore_eos=req.ignore_eos,
         )
