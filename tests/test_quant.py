@@ -225,7 +225,7 @@ def test_cli_end_to_end_writes_a_verified_folder_and_report(run: Path, tokens: P
     size = report["size"]
     assert size["file_bytes"] == (out / "model.safetensors").stat().st_size
     assert size["fp32_bytes"] == 4 * size["params"]
-    # 0.8M parameters, 0.53M of them in the 28 int4 layers at 4 + 24/128 bits (352-wide layers: 3 groups).
+    # 0.80M parameters, 0.74M of them in the 28 int4 layers at 4 + 24/128 bits (352-wide layers: 3 groups).
     assert 0.18 < size["vs_fp32"] < 0.26
     assert size["bits_per_weight"] == pytest.approx(8 * size["quantized_bytes"] / size["quantized_params"])
     ppl = report["perplexity"]
