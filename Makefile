@@ -69,6 +69,7 @@ bench: $(STAMP) $(DEMO)/tokens/manifest.json $(DEMO)/pretrain/manifest.json $(PE
 	$(BIN)/python -m benchmarks.tokenizer
 	$(BIN)/python -m benchmarks.model
 	$(BIN)/python -m benchmarks.pretrain --data $(DEMO)/tokens
+	$(BIN)/python -m benchmarks.sft
 	$(BIN)/python -m benchmarks.finetune
 	$(BIN)/python -m benchmarks.generate
 	$(BIN)/python -m benchmarks.serve
