@@ -344,3 +344,12 @@ def test_quantized_model_runs_on_gpu_like_on_cpu(method: str, fp: nn.Module, cal
         torch.testing.assert_close(gpu(ids.cuda()).cpu(), cpu(ids), rtol=1e-3, atol=1e-3)
     gq = quantize_model(copy.deepcopy(fp).to("cuda"), method, calib=calib)  # quantizing on the GPU works too
     assert gq.quant_spec.layers == cpu.quant_spec.layers
+
+
+def test_gptq_failure_names_the_layer() -> None:
+    from lmforge.errors import ConfigError
+    from lmforge.quant.quantize import _gptq_layer
+
+    bad = torch.full((32, 32), float("nan"))  # what non-finite calibration activations would give
+    with pytest.raises(ConfigError, match=r"layers.3.mlp.up is not positive definite \(damp=0.01\)"):
+        _gptq_layer(nn.Linear(32, 8), bad, 32, False, 0.01, "layers.3.mlp.up")

@@ -225,10 +225,16 @@ def _hessians(
 
 
 def _gptq_layer(
-    linear: nn.Linear, h: Tensor, group_size: int, act_order: bool, damp: float
+    linear: nn.Linear, h: Tensor, group_size: int, act_order: bool, damp: float, name: str
 ) -> tuple[Int4Linear, dict[str, float]]:
     w = linear.weight.detach().float()
-    q, scale, zero = gptq_int4(w, h, group_size=group_size, damp=damp, act_order=act_order)
+    try:
+        q, scale, zero = gptq_int4(w, h, group_size=group_size, damp=damp, act_order=act_order)
+    except torch.linalg.LinAlgError:
+        raise ConfigError(
+            f"GPTQ: the damped Hessian of {name} is not positive definite (damp={damp}); raise damp, "
+            "e.g. damp=0.1, or calibrate on more data"
+        ) from None
     s0, z0 = int4_params(w, group_size)
     rtn = output_error(w, dequantize_codes(quantize_int4_with(w, s0, z0, group_size), s0, z0, group_size), h)
     gptq = output_error(w, dequantize_codes(q, scale, zero, group_size), h)
@@ -263,7 +269,9 @@ def _gptq_model(
             hs, _ = _hessians(block, local, run)
             for name in local:
                 bar.update(task, layer=prefix + name)
-                new, err = _gptq_layer(block.get_submodule(name), hs[name], group_size, act_order, damp)
+                new, err = _gptq_layer(
+                    block.get_submodule(name), hs[name], group_size, act_order, damp, prefix + name
+                )
                 set_module(block, name, new)
                 errors[prefix + name] = err
                 bar.update(task, advance=1)
@@ -272,7 +280,7 @@ def _gptq_model(
             head: Any = model.output
             norm: Any = model.norm
             hs, _ = _hessians(model, ["output"], lambda: [head(norm(x)) for x in xs])
-            new, err = _gptq_layer(head, hs["output"], group_size, act_order, damp)
+            new, err = _gptq_layer(head, hs["output"], group_size, act_order, damp, "output")
             set_module(model, "output", new)
             errors["output"] = err
             bar.update(task, advance=1, layer="output")
