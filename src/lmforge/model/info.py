@@ -63,23 +63,43 @@ def _model_section(data: Any, source: Path) -> ModelConfig:
         raise ConfigError(f"{source}: not a model config: {str(e).splitlines()[0]} ...") from None
 
 
+def _read_data(path: Path) -> Any:
+    try:
+        text = path.read_text("utf-8")
+        return json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    except (ValueError, yaml.YAMLError) as e:  # UnicodeDecodeError is a ValueError
+        raise ConfigError(f"{path}: not valid {path.suffix.lstrip('.').upper() or 'YAML'} ({e})") from None
+
+
 def resolve_model(spec: str) -> ModelConfig:
-    """A preset name, HF folder, run folder (config.yaml with model:) or YAML/JSON file -> ModelConfig."""
+    """A preset name, HF folder, lmforge model folder, run folder or YAML/JSON file -> ModelConfig."""
     if spec in PRESETS:
         return get_preset(spec)
     path = Path(spec)
     if path.is_dir():
+        from lmforge.infer.load import MODEL_CONFIG, _model_config_from_run, _read_model_config
+
         if (path / "config.json").exists():
             from lmforge.model.hf import _read_json, config_from_hf
 
             return config_from_hf(_read_json(path / "config.json"))
-        if (path / "config.yaml").exists():
-            path = path / "config.yaml"
-        else:
-            raise ConfigError(f"{path}: neither config.json (HF folder) nor config.yaml (lmforge run) found")
+        for saved in (path / MODEL_CONFIG, path / "model" / MODEL_CONFIG):  # a model folder, a finished run
+            if saved.is_file():
+                return _read_model_config(saved)
+        run_yaml = path / "config.yaml"
+        if not run_yaml.is_file():
+            raise ConfigError(
+                f"{path}: no config.json (HF folder), {MODEL_CONFIG} (lmforge model) or config.yaml (run) found"
+            )
+        data = _read_data(run_yaml)
+        if not (isinstance(data, dict) and isinstance(data.get("model"), dict)):
+            try:  # `model:` names a preset or a file: rebuild the shape as the run did
+                return _model_config_from_run(path, path)
+            except ValueError as e:  # not a pretraining run's config
+                raise ConfigError(f"{run_yaml}: cannot tell the model's shape ({e})") from None
+        return _model_section(data, run_yaml)
     if path.is_file():
-        text = path.read_text("utf-8")
-        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+        data = _read_data(path)
         if isinstance(data, dict) and "architectures" in data:
             from lmforge.model.hf import config_from_hf
 

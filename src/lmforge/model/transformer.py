@@ -254,7 +254,8 @@ class Transformer(nn.Module):
         `seed=None` draws from torch's global RNG instead of a private generator.
         """
         device = self.tok_embeddings.weight.device
-        gen = None if seed is None else torch.Generator(device=device).manual_seed(seed)
+        meta = device.type == "meta"  # shapes only (e.g. reading a run's model shape): nothing to draw
+        gen = None if seed is None or meta else torch.Generator(device=device).manual_seed(seed)
         std = self.cfg.init_std
         resid_std = std / math.sqrt(2 * self.cfg.n_layers)
         for name, p in self.named_parameters():
