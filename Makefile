@@ -71,6 +71,7 @@ bench: $(STAMP) $(DEMO)/tokens/manifest.json $(DEMO)/pretrain/manifest.json $(PE
 	$(BIN)/python -m benchmarks.pretrain --data $(DEMO)/tokens
 	$(BIN)/python -m benchmarks.sft
 	$(BIN)/python -m benchmarks.finetune
+	$(BIN)/python -m benchmarks.dpo
 	$(BIN)/python -m benchmarks.generate
 	$(BIN)/python -m benchmarks.serve
 	$(BIN)/python -m benchmarks.decode
