@@ -459,3 +459,31 @@ def test_shipped_demo_pairs_are_reproducible(tok: Tokenizer) -> None:
     assert DEMO_DATA.read_text("utf-8") == want
     _, stats = load_pairs(DEMO_DATA, tok, max_len=128, max_prompt_len=64)
     assert stats.records == 600 and stats.pairs == 600 and stats.truncated == 0
+
+
+def test_a_lora_run_is_merged_into_its_base_to_start_from(
+    setup: dict[str, Path], tok: Tokenizer, tmp_path: Path
+) -> None:
+    """model= a run whose result is an adapter/: the policy and the reference are base + that adapter, merged."""
+    from safetensors.torch import load_file
+
+    from lmforge.infer.load import load_model
+    from lmforge.model.lora import load_adapter
+
+    first, second = tmp_path / "first", tmp_path / "second"
+    assert run_dpo(dpo_args(setup, first, "max_steps=3", "optim.lr=1e-2", small=True)) == 0
+    args = dpo_args(setup, second, "max_steps=1", small=True)
+    assert run_dpo([*args[1:], f"model={first}"]) == 0
+    ref = load_file(str(second / "reference.safetensors"))["eval"]  # (8, 2), computed from the merged model
+    model, _ = load_model(setup["base"])
+    load_adapter(model, first / "adapter")
+    held, _ = load_pairs(setup["small_eval"], tok, max_len=64, max_prompt_len=32)
+    with torch.no_grad():
+        lp = sequence_logps(model, **{k: v for k, v in collate(held, tok.pad_id).items() if k != "count"})
+    assert torch.allclose(ref, torch.stack([lp[:8], lp[8:]], 1), atol=1e-4)
+    base_only, _ = load_model(setup["base"])
+    with torch.no_grad():
+        lp0 = sequence_logps(
+            base_only, **{k: v for k, v in collate(held, tok.pad_id).items() if k != "count"}
+        )
+    assert (lp - lp0).abs().max() > 1e-2  # the first run's adapter really changed the starting point
