@@ -22,7 +22,7 @@ import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import torch
 from pydantic import Field, model_validator
@@ -67,7 +67,11 @@ class PretrainConfig(Section):
     )
     seq_len: int = Field(256, ge=8, description="tokens per training sequence")
     global_batch: int = Field(32, ge=1, description="sequences per optimizer step, all processes together")
-    micro_batch: int = Field(8, ge=1, description="sequences per forward pass on one process")
+    micro_batch: Annotated[int, Field(ge=1)] | Literal["auto"] = Field(
+        8,
+        description="sequences per forward pass on one process; auto = the largest that `lmforge plan` "
+        "predicts to fit, halved on a GPU out-of-memory error (global batch unchanged)",
+    )
     max_steps: int = Field(1000, ge=1, description="optimizer steps to train")
     optim: OptimConfig = OptimConfig()
     schedule: ScheduleConfig = ScheduleConfig()
@@ -98,7 +102,7 @@ class PretrainConfig(Section):
 
     @model_validator(mode="after")
     def _divisible(self) -> PretrainConfig:
-        if self.global_batch % self.micro_batch:
+        if isinstance(self.micro_batch, int) and self.global_batch % self.micro_batch:
             raise ValueError(
                 f"global_batch ({self.global_batch}) must be a multiple of micro_batch ({self.micro_batch})"
             )
@@ -175,6 +179,27 @@ def apply_activation_checkpointing(model: nn.Module) -> None:
             return checkpoint(_f, *args, use_reentrant=False, **kwargs)
 
         setattr(block, "forward", checkpointed)  # noqa: B010 - an instance attribute shadows the method
+
+
+def resolve_auto_micro_batch(
+    cfg: PretrainConfig, model: nn.Module, device: torch.device, precision: str, info: D.DistInfo
+) -> int:
+    """micro_batch=auto: the planner's largest micro batch that fits this device (see lmforge.plan.auto)."""
+    from lmforge.plan.auto import auto_micro_batch
+
+    micro = auto_micro_batch(
+        model_config(model),
+        seq_len=cfg.seq_len,
+        global_batch=cfg.global_batch,
+        world=info.world_size,
+        device=device,
+        precision=precision,
+        checkpointing=cfg.activation_checkpointing,
+        fsdp=cfg.dist.strategy == "fsdp",
+    )
+    if info.is_main:
+        print(f"micro_batch=auto: {micro} (predicted by the planner for {device})", file=sys.stderr)
+    return micro
 
 
 def precision_setup(
@@ -395,7 +420,15 @@ def train(cfg: PretrainConfig, **trainer_kw: Any) -> int:
     from lmforge.train.sampler import BatchSampler, TokenWindows, eval_batches
 
     info = D.from_env()
-    if info.enabled and cfg.global_batch % (cfg.micro_batch * info.world_size):
+    if info.enabled and cfg.global_batch % info.world_size:
+        raise ConfigError(
+            f"global_batch ({cfg.global_batch}) must be a multiple of {info.world_size} processes"
+        )
+    if (
+        info.enabled
+        and isinstance(cfg.micro_batch, int)
+        and cfg.global_batch % (cfg.micro_batch * info.world_size)
+    ):
         raise ConfigError(
             f"global_batch ({cfg.global_batch}) must be a multiple of micro_batch x processes "
             f"({cfg.micro_batch} x {info.world_size})"
@@ -417,6 +450,14 @@ def train(cfg: PretrainConfig, **trainer_kw: Any) -> int:
             raise DataError(
                 f"{cfg.data}: validation split has fewer than seq_len+1 = {cfg.seq_len + 1} tokens"
             )
+        model = resolve_model(cfg, train_set.vocab_size, device, cfg.seed)
+        prec, param_dtype, autocast, scaler = precision_setup(cfg, device)
+        auto_micro = cfg.micro_batch == "auto"
+        if auto_micro:
+            cfg = cfg.model_copy(
+                update={"micro_batch": resolve_auto_micro_batch(cfg, model, device, prec, info)}
+            )
+        assert isinstance(cfg.micro_batch, int)
         sampler = BatchSampler(
             windows,
             global_batch=cfg.global_batch,
@@ -425,9 +466,6 @@ def train(cfg: PretrainConfig, **trainer_kw: Any) -> int:
             world_size=info.world_size,
             seed=cfg.seed,
         )
-
-        model = resolve_model(cfg, train_set.vocab_size, device, cfg.seed)
-        prec, param_dtype, autocast, scaler = precision_setup(cfg, device)
         if cfg.activation_checkpointing:
             apply_activation_checkpointing(model)
         if cfg.compile:
@@ -494,6 +532,10 @@ def train(cfg: PretrainConfig, **trainer_kw: Any) -> int:
             extra_state={"config": cfg.model_dump(mode="json"), "precision": prec},
             **trainer_kw,
         )
+        if auto_micro:
+            from lmforge.plan.auto import install_oom_backoff
+
+            install_oom_backoff(trainer, sampler)
         if cfg.resume is not None:
             loaded = trainer.resume(cfg.resume)
             if loaded is None and info.is_main:
