@@ -487,3 +487,20 @@ def test_a_lora_run_is_merged_into_its_base_to_start_from(
             base_only, **{k: v for k, v in collate(held, tok.pad_id).items() if k != "count"}
         )
     assert (lp - lp0).abs().max() > 1e-2  # the first run's adapter really changed the starting point
+
+
+def test_starts_from_a_hugging_face_folder(setup: dict[str, Path], tok: Tokenizer, tmp_path: Path) -> None:
+    from infer_helpers import save_hf_model
+
+    save_hf_model("llama", tok, tmp_path / "hf")
+    out = tmp_path / "run"
+    assert run_dpo(dpo_args(setup, out, f"model={tmp_path / 'hf'}", "max_steps=2", small=True)) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["before"]["reward_accuracy"] == 0.5 and report["before"]["loss"] == pytest.approx(
+        math.log(2)
+    )
+    peft_cfg = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert (
+        peft_cfg["base_model_name_or_path"] == str((tmp_path / "hf").resolve())
+        and "q_proj" in peft_cfg["target_modules"]
+    )
