@@ -161,10 +161,12 @@ def test_packed_sizes_are_exact() -> None:
 
 
 def test_int4_dequantization_error_is_bounded_by_half_a_step() -> None:
+    torch.manual_seed(0)
     lin = nn.Linear(352, 16)
     q = Int4Linear.from_linear(lin, 128)
     step = q.scales.float().repeat_interleave(128, dim=1)[:, :352]
-    assert float(((q.weight - lin.weight.detach()).abs() / step).max()) <= 0.5 + 1e-4
+    # Half a step, plus what the fp16 rounding of the scale (relative 2^-11) can leave at 15 steps' end.
+    assert float(((q.weight - lin.weight.detach()).abs() / step).max()) <= 0.5 + 15 * 2**-11
 
 
 def test_int8_fast_kernel_matches_dequantize_then_matmul() -> None:
