@@ -265,7 +265,9 @@ def memory(s: Setup) -> Memory:
         m.notes.append(f"FSDP shards parameters, gradients and optimizer states over {s.world} devices")
     elif s.world > 1 and s.method in ("pretrain", "full"):
         m.transient += 4.0 * n  # DDP's gradient buckets: a second copy of the gradients
-        m.notes.append("DDP keeps its gradient buckets next to the gradients")
+        m.notes.append(
+            "DDP allocates gradient buckets (a second copy of the gradients) when it wraps the model"
+        )
 
     m.activations_no_ckpt = activations(s, False)
     m.activations_ckpt = activations(s, True)
@@ -287,14 +289,14 @@ def memory(s: Setup) -> Memory:
     if s.accum > 1 and sharded and s.method in ("pretrain", "full"):
         grads_live = n * 4.0  # FSDP keeps unsharded gradients while accumulating without sync
         m.notes.append("FSDP accumulation without sync keeps full-size gradients: prefer accumulation 1")
-    static = m.weights + m.optimizer + m.compute_copies - gathered
+    static = m.weights + m.optimizer + m.compute_copies - gathered + (0.0 if sharded else m.transient)
     during = m.activations + backward + (grads_live if s.accum > 1 else 0.0)
     # The end of backward: nearly all gradients exist while block 0 still holds its activations and
     # temporaries, and the embedding's dense gradient is built before being added to the tied one.
     late = grads_live + block_activation_bytes(s) * tokens + backward_temp_bytes(s) * tokens
     if s.method in ("pretrain", "full"):
         late += cfg.vocab_size * cfg.dim * 4.0 / w_div
-    m.peak = static + max(during, late, grads_live + (m.transient if not sharded else 0.0))
+    m.peak = static + max(during, late, grads_live)
     if s.device == "gpu":
         m.overhead = GPU_OVERHEAD + GPU_FRAGMENTATION * m.peak
     else:

@@ -312,6 +312,8 @@ def _split_supported(out: dict[str, Any], command: str) -> dict[str, Any]:
             if sub:
                 kept[k] = sub
             dropped.update({f"{k}.{kk}": vv for kk, vv in v.items() if f"{k}.{kk}" not in keys})
+        elif isinstance(v, dict):
+            dropped.update({f"{k}.{kk}": vv for kk, vv in v.items()})
         else:
             dropped[k] = v
     return {"config": kept, "unsupported": dropped}

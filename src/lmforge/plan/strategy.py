@@ -189,7 +189,9 @@ def explain(s: Setup, m: Memory, hw: Hardware, per_device: int) -> dict[str, str
         else "AdamW with fp32 moments (8 bytes/parameter) fits"
     )
     r["precision"] = (
-        f"{s.precision}: bf16 autocast with fp32 master weights on tensor cores"
+        f"{s.precision}: frozen base and adapters in {s.precision} on tensor cores"
+        if s.mixed and s.method in ("lora", "qlora")
+        else f"{s.precision}: autocast with fp32 master weights on tensor cores"
         if s.mixed
         else "fp32: CPUs have no fast bf16 path (about 20x slower than fp32 here)"
         if s.device == "cpu"
