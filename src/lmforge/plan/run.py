@@ -176,7 +176,7 @@ def plan(cfg: PlanConfig, hw: Hardware | None = None) -> dict[str, Any]:
     )
     n = num_params(mcfg)
     head = {
-        "model": cfg.model,
+        "model": cfg.model + (" + model_overrides" if cfg.model_overrides else ""),
         "params": n,
         "method": cfg.method,
         "seq_len": seq,
