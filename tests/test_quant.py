@@ -82,8 +82,8 @@ def quantized(fp: nn.Module, calib: torch.Tensor) -> dict[str, nn.Module]:
     return {m: quantize_model(copy.deepcopy(fp), m, calib=calib) for m in METHODS}
 
 
-# Measured on this fixture (val perplexity ~150): int8 +0.02%, int4 RTN +0.3%, int4 GPTQ +0.1%, NF4 +0.3%.
-BOUNDS = {"int8": 1.0, "int4": 3.0, "int4-gptq": 2.0, "nf4": 3.0}
+# Measured on this fixture (val perplexity 153.6): int8 -0.003%, int4 RTN +0.03%, int4 GPTQ +0.05%, NF4 -0.11%.
+BOUNDS = {"int8": 0.5, "int4": 1.0, "int4-gptq": 1.0, "nf4": 1.0}
 
 
 @pytest.fixture(scope="module")
