@@ -86,3 +86,49 @@ def test_oom_halves_micro_batch_keeping_the_global_batch(
     assert _losses(out) == _losses(ref)
     saved = yaml.safe_load((out / "config.yaml").read_text())
     assert saved["micro_batch"] == 8 and saved["global_batch"] == 8  # what auto resolved to
+
+
+def test_finetune_lora_auto_backs_off_too(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`lmforge finetune micro_batch=auto` (LoRA): resolves to all 8 rows, an injected OOM halves it to 4."""
+    import lmforge.train.finetune as ft
+    from lmforge.tokenizer import SpecialTokensConfig, train_tokenizer
+
+    special = SpecialTokensConfig()
+    train_tokenizer(["x"], vocab_size=len(special.ordered()) + 256, special_tokens=special).save(
+        tmp_path / "tok"
+    )
+    rows = [json.dumps({"prompt": f"{c}{i}", "completion": c.upper()}) for c in "abcdefgh" for i in range(4)]
+    (tmp_path / "train.jsonl").write_text("\n".join(rows) + "\n")
+    real = ft.masked_lm
+    seen: list[int] = []
+
+    def tight_memory(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> Any:
+        if model.training:
+            seen.append(batch["input_ids"].shape[0])
+            if batch["input_ids"].shape[0] > 4:
+                raise torch.OutOfMemoryError("injected: CUDA out of memory")
+        return real(model, batch)
+
+    monkeypatch.setattr(ft, "masked_lm", tight_memory)
+    cfg = ft.CONFIG.model_validate(
+        {
+            "base": "tiny",
+            "tokenizer": str(tmp_path / "tok"),
+            "model_overrides": {"n_layers": 2, "dim": 64, "n_heads": 4, "n_kv_heads": 4, "hidden_dim": 172},
+            "output": str(tmp_path / "run"),
+            "data": {"train": [str(tmp_path / "train.jsonl")]},
+            "method": "lora",
+            "seq_len": 32,
+            "global_batch": 8,
+            "micro_batch": "auto",
+            "max_steps": 2,
+            "threads": 1,
+            "progress": False,
+            "tensorboard": False,
+        }
+    )
+    assert ft.train(cfg) == 0
+    assert "micro_batch=auto: 8" in capsys.readouterr().err
+    assert seen == [8, 4, 4, 4, 4]  # step 0 retried as 2 x 4, step 1 as 2 x 4: 8 rows per step

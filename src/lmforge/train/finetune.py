@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -73,7 +73,11 @@ class FinetuneConfig(Section):
     lora: LoraConfig = Field(default_factory=LoraConfig, description="adapter shape (method lora/qlora)")
     seq_len: int = Field(512, ge=8, description="tokens per training row; longer examples are truncated")
     global_batch: int = Field(16, ge=1, description="rows per optimizer step")
-    micro_batch: int = Field(4, ge=1, description="rows per forward pass")
+    micro_batch: Annotated[int, Field(ge=1)] | Literal["auto"] = Field(
+        4,
+        description="rows per forward pass; auto = the largest that `lmforge plan` predicts to fit, halved "
+        "on a GPU out-of-memory error (global batch unchanged)",
+    )
     max_steps: int = Field(100, ge=1, description="optimizer steps to train")
     optim: OptimConfig = Field(
         default_factory=lambda: OptimConfig(lr=1e-4, weight_decay=0.0), description="AdamW settings"
@@ -100,7 +104,7 @@ class FinetuneConfig(Section):
 
     @model_validator(mode="after")
     def _divisible(self) -> FinetuneConfig:
-        if self.global_batch % self.micro_batch:
+        if isinstance(self.micro_batch, int) and self.global_batch % self.micro_batch:
             raise ValueError(
                 f"global_batch ({self.global_batch}) must be a multiple of micro_batch ({self.micro_batch})"
             )
@@ -133,6 +137,13 @@ def load_base(
     tok = load_tokenizer(tokenizer) if tokenizer is not None else None
     path = Path(base)
     if path.is_dir():
+        if (path / "adapter_config.json").is_file() or (
+            (path / "adapter" / "adapter_config.json").is_file() and not (path / "model").is_dir()
+        ):
+            raise ConfigError(
+                f"base: {path} is a LoRA adapter, not a model; fold it into its base with "
+                "`lmforge lora merge` and fine-tune the merged folder"
+            )
         if model_overrides:
             raise ConfigError("model_overrides: only a preset base can be reshaped")
         from lmforge.infer.load import load_model
@@ -331,11 +342,12 @@ def export_result(run_dir: Path, ckpt: Path, model: nn.Module, tok: Any, cfg: Fi
     return out
 
 
-def finish_run_dir(stage: Path, final: Path) -> None:
+def finish_run_dir(stage: Path, final: Path, command: str = COMMAND) -> None:
+    """Write the manifest and rename `<output>.partial` to `<output>`."""
     from lmforge.data.manifest import write_manifest
     from lmforge.io import publish_dir
 
-    write_manifest(stage, stage=COMMAND)
+    write_manifest(stage, stage=command)
     publish_dir(stage, final)
 
 
@@ -374,6 +386,25 @@ def train(cfg: FinetuneConfig, **trainer_kw: Any) -> int:
     val = data.val[: cfg.eval.max_examples] if cfg.eval.max_examples else data.val
     summary = setup_method(model, cfg.method, cfg.lora, cfg.seed)
     prec, _, autocast, scaler = precision_setup(cfg, device)
+    auto_micro = cfg.micro_batch == "auto"
+    if auto_micro:
+        from lmforge.plan.auto import auto_micro_batch
+
+        micro = auto_micro_batch(
+            model.cfg,
+            seq_len=cfg.seq_len,
+            global_batch=cfg.global_batch,
+            world=1,
+            device=device,
+            precision=prec,
+            checkpointing=False,
+            fsdp=False,
+            method=cfg.method,
+            lora_rank=cfg.lora.rank,
+        )
+        print(f"micro_batch=auto: {micro} (predicted by the planner for {device})", file=sys.stderr)
+        cfg = cfg.model_copy(update={"micro_batch": micro})
+    assert isinstance(cfg.micro_batch, int)
     batches = SFTBatches(
         data.train,
         seq_len=cfg.seq_len,
@@ -424,6 +455,10 @@ def train(cfg: FinetuneConfig, **trainer_kw: Any) -> int:
         extra_state={"config": cfg.model_dump(mode="json"), "precision": prec, "method": cfg.method},
         **trainer_kw,
     )
+    if auto_micro:
+        from lmforge.plan.auto import install_oom_backoff
+
+        install_oom_backoff(trainer, batches)
     if cfg.resume is not None:
         loaded = trainer.resume(cfg.resume)
         print(
