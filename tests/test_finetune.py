@@ -268,3 +268,13 @@ def test_user_errors_are_one_line(task: Path, tmp_path: Path, capsys: pytest.Cap
     assert main(["finetune", "base=tiny", "method=dora", f"data.train={bad}", f"output={out}"]) == 2
     assert "method" in capsys.readouterr().err
     assert not Path(out).exists()
+
+
+def test_an_adapter_is_not_a_base(base: Path, task: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    run = task / "lora"  # written by test_lora_teaches_the_base_a_new_task, else made here
+    if not run.exists():
+        lora_run(task, base, "lora", run, 2)
+    assert (
+        main(["finetune", f"base={run}", f"data.train={task / 'train1.jsonl'}", f"output={task / 'x'}"]) == 2
+    )
+    assert "is a LoRA adapter, not a model" in capsys.readouterr().err
