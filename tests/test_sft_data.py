@@ -165,6 +165,17 @@ def test_formats_render_as_the_same_conversation(tmp_path: Path) -> None:
     assert plain.mask == [False, False, False, True, True]
 
 
+def test_tokenizer_without_a_chat_template(tmp_path: Path) -> None:
+    """No template and no ChatML tokens (a base model's tokenizer): an error for chat, plain works."""
+    tok = char_tokenizer(extra=["<|sep|>"])
+    path = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "2+3=", "completion": "5"}])
+    with pytest.raises(DataError, match=r"data\.template=plain"):
+        load_sft(SFTDataConfig(train=[str(path)]), tok, seq_len=64)
+    ex = load_sft(SFTDataConfig(train=[str(path)], template="plain"), tok, seq_len=64).train[0]
+    assert ex.ids == [*tok.encode("2+3=5"), tok.eos_id]
+    assert targets_text(tok, ex.ids, ex.mask) == ["5<|endoftext|>"]
+
+
 @pytest.mark.parametrize(
     ("records", "line", "expected"),
     [

@@ -267,8 +267,24 @@ def read_examples(
     return out
 
 
+def check_template(tok: Any, cfg: SFTDataConfig) -> None:
+    """A tokenizer folder without a chat template gets lmforge's ChatML default on load; if its vocabulary
+    lacks the ChatML markers, they would be spelled out in pieces: refuse rather than train on that."""
+    from lmforge.tokenizer import CHATML_TEMPLATE
+
+    if cfg.template == "chat" and tok.chat_template == CHATML_TEMPLATE:
+        missing = [t for t in ("<|im_start|>", "<|im_end|>") if t not in tok.special_tokens]
+        if missing:
+            raise DataError(
+                f"data.template: the tokenizer has no chat template of its own and no ChatML special tokens "
+                f"({', '.join(missing)}); set data.template=plain (prompt + completion + EOS) or give the "
+                "tokenizer a chat_template"
+            )
+
+
 def load_sft(cfg: SFTDataConfig, tok: Any, *, seq_len: int, seed: int = 0) -> SFTData:
     """Training and validation examples plus counts (records, truncated, dropped, tokens, targets)."""
+    check_template(tok, cfg)
     stats: dict[str, Any] = {"records": 0, "truncated": 0, "truncated_tokens": 0, "dropped_no_targets": 0}
     train = read_examples(cfg.train, tok, cfg, seq_len, stats, cfg.max_examples)
     if cfg.val:
