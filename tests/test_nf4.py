@@ -78,3 +78,15 @@ def test_nf4_linear_forward_backward_and_state_dict(tmp_path) -> None:  # type: 
     fresh = NF4Linear(64, 48, bias=True)
     fresh.load_state_dict(load_file(str(tmp_path / "nf4.safetensors")))
     assert torch.equal(fresh(x.detach()), layer(x.detach()))
+
+
+def test_to_dtype_keeps_codes_and_fp32_scales() -> None:
+    torch.manual_seed(0)
+    layer = NF4Linear.from_linear(nn.Linear(64, 32, bias=True))
+    packed, absmax = layer.packed.clone(), layer.absmax.clone()
+    layer.to(torch.bfloat16)
+    assert torch.equal(layer.packed, packed) and layer.absmax.dtype == torch.float32
+    assert torch.equal(layer.absmax, absmax)  # not rounded to bf16
+    assert layer.dtype == torch.bfloat16 and layer.dequantized_weight().dtype == torch.bfloat16
+    assert layer.bias is not None and layer.bias.dtype == torch.bfloat16
+    assert layer(torch.randn(2, 64, dtype=torch.bfloat16)).dtype == torch.bfloat16

@@ -148,6 +148,15 @@ class NF4Linear(nn.Module):
             layer.bias.data.copy_(linear.bias.detach())
         return layer
 
+    def _apply(self, fn: Any, recurse: bool = True) -> NF4Linear:
+        # model.to(bf16) must not round absmax (the scales are part of the code, like `packed`): keep it
+        # fp32 and follow only the device; the dequantized weight follows the new dtype.
+        absmax = self.absmax
+        super()._apply(fn, recurse)
+        self.absmax = absmax.to(self.packed.device)
+        self.dtype = fn(torch.empty(0, dtype=self.dtype, device=absmax.device)).dtype
+        return self
+
     @property
     def weight_shape(self) -> torch.Size:
         return torch.Size((self.out_features, self.in_features))
