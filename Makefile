@@ -76,6 +76,7 @@ bench: $(STAMP) $(DEMO)/tokens/manifest.json $(DEMO)/pretrain/manifest.json $(PE
 	$(BIN)/python -m benchmarks.serve
 	$(BIN)/python -m benchmarks.decode
 	$(BIN)/python -m benchmarks.quantize --model $(DEMO)/pretrain --data $(DEMO)/tokens
+	$(BIN)/python -m benchmarks.plan
 
 # LitGPT 0.5 needs huggingface-hub<1.4 (conflicts with transformers 5); litdata without deps keeps torch CPU.
 $(PEERS)/litgpt/.installed: constraints.txt
