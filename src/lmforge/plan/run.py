@@ -334,7 +334,7 @@ def overlay_yaml(ov: dict[str, Any], plan_cmd: str) -> str:
 
 # -- output ---------------------------------------------------------------------------------------------
 def _gib(x: float) -> str:
-    return f"{x / GIB:,.2f}"
+    return f"{x / GIB:,.3f}" if x < GIB else f"{x / GIB:,.2f}"
 
 
 def print_plan(p: dict[str, Any], probe_result: dict[str, Any] | None = None) -> None:
