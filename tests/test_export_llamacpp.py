@@ -39,15 +39,20 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_llama_cpp_greedy_matches_lmforge(trained: Path, tmp_path: Path) -> None:
-    for qtype in ("f32", "f16"):
-        r = _export(trained, tmp_path / qtype, qtype, PROMPTS, "new_tokens=32")
-        p = r["parity"]
-        assert r["runtime"] == "llama.cpp" and r["tokenizer_match"] is True
-        assert p["greedy_identical"] == 4, (qtype, p)  # every prompt: the same 32 greedy tokens
-        assert p["greedy_agreement"] == 1.0
-        assert p["max_abs_logit_diff"] < (1e-3 if qtype == "f32" else 5e-2), p
-        assert p["kl_max"] < (1e-6 if qtype == "f32" else 1e-3), p
-        assert abs(p["perplexity_rel_change"]) < (1e-5 if qtype == "f32" else 2e-3), p
+    r = _export(trained, tmp_path / "f32", "f32", PROMPTS, "new_tokens=32")
+    p = r["parity"]
+    assert r["runtime"] == "llama.cpp" and r["tokenizer_match"] is True
+    assert p["greedy_identical"] == 4, p  # every prompt: the same 32 greedy tokens
+    assert p["greedy_agreement"] == 1.0
+    assert p["max_abs_logit_diff"] < 1e-4 and p["kl_max"] < 1e-8, p
+    assert abs(p["perplexity_rel_change"]) < 1e-5, p
+    # f16: llama.cpp also rounds activations to fp16 inside its matmuls. Measured: max |diff| ~3e-3, KL ~1e-7,
+    # and one of the four free-running continuations of this briefly trained model hits a near-tie.
+    r = _export(trained, tmp_path / "f16", "f16", PROMPTS, "new_tokens=32")
+    p = r["parity"]
+    assert p["greedy_identical"] >= 3 and p["greedy_agreement"] >= 0.98, p
+    assert p["max_abs_logit_diff"] < 2e-2 and p["kl_max"] < 1e-4, p
+    assert abs(p["perplexity_rel_change"]) < 1e-3, p
     r = _export(trained, tmp_path / "q8_0", "q8_0", PROMPTS, "new_tokens=32")
     p = r["parity"]
     assert p["greedy_agreement"] >= 0.95, p  # q8_0: top-1 agreement, teacher forced
@@ -59,7 +64,9 @@ def test_llama_cpp_greedy_matches_lmforge(trained: Path, tmp_path: Path) -> None
     [
         gpt2_cfg(),
         llama_cfg(qkv_bias=True),  # -> qwen2
-        llama_cfg(tie_embeddings=False, rope_scaling=RopeScaling(factor=4.0, original_max_position_embeddings=16)),
+        llama_cfg(
+            tie_embeddings=False, rope_scaling=RopeScaling(factor=4.0, original_max_position_embeddings=16)
+        ),
         llama_cfg(n_kv_heads=1, head_dim=32),  # MQA, head_dim != dim / n_heads: key_length metadata
     ],
     ids=["gpt2", "qwen2", "llama3-rope", "mqa-head-dim"],

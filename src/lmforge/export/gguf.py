@@ -373,6 +373,8 @@ class LlamaCppRunner:
             n_batch=n_ctx,
             n_ubatch=n_ctx,
             logits_all=True,
+            type_k=0,  # GGML_TYPE_F32: an f16 KV cache (llama.cpp's default) would blur the weights' check
+            type_v=0,
             n_threads=threads or os.cpu_count() or 1,
             verbose=False,
         )
