@@ -392,3 +392,35 @@ def test_lora_merge_errors(tmp_path: Path, llama_dir: Path) -> None:
     (tmp_path / "a" / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 4, "lora_alpha": 8, "use_dora": True}))  # fmt: skip
     with pytest.raises(DataError, match="use_dora=True is not supported"):
         merge(CONFIG(adapter=str(tmp_path / "a"), base=str(llama_dir), output=str(tmp_path / "o")))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["lora", "qlora"])
+def test_finetune_run_then_merge(tmp_path: Path, llama_dir: Path, method: str) -> None:
+    """The real `lmforge finetune` writes the adapter; `lmforge lora merge` turns the run into a model."""
+    from lmforge.cli import main as cli
+
+    lines = [json.dumps({"prompt": f"count {i}", "completion": f"{i + 1}"}) for i in range(60)]
+    (tmp_path / "train.jsonl").write_text("\n".join(lines) + "\n")
+    run = tmp_path / "run"
+    args = [f"base={llama_dir}", f"method={method}", "max_steps=3", f"output={run}", "optim.lr=1e-2"]
+    args += [
+        "seq_len=32",
+        "global_batch=8",
+        "micro_batch=8",
+        "threads=1",
+        "progress=false",
+        "tensorboard=false",
+    ]
+    assert cli(["finetune", *args, f"data.train={tmp_path / 'train.jsonl'}", "data.val_fraction=0.1"]) == 0
+    assert cli(["lora", "merge", f"adapter={run}", f"output={tmp_path / 'merged'}"]) == 0
+    report = json.loads((tmp_path / "merged" / "merge_report.json").read_text())
+    assert report["nf4_base"] is (method == "qlora") and report["merged_modules"] == 14
+    adapted, _ = load_hf(llama_dir)
+    load_adapter(adapted, run / "adapter", quantize_base=method == "qlora")
+    with adapters_disabled(adapted):
+        base = _logits(adapted)
+    ours = _logits(adapted)
+    assert float((ours - base).abs().max()) > 1e-4  # training moved the adapter
+    merged = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    assert float((_logits(merged) - ours).abs().max()) < 1e-5
