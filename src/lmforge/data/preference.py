@@ -279,7 +279,7 @@ class PairSampler:
         return out
 
     def state(self, step: int) -> dict[str, int]:
-        return {"seed": self.seed, "step": step, "global_batch": self.global_batch}
+        return {"seed": self.seed, "step": step, "global_batch": self.global_batch, "pairs": len(self.pairs)}
 
 
 def fixed_batches(pairs: list[Pair], batch_size: int) -> list[list[int]]:

@@ -436,6 +436,8 @@ def train(cfg: DPOConfig, **trainer_kw: Any) -> int:
         keep_checkpoints=cfg.checkpoint.keep,
         max_bad_steps=cfg.max_bad_steps,
         progress=cfg.progress,
+        name="align dpo",
+        unit="pairs",
     )
     trainer = Trainer(
         model=saved,

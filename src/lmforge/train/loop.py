@@ -74,6 +74,8 @@ class LoopSettings:
     flops_per_token: float = 0.0  # training FLOPs per token (6N + attention), for MFU
     peak_flops: float | None = None  # of one device; None = no MFU
     progress: bool = True
+    name: str = "pretrain"  # progress bar label
+    unit: str = "tok"  # what `count_targets` counts, for the rate shown (DPO: pairs)
 
 
 @dataclass
@@ -283,9 +285,7 @@ class Trainer:
     def run(self) -> LoopState:
         s, st = self.state, self.settings
         with stop_signals(self._signal), self._progress() as bar:
-            task = bar.add_task(
-                "pretrain", total=st.total_steps, completed=s.step, loss="-", rate="-", mfu=""
-            )
+            task = bar.add_task(st.name, total=st.total_steps, completed=s.step, loss="-", rate="-", mfu="")
             if self.evaluator is not None and st.eval_at_start and s.step == 0:
                 results = self.evaluator(self.model, 0)
                 if self.logger is not None:
@@ -322,7 +322,7 @@ class Trainer:
                     )
                     if not bar.live.is_started and self.info.is_main and st.progress:
                         print(
-                            f"step {s.step}/{st.total_steps} loss {out['loss']:.4f} {rate:,.0f} tok/s {mfu}",
+                            f"step {s.step}/{st.total_steps} loss {out['loss']:.4f} {rate:,.0f} {st.unit}/s {mfu}",
                             flush=True,
                         )
                     busy, tok0 = 0.0, s.tokens
@@ -345,7 +345,11 @@ class Trainer:
             TextColumn("[bold]{task.description}"),
             BarColumn(),
             MofNCompleteColumn(),
-            TextColumn("loss {task.fields[loss]}  {task.fields[rate]} tok/s  {task.fields[mfu]}"),
+            TextColumn(
+                "loss {task.fields[loss]}  {task.fields[rate]} "
+                + self.settings.unit
+                + "/s  {task.fields[mfu]}"
+            ),
             TimeRemainingColumn(),
             disable=not live,
         )
