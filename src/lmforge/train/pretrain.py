@@ -140,6 +140,8 @@ def resolve_model(cfg: PretrainConfig, vocab_size: int, device: torch.device, se
             raise ConfigError(
                 f"model: {spec} has vocab_size {mcfg.vocab_size} but the data uses ids up to {vocab_size - 1}"
             )
+        if mcfg.max_seq_len < cfg.seq_len:
+            raise ConfigError(f"seq_len: {cfg.seq_len} exceeds the context of {spec} ({mcfg.max_seq_len})")
         return model
     if spec.suffix in (".yaml", ".yml"):
         from lmforge.config import load_config
@@ -157,6 +159,10 @@ def resolve_model(cfg: PretrainConfig, vocab_size: int, device: torch.device, se
     if mcfg.vocab_size < vocab_size:
         raise ConfigError(
             f"model_overrides.vocab_size: {mcfg.vocab_size} < the data's vocab_size {vocab_size}"
+        )
+    if mcfg.max_seq_len < cfg.seq_len:
+        raise ConfigError(
+            f"seq_len: {cfg.seq_len} exceeds model_overrides.max_seq_len {mcfg.max_seq_len}; raise it or lower seq_len"
         )
     return build_model(mcfg, device=device, dtype=torch.float32, seed=seed)
 
