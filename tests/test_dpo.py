@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from lmforge.data.preference import PairSampler, collate, load_pairs, split_pairs
-from lmforge.errors import DataError
+from lmforge.errors import DataError, IntegrityError
 from lmforge.model.config import ModelConfig
 from lmforge.model.transformer import build_model
 from lmforge.tokenizer import Tokenizer, train_tokenizer
@@ -389,6 +389,8 @@ def test_resume_is_bit_exact(setup: dict[str, Path], tmp_path: Path) -> None:
         )
     ref = b.with_name("b.partial") / "reference.safetensors"
     stamp = ref.stat().st_mtime_ns
+    with pytest.raises(IntegrityError, match="computed for other data or settings"):  # other data: refused
+        run_dpo(dpo_args(setup, b, *args, "resume=auto"))
     assert run_dpo(dpo_args(setup, b, *args, "resume=auto", small=True)) == 0
     assert (b / "reference.safetensors").stat().st_mtime_ns == stamp  # reused, not recomputed
     la = {r["step"]: r["loss"] for r in read_metrics(tmp_path / "a" / "metrics.jsonl", "train")}
