@@ -1,6 +1,6 @@
 """GGUF exports run by llama.cpp itself (llama-cpp-python): same greedy tokens as lmforge, same tokenizer.
 
-Slow: trains a small Llama for a few seconds, then exports f32, f16 and q8_0. Skipped when llama_cpp is not
+Slow: on the demo model (or a small Llama trained here when it is absent), exports f32, f16 and q8_0. Skipped when llama_cpp is not
 importable (`pip install llama-cpp-python` builds llama.cpp with cmake, several minutes on 2 cores).
 """
 
@@ -30,8 +30,14 @@ def _export(src: Path, out: Path, qtype: str, *extra: str) -> dict:
     return run_export(load_config(ExportConfig, None, _positional(argv)))
 
 
+DEMO = Path(__file__).resolve().parents[1] / "runs" / "demo" / "pretrain"
+
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The demo model when `make demo` has run, else a small Llama trained here (minutes on 2 busy cores)."""
+    if (DEMO / "model" / "model.safetensors").is_file():
+        return DEMO
     tok = make_tokenizer()
     cfg = llama_cfg(dim=128, n_layers=3, hidden_dim=352, max_seq_len=256, init_std=0.02)
     model = train_small(cfg, tok, steps=200)
