@@ -33,7 +33,8 @@ class ExportConfig(Section):
     """`lmforge export`: convert a trained model for other runtimes and prove the conversion."""
 
     format: Literal["hf", "gguf", "onnx"] = Field(
-        description="hf: transformers folder; gguf: llama.cpp file; onnx: onnxruntime graph (full sequence)"
+        description="hf: transformers folder; gguf: llama.cpp file; "
+        "onnx: onnxruntime graphs (full sequence + KV-cache decode)"
     )
     model: str = Field(description="source: a run dir, an lmforge model folder, a checkpoint or an HF folder")
     output: Path = Field(description="output directory (built in <output>.partial, then renamed)")
