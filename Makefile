@@ -48,7 +48,8 @@ browser:
 	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null) || \
 	    echo "note: chromium/chromedriver not installed; the chat-page browser test will be skipped"; }
 
-test-slow: $(STAMP)
+# The slow checks include llama.cpp itself on our GGUF files: the first run builds it (see below).
+test-slow: $(STAMP) $(VENV)/.llamacpp
 	$(BIN)/python -m pytest -q -m slow
 
 lint: $(STAMP)
@@ -88,7 +89,7 @@ $(PEERS)/litgpt/.installed: constraints.txt
 # llama.cpp for the GGUF checks (tests/test_export_llamacpp.py) and the decode benchmark: llama-cpp-python
 # compiles it with cmake and a C++ compiler (several minutes on 2 cores).
 $(VENV)/.llamacpp: | $(STAMP)
-	$(PIP) install -q -c constraints.txt llama-cpp-python
+	$(PIP) install -q -c constraints.txt 'llama-cpp-python==0.3.*'
 	@touch $@
 
 $(PEERS)/presidio/.installed:
