@@ -224,6 +224,18 @@ def test_interrupted_and_resumed_equals_uninterrupted(task: Path, tmp_path: Path
     assert la == lb and len(la) == 8
 
 
+def test_activation_checkpointing_trains_the_same_adapter(task: Path, tmp_path: Path) -> None:
+    """Recomputing blocks in backward (LoRA dropout included: checkpoint restores the RNG) changes
+    nothing but memory."""
+    short = {"max_steps": 3, "checkpoint": {"every": 0, "keep": 0}, "eval": {"every": 0}}
+    assert train(resume_cfg(task, tmp_path / "plain", "lora", **short)) == 0
+    ckpt = resume_cfg(task, tmp_path / "ckpt", "lora", activation_checkpointing=True, **short)
+    assert train(ckpt) == 0
+    name = "adapter/adapter_model.safetensors"
+    a, b = load_file(str(tmp_path / "plain" / name)), load_file(str(tmp_path / "ckpt" / name))
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], rtol=0, atol=1e-6) for k in a)
+
+
 def test_hf_folder_base_with_qlora(tmp_path: Path, task: Path) -> None:
     """An HF Llama folder as the base; the adapter records the folder and the tokenizer is copied."""
     from infer_helpers import make_tokenizer, save_hf_model

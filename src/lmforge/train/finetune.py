@@ -87,6 +87,9 @@ class FinetuneConfig(Section):
     )
     eval: FinetuneEvalConfig = Field(default_factory=FinetuneEvalConfig, description="validation")
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig, description="checkpointing")
+    activation_checkpointing: bool = Field(
+        False, description="recompute each block in backward: less activation memory, ~30% more compute"
+    )
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
         "auto", description="auto = bf16 autocast on GPUs that support it, fp32 on CPU"
     )
@@ -367,7 +370,7 @@ def train(cfg: FinetuneConfig, **trainer_kw: Any) -> int:
     from lmforge.train.loop import LoopSettings, Trainer
     from lmforge.train.metrics import MetricsLogger
     from lmforge.train.optim import build_optimizer
-    from lmforge.train.pretrain import precision_setup, prepare_run_dir
+    from lmforge.train.pretrain import apply_activation_checkpointing, precision_setup, prepare_run_dir
 
     info = D.DistInfo()
     torch.manual_seed(cfg.seed)  # LoRA dropout draws from the global RNG; checkpoints save its state
@@ -385,6 +388,8 @@ def train(cfg: FinetuneConfig, **trainer_kw: Any) -> int:
     data = load_sft(cfg.data, tok, seq_len=cfg.seq_len, seed=cfg.seed)
     val = data.val[: cfg.eval.max_examples] if cfg.eval.max_examples else data.val
     summary = setup_method(model, cfg.method, cfg.lora, cfg.seed)
+    if cfg.activation_checkpointing:
+        apply_activation_checkpointing(model)
     prec, _, autocast, scaler = precision_setup(cfg, device)
     auto_micro = cfg.micro_batch == "auto"
     if auto_micro:
@@ -397,7 +402,7 @@ def train(cfg: FinetuneConfig, **trainer_kw: Any) -> int:
             world=1,
             device=device,
             precision=prec,
-            checkpointing=False,
+            checkpointing=cfg.activation_checkpointing,
             fsdp=False,
             method=cfg.method,
             lora_rank=cfg.lora.rank,
