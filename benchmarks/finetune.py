@@ -193,8 +193,8 @@ def _run(cmd: list[str]) -> dict[str, Any] | None:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--warmup", type=int, default=2, help="untimed steps per contender")
-    p.add_argument("--steps", type=int, default=8, help="timed steps per contender")
-    p.add_argument("--memory-steps", type=int, default=3, help="training steps in each memory process")
+    p.add_argument("--steps", type=int, default=10, help="timed steps per contender")
+    p.add_argument("--memory-steps", type=int, default=2, help="training steps in each memory process")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "finetune.json")
     p.add_argument("--worker", choices=["speed", "memory"], help=argparse.SUPPRESS)
