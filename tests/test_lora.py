@@ -340,9 +340,10 @@ def test_gpt2_fused_qkv_is_refused(tmp_path: Path, tok: Any) -> None:
 def _finetune_like_run(run: Path, base: Path, tok: Any, method: str) -> Transformer:
     """What `lmforge finetune` leaves: <run>/adapter/ with the PEFT files, lmforge_base.json, tokenizer."""
     model, _ = load_hf(base)
-    lcfg = LoraConfig(rank=4, alpha=8)
+    lcfg = LoraConfig(rank=4, alpha=8, dropout=0.1)  # the merge's parity check must not apply dropout
     apply_lora(model, lcfg, quantize_base=method == "qlora")
     _randomize_b(model)
+    model.eval()
     save_adapter(model, lcfg, run / "adapter", base_model=str(base))
     (run / "adapter" / "lmforge_base.json").write_text(json.dumps({"base": str(base), "method": method}))
     tok.save(run / "adapter")

@@ -113,6 +113,7 @@ def merge(cfg: LoraMergeConfig) -> dict[str, Any]:
     nf4 = cfg.nf4_base if cfg.nf4_base is not None else _base_info(adapter_dir).get("method") == "qlora"
     model, _ = load_model(base, dtype=torch.float32)
     lcfg = load_adapter(model, adapter_dir, quantize_base=nf4)
+    model.eval()  # new adapter layers start in training mode: their dropout would skew the parity check
     n_modules = len(lora_modules(model))
     ids = torch.randint(0, model.cfg.vocab_size, (1, min(cfg.parity_tokens, model.cfg.max_seq_len)),
                         generator=torch.Generator().manual_seed(0))  # fmt: skip
