@@ -7,7 +7,7 @@ PIP    := $(BIN)/python -m pip
 STAMP  := $(VENV)/.installed
 DEMO   ?= runs/demo
 
-.PHONY: demo test test-slow check lint typecheck bench clean install browser
+.PHONY: demo test test-slow check lint typecheck bench bench-gpu clean install browser
 
 install: $(STAMP)
 
@@ -78,6 +78,10 @@ bench: $(STAMP) $(DEMO)/tokens/manifest.json $(DEMO)/pretrain/manifest.json $(PE
 	$(BIN)/python -m benchmarks.decode
 	$(BIN)/python -m benchmarks.quantize --model $(DEMO)/pretrain --data $(DEMO)/tokens
 	$(BIN)/python -m benchmarks.plan
+
+# The GPU numbers (MFU, QLoRA memory at 8B scale, decode bandwidth) on a CUDA machine, in one short run.
+bench-gpu: $(STAMP)
+	$(BIN)/python -m benchmarks.gpu
 
 # LitGPT 0.5 needs huggingface-hub<1.4 (conflicts with transformers 5); litdata without deps keeps torch CPU.
 $(PEERS)/litgpt/.installed: constraints.txt
