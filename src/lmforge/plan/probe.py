@@ -98,7 +98,7 @@ def run_local(spec: dict[str, Any]) -> dict[str, Any]:
         )
         param_dtype = dtype if (mixed and sharded and not lora) else None
         train_model = D.wrap(model, dcfg, info, device, param_dtype)
-        optimizer = build_optimizer(model, OptimConfig())
+        optimizer = build_optimizer(model, OptimConfig(eight_bit=s.get("optimizer") == "adamw8bit"))
         autocast: Any = contextlib.nullcontext
         if mixed and not sharded and not lora:
 

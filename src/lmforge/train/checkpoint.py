@@ -95,24 +95,43 @@ def _options(cpu_offload: bool = False) -> StateDictOptions:
 
 
 def _flatten_optimizer(osd: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Tensors keyed "<param>/<key>[/<key>...]" (nested dicts, e.g. bitsandbytes' wrapped 8-bit state,
+    become deeper paths; parameter names never contain "/"), everything else into the JSON metadata."""
     tensors: dict[str, torch.Tensor] = {}
     scalars: dict[str, dict[str, Any]] = {}
-    for name, entry in osd["state"].items():
+    storages: set[int] = set()
+
+    def walk(name: str, prefix: str, entry: dict[str, Any], out: dict[str, Any]) -> None:
         for key, value in entry.items():
             if isinstance(value, torch.Tensor):
-                tensors[f"{name}/{key}"] = value.detach().cpu().contiguous()
+                t = value.detach().cpu().contiguous()
+                # Shared storage (bitsandbytes' one quantisation map for every parameter) is refused by
+                # safetensors: each key gets its own copy.
+                ptr = t.untyped_storage().data_ptr()
+                if ptr in storages:
+                    t = t.clone()
+                storages.add(ptr)
+                tensors[f"{name}/{prefix}{key}"] = t
+            elif isinstance(value, dict):
+                walk(name, f"{prefix}{key}/", value, out.setdefault(key, {}))
             else:
-                scalars.setdefault(name, {})[key] = value
+                out[key] = value
+
+    for name, entry in osd["state"].items():
+        walk(name, "", entry, scalars.setdefault(name, {}))
     return tensors, {"param_groups": osd["param_groups"], "scalars": scalars}
 
 
 def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict[str, Any]:
     state: dict[str, dict[str, Any]] = {}
-    for flat, value in tensors.items():
-        name, key = flat.rsplit("/", 1)
-        state.setdefault(name, {})[key] = value
     for name, entry in meta["scalars"].items():
-        state.setdefault(name, {}).update(entry)
+        state[name] = json.loads(json.dumps(entry))  # a private copy, nested dicts included
+    for flat, value in tensors.items():
+        name, *path, key = flat.split("/")
+        node = state.setdefault(name, {})
+        for part in path:
+            node = node.setdefault(part, {})
+        node[key] = value
     groups = []
     for g in meta["param_groups"]:
         g = dict(g)
