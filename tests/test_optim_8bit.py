@@ -8,8 +8,10 @@ from typing import Any
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from torch import nn
 
+from lmforge.cli import main as cli_main
 from lmforge.config import load_config
 from lmforge.errors import ConfigError
 from lmforge.plan.run import main as plan_main
@@ -22,7 +24,7 @@ from lmforge.train.optim import OptimConfig, build_optimizer
 from lmforge.train.pretrain import PretrainConfig
 from lmforge.train.sampler import BatchSampler, TokenWindows
 from lmforge.train.schedule import ScheduleConfig
-from train_helpers import TinyLM, token_stream
+from train_helpers import TinyLM, make_tokens_dir, shakespeare_text, token_stream
 
 bnb = pytest.importorskip("bitsandbytes")
 
@@ -166,3 +168,22 @@ def test_plan_overlay_with_adamw8bit_loads(tmp_path: Path, schema: Any, args: li
     assert "optim:\n  eight_bit: true" in text
     cfg = load_config(schema, out, [data, f"output={tmp_path / 'run'}"])
     assert cfg.optim.eight_bit is True
+
+
+def test_pretrain_cli_with_eight_bit_resumes_exactly(tmp_path: Path) -> None:
+    """`lmforge pretrain optim.eight_bit=true`: 6 steps, and 3 more from its step-3 checkpoint into a new
+    output, end with identical weights and 8-bit optimizer state (read back from the safetensors files)."""
+    tokens = make_tokens_dir(tmp_path / "tokens", shakespeare_text(60_000))
+    common = [
+        "pretrain", f"data={tokens}", "model=tiny", "seq_len=64", "global_batch=8", "micro_batch=4",
+        "max_steps=6", "optim.eight_bit=true", "checkpoint.every=3", "eval.every=0",
+    ]  # fmt: skip
+    assert cli_main([*common, f"output={tmp_path / 'a'}"]) == 0
+    first = tmp_path / "a" / "checkpoints" / "step-000003"
+    assert cli_main([*common, f"output={tmp_path / 'b'}", f"resume={first}"]) == 0
+    a, b = (tmp_path / run / "checkpoints" / "step-000006" for run in ("a", "b"))
+    for name in ("model.safetensors", "optimizer.safetensors"):
+        ta, tb = load_file(str(a / name)), load_file(str(b / name))
+        assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta), name
+    opt = load_file(str(a / "optimizer.safetensors"))
+    assert sum(v.dtype == torch.uint8 for v in opt.values()) >= 2  # really 8-bit state in the checkpoint
