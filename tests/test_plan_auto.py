@@ -101,7 +101,7 @@ def test_finetune_lora_auto_backs_off_too(
     )
     rows = [json.dumps({"prompt": f"{c}{i}", "completion": c.upper()}) for c in "abcdefgh" for i in range(4)]
     (tmp_path / "train.jsonl").write_text("\n".join(rows) + "\n")
-    real = ft.masked_lm
+    real = ft.causal_lm
     seen: list[int] = []
 
     def tight_memory(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> Any:
@@ -111,7 +111,7 @@ def test_finetune_lora_auto_backs_off_too(
                 raise torch.OutOfMemoryError("injected: CUDA out of memory")
         return real(model, batch)
 
-    monkeypatch.setattr(ft, "masked_lm", tight_memory)
+    monkeypatch.setattr(ft, "causal_lm", tight_memory)
     cfg = ft.CONFIG.model_validate(
         {
             "base": "tiny",

@@ -22,8 +22,8 @@ from lmforge.errors import DataError
 from lmforge.model.config import get_preset
 from lmforge.model.transformer import build_model
 from lmforge.tokenizer import SpecialTokensConfig, Tokenizer, train_tokenizer
-from lmforge.train.finetune import SFTBatches, masked_lm
-from lmforge.train.objectives import IGNORE_INDEX
+from lmforge.train.finetune import SFTBatches
+from lmforge.train.objectives import IGNORE_INDEX, causal_lm
 
 CHAT = [
     {"role": "system", "content": "You are terse."},
@@ -103,7 +103,7 @@ def test_mask_is_exactly_the_assistant_tokens_chatml() -> None:
     # The masked loss equals the cross-entropy over the assistant tokens only.
     torch.manual_seed(0)
     model = build_model(get_preset("tiny", vocab_size=tok.vocab_size, n_layers=2), seed=0)
-    loss_sum, n = masked_lm(model, batch)
+    loss_sum, n = causal_lm(model, batch)
     logits = model(torch.tensor([ids[:-1]]))[0]
     pos = [j for j in range(len(ids) - 1) if want[j + 1]]
     ref = F.cross_entropy(logits[pos], torch.tensor([ids[j + 1] for j in pos]), reduction="sum")
@@ -281,7 +281,7 @@ def test_packing_matches_unpacked_loss_per_example(tmp_path: Path) -> None:
         want = []
         for i in [i for r in rows for i in r]:
             single = collate([[data.train[i]]], tok.pad_id, packed=False)
-            want.append(float(masked_lm(model, single)[0]))
+            want.append(float(causal_lm(model, single)[0]))
     assert max(abs(g - w) for g, w in zip(got, want, strict=True)) < 1e-5
     # Without the mask and positions the numbers differ: the test can fail.
     with torch.no_grad():

@@ -31,6 +31,7 @@ from lmforge.errors import DataError
 from lmforge.io import iter_jsonl
 from lmforge.tokenizer import Tokenizer
 from lmforge.train.objectives import COUNT, IGNORE_INDEX
+from lmforge.train.sampler import EpochOrder
 
 KEYS = ("prompt", "chosen", "rejected")
 _EXPECTED = (
@@ -249,24 +250,14 @@ class PairSampler:
         self.rank = rank
         self.world_size = world_size
         self.seed = seed
-        self._perm_epoch = -1
-        self._perm = np.empty(0, dtype=np.int64)
+        self.order = EpochOrder(len(pairs), seed)
 
     @property
     def accum_steps(self) -> int:
         return self.global_batch // (self.micro_batch * self.world_size)
 
     def global_indices(self, step: int) -> np.ndarray:
-        n = len(self.pairs)
-        out = np.empty(self.global_batch, dtype=np.int64)
-        for i in range(self.global_batch):
-            k = step * self.global_batch + i
-            epoch = k // n
-            if epoch != self._perm_epoch:
-                self._perm = np.random.default_rng([self.seed, epoch]).permutation(n)
-                self._perm_epoch = epoch
-            out[i] = self._perm[k % n]
-        return out
+        return self.order.batch(step, self.global_batch)
 
     def micro_batches(self, step: int) -> list[dict[str, torch.Tensor]]:
         per_rank = self.global_batch // self.world_size

@@ -32,9 +32,10 @@ from lmforge.io import atomic_write_json
 from lmforge.model.lora import LoraConfig
 from lmforge.model.transformer import Transformer
 from lmforge.train import distributed as D
-from lmforge.train.objectives import IGNORE_INDEX, Batch
+from lmforge.train.objectives import IGNORE_INDEX, Batch, causal_lm
 from lmforge.train.optim import OptimConfig
 from lmforge.train.pretrain import CheckpointConfig
+from lmforge.train.sampler import EpochOrder
 from lmforge.train.schedule import ScheduleConfig
 
 COMMAND = "finetune"
@@ -222,21 +223,6 @@ def checkpoint_module(model: nn.Module, method: str) -> nn.Module:
 
 
 # -- objective, batches, validation -------------------------------------------------------------------
-def masked_lm(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-    """Cross-entropy summed over target tokens (labels != -100), with packed rows' positions and mask."""
-    logits = model(
-        batch["input_ids"], position_ids=batch.get("position_ids"), attn_mask=batch.get("attn_mask")
-    )
-    labels = batch["labels"]
-    loss_sum = F.cross_entropy(
-        logits.reshape(-1, logits.size(-1)).float(),
-        labels.reshape(-1),
-        ignore_index=IGNORE_INDEX,
-        reduction="sum",
-    )
-    return loss_sum, (labels != IGNORE_INDEX).sum()
-
-
 class SFTBatches:
     """Global batch `step` -> micro batches of SFT rows: a seeded pure function of the step (exact resume).
 
@@ -259,19 +245,10 @@ class SFTBatches:
         self.rows = pack(examples, seq_len) if packed else [[i] for i in range(len(examples))]
         self.global_batch, self.micro_batch = global_batch, micro_batch
         self.pad_id, self.packed, self.seed, self.window = pad_id, packed, seed, window
-        self._perm: tuple[int, Any] = (-1, None)
-
-    def _permutation(self, epoch: int) -> Any:
-        import numpy as np
-
-        if self._perm[0] != epoch:
-            self._perm = (epoch, np.random.default_rng([self.seed, epoch]).permutation(len(self.rows)))
-        return self._perm[1]
+        self.order = EpochOrder(len(self.rows), seed)
 
     def row_indices(self, step: int) -> list[int]:
-        n = len(self.rows)
-        ks = range(step * self.global_batch, (step + 1) * self.global_batch)
-        return [int(self._permutation(k // n)[k % n]) for k in ks]
+        return [int(i) for i in self.order.batch(step, self.global_batch)]
 
     def micro_batches(self, step: int) -> list[Batch]:
         rows = [[self.examples[i] for i in self.rows[r]] for r in self.row_indices(step)]
@@ -449,7 +426,7 @@ def train(cfg: FinetuneConfig, **trainer_kw: Any) -> int:
         train_model=model,
         optimizer=optimizer,
         batches=batches,
-        objective=masked_lm,
+        objective=causal_lm,
         settings=settings,
         run_dir=run_dir,
         info=info,
@@ -513,7 +490,6 @@ __all__ = [
     "evaluate",
     "load_base",
     "main",
-    "masked_lm",
     "setup_method",
     "train",
 ]

@@ -30,8 +30,11 @@ def count_targets(batch: Batch) -> int:
 
 
 def causal_lm(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-    """Next-token cross-entropy summed over targets; `labels` are already shifted (B, T)."""
-    logits = model(batch["input_ids"])  # (B, T, V)
+    """Next-token cross-entropy summed over targets; `labels` are already shifted (B, T), -100 = not a
+    target (SFT masks). Packed SFT rows also carry `position_ids` (reset per example) and `attn_mask`
+    (no attention across examples)."""
+    packed = {k: batch[k] for k in ("position_ids", "attn_mask") if k in batch}
+    logits = model(batch["input_ids"], **packed)  # (B, T, V)
     if not isinstance(logits, torch.Tensor):  # an HF model returns an output object
         logits = logits.logits
     labels = batch["labels"]

@@ -16,6 +16,29 @@ import numpy as np
 import torch
 
 
+class EpochOrder:
+    """The endless sequence that visits items 0..n-1 once per epoch, epoch `e` in the order of
+    `np.random.default_rng([seed, e]).permutation(n)`; global batch `step` of size G is its items
+    step*G .. (step+1)*G - 1. Shared by every batch source, so each one's state is (seed, step)."""
+
+    def __init__(self, n: int, seed: int) -> None:
+        self.n, self.seed = n, seed
+        self._epoch, self._perm = -1, np.empty(0, dtype=np.int64)
+
+    def _permutation(self, epoch: int) -> np.ndarray:
+        if epoch != self._epoch:
+            self._perm = np.random.default_rng([self.seed, epoch]).permutation(self.n)
+            self._epoch = epoch
+        return self._perm
+
+    def batch(self, step: int, size: int) -> np.ndarray:
+        out = np.empty(size, dtype=np.int64)
+        for i in range(size):
+            k = step * size + i
+            out[i] = self._permutation(k // self.n)[k % self.n]
+        return out
+
+
 class TokenWindows:
     """Random access to windows of `seq_len + 1` tokens across several 1-D token arrays."""
 
@@ -62,27 +85,15 @@ class BatchSampler:
         self.rank = rank
         self.world_size = world_size
         self.seed = seed
-        self._perm_epoch = -1
-        self._perm = np.empty(0, dtype=np.int64)
+        self.order = EpochOrder(windows.num_windows, seed)
 
     @property
     def accum_steps(self) -> int:
         return self.global_batch // (self.micro_batch * self.world_size)
 
-    def _permutation(self, epoch: int) -> np.ndarray:
-        if epoch != self._perm_epoch:
-            self._perm = np.random.default_rng([self.seed, epoch]).permutation(self.windows.num_windows)
-            self._perm_epoch = epoch
-        return self._perm
-
     def global_indices(self, step: int) -> np.ndarray:
         """Window indices of global batch `step` (all ranks), in row order."""
-        n = self.windows.num_windows
-        out = np.empty(self.global_batch, dtype=np.int64)
-        for i in range(self.global_batch):
-            k = step * self.global_batch + i
-            out[i] = self._permutation(k // n)[k % n]
-        return out
+        return self.order.batch(step, self.global_batch)
 
     def epoch_of(self, step: int) -> float:
         return step * self.global_batch / self.windows.num_windows
