@@ -344,7 +344,7 @@ def train(cfg: DPOConfig, **trainer_kw: Any) -> int:
     from lmforge.data.preference import split_pairs
     from lmforge.io import publish_dir
     from lmforge.train.finetune import checkpoint_module, setup_method
-    from lmforge.train.loop import LoopSettings, Trainer
+    from lmforge.train.loop import Trainer, settings_from
     from lmforge.train.metrics import MetricsLogger, read_metrics
     from lmforge.train.optim import build_optimizer
     from lmforge.train.pretrain import precision_setup, prepare_run_dir
@@ -424,21 +424,7 @@ def train(cfg: DPOConfig, **trainer_kw: Any) -> int:
         wandb_project=None,
         config=cfg.model_dump(mode="json"),
     )
-    settings = LoopSettings(
-        total_steps=cfg.max_steps,
-        lr=cfg.optim.lr,
-        schedule=cfg.schedule,
-        grad_clip=cfg.optim.grad_clip,
-        log_every=cfg.log_every,
-        eval_every=cfg.eval.every,
-        eval_at_start=True,
-        checkpoint_every=cfg.checkpoint.every,
-        keep_checkpoints=cfg.checkpoint.keep,
-        max_bad_steps=cfg.max_bad_steps,
-        progress=cfg.progress,
-        name="align dpo",
-        unit="pairs",
-    )
+    settings = settings_from(cfg, name="align dpo", unit="pairs")
     trainer = Trainer(
         model=saved,
         train_model=model,
@@ -455,14 +441,7 @@ def train(cfg: DPOConfig, **trainer_kw: Any) -> int:
         extra_state={"config": cfg.model_dump(mode="json"), "precision": prec, "method": cfg.method},
         **trainer_kw,
     )
-    if cfg.resume is not None:
-        loaded = trainer.resume(cfg.resume)
-        print(
-            f"resumed from {loaded} at step {trainer.state.step}"
-            if loaded is not None
-            else "resume=auto: no checkpoint yet, starting from step 0",
-            file=sys.stderr,
-        )
+    trainer.resume_and_say(cfg.resume)
     print(
         f"align dpo ({cfg.method}, beta {cfg.beta}, reference {cfg.reference}): {summary['trainable']:,} of "
         f"{summary['total']:,} parameters trainable ({summary['fraction']:.2%}); {len(train_pairs):,} training "

@@ -344,7 +344,7 @@ def main(argv: list[str]) -> int:
 
 def train(cfg: FinetuneConfig, **trainer_kw: Any) -> int:
     """Run the configured fine-tuning in this process; returns the exit code (0)."""
-    from lmforge.train.loop import LoopSettings, Trainer
+    from lmforge.train.loop import Trainer, settings_from
     from lmforge.train.metrics import MetricsLogger
     from lmforge.train.optim import build_optimizer
     from lmforge.train.pretrain import apply_activation_checkpointing, precision_setup, prepare_run_dir
@@ -408,19 +408,7 @@ def train(cfg: FinetuneConfig, **trainer_kw: Any) -> int:
         wandb_project=None,
         config=cfg.model_dump(mode="json"),
     )
-    settings = LoopSettings(
-        total_steps=cfg.max_steps,
-        lr=cfg.optim.lr,
-        schedule=cfg.schedule,
-        grad_clip=cfg.optim.grad_clip,
-        log_every=cfg.log_every,
-        eval_every=cfg.eval.every,
-        eval_at_start=True,
-        checkpoint_every=cfg.checkpoint.every,
-        keep_checkpoints=cfg.checkpoint.keep,
-        max_bad_steps=cfg.max_bad_steps,
-        progress=cfg.progress,
-    )
+    settings = settings_from(cfg)
     trainer = Trainer(
         model=saved,
         train_model=model,
@@ -441,14 +429,7 @@ def train(cfg: FinetuneConfig, **trainer_kw: Any) -> int:
         from lmforge.plan.auto import install_oom_backoff
 
         install_oom_backoff(trainer, batches)
-    if cfg.resume is not None:
-        loaded = trainer.resume(cfg.resume)
-        print(
-            f"resumed from {loaded} at step {trainer.state.step}"
-            if loaded is not None
-            else "resume=auto: no checkpoint yet, starting from step 0",
-            file=sys.stderr,
-        )
+    trainer.resume_and_say(cfg.resume)
     st = data.stats
     print(
         f"finetune ({cfg.method}): {summary['trainable']:,} of {summary['total']:,} parameters trainable "

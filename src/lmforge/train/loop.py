@@ -78,6 +78,25 @@ class LoopSettings:
     unit: str = "tok"  # what `count_targets` counts, for the rate shown (DPO: pairs)
 
 
+def settings_from(cfg: Any, **extra: Any) -> LoopSettings:
+    """LoopSettings from a training command's config (pretrain, finetune and align dpo share these keys:
+    max_steps, optim, schedule, log_every, eval.every, checkpoint.every/keep, max_bad_steps, progress)."""
+    return LoopSettings(
+        total_steps=cfg.max_steps,
+        lr=cfg.optim.lr,
+        schedule=cfg.schedule,
+        grad_clip=cfg.optim.grad_clip,
+        log_every=cfg.log_every,
+        eval_every=cfg.eval.every,
+        eval_at_start=True,
+        checkpoint_every=cfg.checkpoint.every,
+        keep_checkpoints=cfg.checkpoint.keep,
+        max_bad_steps=cfg.max_bad_steps,
+        progress=cfg.progress,
+        **extra,
+    )
+
+
 @dataclass
 class LoopState:
     step: int = 0  # optimizer steps done = index of the next global batch
@@ -204,6 +223,19 @@ class Trainer:
         if self.scaler is not None and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
         return Path(path)
+
+    def resume_and_say(self, resume: str | None) -> None:
+        """`resume` of a command's config (None, 'auto' or a path): load it and say where training starts."""
+        if resume is None:
+            return
+        loaded = self.resume(resume)
+        if self.info.is_main:
+            print(
+                f"resumed from {loaded} at step {self.state.step}"
+                if loaded is not None
+                else "resume=auto: no checkpoint yet, starting from step 0",
+                file=sys.stderr,
+            )
 
     # -- one step ------------------------------------------------------------------------------------
     def _sync_context(self, last: bool) -> contextlib.AbstractContextManager[Any]:

@@ -419,7 +419,7 @@ def train(cfg: PretrainConfig, **trainer_kw: Any) -> int:
     """Run the configured training in this process (one rank of a torchrun job, or alone)."""
     from lmforge.data.manifest import ensure_verified
     from lmforge.data.shards import ShardSet
-    from lmforge.train.loop import LoopSettings, Trainer
+    from lmforge.train.loop import Trainer, settings_from
     from lmforge.train.metrics import MetricsLogger, peak_flops
     from lmforge.train.objectives import causal_lm
     from lmforge.train.optim import build_optimizer
@@ -507,21 +507,7 @@ def train(cfg: PretrainConfig, **trainer_kw: Any) -> int:
             from lmforge.model.config import flops_per_token
 
             fpt = float(flops_per_token(mcfg, cfg.seq_len))
-        settings = LoopSettings(
-            total_steps=cfg.max_steps,
-            lr=cfg.optim.lr,
-            schedule=cfg.schedule,
-            grad_clip=cfg.optim.grad_clip,
-            log_every=cfg.log_every,
-            eval_every=cfg.eval.every,
-            eval_at_start=True,
-            checkpoint_every=cfg.checkpoint.every,
-            keep_checkpoints=cfg.checkpoint.keep,
-            max_bad_steps=cfg.max_bad_steps,
-            flops_per_token=fpt,
-            peak_flops=peak_flops(device),
-            progress=cfg.progress,
-        )
+        settings = settings_from(cfg, flops_per_token=fpt, peak_flops=peak_flops(device))
         trainer = Trainer(
             model=model,
             train_model=train_model,
@@ -542,12 +528,7 @@ def train(cfg: PretrainConfig, **trainer_kw: Any) -> int:
             from lmforge.plan.auto import install_oom_backoff
 
             install_oom_backoff(trainer, sampler)
-        if cfg.resume is not None:
-            loaded = trainer.resume(cfg.resume)
-            if loaded is None and info.is_main:
-                print("resume=auto: no checkpoint yet, starting from step 0", file=sys.stderr)
-            elif info.is_main:
-                print(f"resumed from {loaded} at step {trainer.state.step}", file=sys.stderr)
+        trainer.resume_and_say(cfg.resume)
         if info.is_main:
             n = sum(p.numel() for p in model.parameters())
             print(
