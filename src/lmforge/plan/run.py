@@ -273,13 +273,14 @@ def overlay(c: Choice, cfg: PlanConfig) -> dict[str, Any]:
             "micro_batch": s.micro_batch,
             "activation_checkpointing": s.checkpointing,
             "precision": s.precision,
-            "dist": {
-                "strategy": "fsdp" if s.shard >= 2 and s.world > 1 else "ddp",
-                "cpu_offload": s.offload,
-                "reshard_after_forward": s.shard != 2,
-            },
         }
     )
+    if s.world > 1 or s.offload:  # one device: no data parallelism to configure
+        out["dist"] = {
+            "strategy": "fsdp" if s.shard >= 2 and s.world > 1 else "ddp",
+            "cpu_offload": s.offload,
+            "reshard_after_forward": s.shard != 2,
+        }
     if s.device == "cpu" and s.world > 1 and cfg.nodes == 1:
         out["nproc"] = s.world
     if s.optimizer == "adamw8bit":
