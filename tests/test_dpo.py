@@ -11,6 +11,7 @@ import json
 import math
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -328,9 +329,9 @@ def test_lora_dpo_learns_the_preference_and_leaves_the_base_untouched(
     trained: list[torch.nn.Module] = []
     export = dpo.export_result
 
-    def keep(run_dir: Path, ckpt: Path, model: torch.nn.Module, tok: object, cfg: object) -> Path:
+    def keep(run_dir: Path, ckpt: Path, model: torch.nn.Module, *rest: Any) -> Path:
         trained.append(model)
-        return export(run_dir, ckpt, model, tok, cfg)  # type: ignore[arg-type]
+        return export(run_dir, ckpt, model, *rest)
 
     monkeypatch.setattr(dpo, "export_result", keep)
     out = tmp_path / "run"

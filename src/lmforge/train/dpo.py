@@ -33,12 +33,13 @@ import torch
 from pydantic import Field, model_validator
 from torch import nn
 
-from lmforge.config import Section, parse_command, save_config
+from lmforge.config import Section, save_config
 from lmforge.data.preference import PairSampler, PreferenceStats, collate, fixed_batches, load_pairs
 from lmforge.errors import ConfigError, IntegrityError
 from lmforge.io import atomic_write_json, sha256_file
 from lmforge.model.lora import LoraConfig
 from lmforge.train import distributed as D
+from lmforge.train.finetune import export_result, parse_single_process
 from lmforge.train.objectives import (
     Batch,
     DPOObjective,
@@ -304,50 +305,23 @@ class PreferenceEval:
 
 
 # -- outputs -----------------------------------------------------------------------------------------
-def export_result(run_dir: Path, ckpt: Path, model: nn.Module, tok: Any, cfg: DPOConfig) -> Path:
-    """model/ (full: weights + model_config.json + tokenizer) or adapter/ (PEFT adapter + tokenizer)."""
-    if cfg.method == "full":
-        from lmforge.train.pretrain import export_final
-
-        export_final(run_dir, ckpt, model, None)
-        out = run_dir / "model"
-    else:
-        from lmforge.model.lora import save_adapter
-
-        out = run_dir / "adapter"
-        source = Path(cfg.model)
-        base = str(source.resolve()) if source.is_dir() else cfg.model
-        save_adapter(model, cfg.lora, out, base_model=base)
-        atomic_write_json(out / "lmforge_base.json", {"base": cfg.model, "method": cfg.method})
-    tok.save(out)
-    return out
-
-
 def _stats(s: PreferenceStats) -> dict[str, int]:
     return {k: int(v) for k, v in vars(s).items()}
 
 
 # -- entry points ------------------------------------------------------------------------------------
 def main(argv: list[str]) -> int:
-    from lmforge.train.pretrain import _split_flags
-
-    rest, nproc = _split_flags(argv)
-    if nproc not in (None, 1):
-        raise ConfigError("--nproc: align dpo runs in one process")
-    cfg = parse_command(rest, CONFIG, COMMAND, DESCRIPTION, EXAMPLE)
-    return train(cfg)
+    return train(parse_single_process(argv, CONFIG, COMMAND, DESCRIPTION, EXAMPLE))
 
 
 def train(cfg: DPOConfig, **trainer_kw: Any) -> int:
     """Run the configured DPO training in this process; returns the exit code (0)."""
-    from lmforge.data.manifest import write_manifest
     from lmforge.data.preference import split_pairs
-    from lmforge.io import publish_dir
     from lmforge.train.finetune import checkpoint_module, setup_method
     from lmforge.train.loop import Trainer, settings_from
     from lmforge.train.metrics import MetricsLogger, read_metrics
     from lmforge.train.optim import build_optimizer
-    from lmforge.train.pretrain import precision_setup, prepare_run_dir
+    from lmforge.train.pretrain import finish_run_dir, precision_setup, prepare_run_dir
 
     info = D.DistInfo()
     if cfg.threads:
@@ -453,7 +427,8 @@ def train(cfg: DPOConfig, **trainer_kw: Any) -> int:
         state = trainer.run()
     finally:
         logger.close()
-    out = export_result(run_dir, run_dir / "checkpoints" / f"step-{state.step:06d}", model, tok, cfg)
+    ckpt = run_dir / "checkpoints" / f"step-{state.step:06d}"
+    out = export_result(run_dir, ckpt, model, tok, cfg.method, cfg.lora, cfg.model)
     report: dict[str, Any] = {
         "method": cfg.method,
         "beta": cfg.beta,
@@ -480,8 +455,7 @@ def train(cfg: DPOConfig, **trainer_kw: Any) -> int:
             f"{first['val_loss']:.4f} -> {last['val_loss']:.4f} (step {first['step']} -> {last['step']})"
         )
     atomic_write_json(run_dir / REPORT, report)
-    write_manifest(run_dir, stage=COMMAND)
-    publish_dir(run_dir, Path(cfg.output))
+    finish_run_dir(run_dir, Path(cfg.output), COMMAND)
     print(f"wrote {cfg.output} ({out.name}/, step {state.step}, {state.tokens:,} pairs)")
     return 0
 

@@ -303,9 +303,13 @@ def evaluate(model: nn.Module, examples: list[Example], batch_size: int, pad_id:
 
 
 # -- outputs -----------------------------------------------------------------------------------------
-def export_result(run_dir: Path, ckpt: Path, model: nn.Module, tok: Any, cfg: FinetuneConfig) -> Path:
-    """model/ (full: weights + model_config.json + tokenizer) or adapter/ (PEFT adapter + tokenizer)."""
-    if cfg.method == "full":
+def export_result(
+    run_dir: Path, ckpt: Path, model: nn.Module, tok: Any, method: str, lora: LoraConfig, base: str
+) -> Path:
+    """model/ (full: weights + model_config.json + tokenizer) or adapter/ (PEFT adapter + tokenizer).
+
+    `base`: what the run started from, recorded for `lmforge lora merge` (resolved when a folder)."""
+    if method == "full":
         from lmforge.train.pretrain import export_final
 
         export_final(run_dir, ckpt, model, None)
@@ -314,32 +318,29 @@ def export_result(run_dir: Path, ckpt: Path, model: nn.Module, tok: Any, cfg: Fi
         from lmforge.model.lora import save_adapter
 
         out = run_dir / "adapter"
-        base = str(Path(cfg.base).resolve()) if Path(cfg.base).is_dir() else cfg.base
-        save_adapter(model, cfg.lora, out, base_model=base)
+        base = str(Path(base).resolve()) if Path(base).is_dir() else base
+        save_adapter(model, lora, out, base_model=base)
         # Read by `lmforge lora merge`: which base, and whether it was NF4 (qlora) in training.
-        atomic_write_json(out / "lmforge_base.json", {"base": base, "method": cfg.method})
+        atomic_write_json(out / "lmforge_base.json", {"base": base, "method": method})
     tok.save(out)
     return out
 
 
-def finish_run_dir(stage: Path, final: Path, command: str = COMMAND) -> None:
-    """Write the manifest and rename `<output>.partial` to `<output>`."""
-    from lmforge.data.manifest import write_manifest
-    from lmforge.io import publish_dir
-
-    write_manifest(stage, stage=command)
-    publish_dir(stage, final)
-
-
-# -- entry points ------------------------------------------------------------------------------------
-def main(argv: list[str]) -> int:
+def parse_single_process(
+    argv: list[str], schema: type[Any], command: str, description: str, example: str
+) -> Any:
+    """`parse_command` for a command that runs in one process: `--nproc N` with N > 1 is refused."""
     from lmforge.train.pretrain import _split_flags
 
     rest, nproc = _split_flags(argv)
     if nproc not in (None, 1):
-        raise ConfigError("--nproc: finetune runs in one process")
-    cfg = parse_command(rest, CONFIG, COMMAND, DESCRIPTION, EXAMPLE)
-    return train(cfg)
+        raise ConfigError(f"--nproc: {command} runs in one process")
+    return parse_command(rest, schema, command, description, example)
+
+
+# -- entry points ------------------------------------------------------------------------------------
+def main(argv: list[str]) -> int:
+    return train(parse_single_process(argv, CONFIG, COMMAND, DESCRIPTION, EXAMPLE))
 
 
 def train(cfg: FinetuneConfig, **trainer_kw: Any) -> int:
@@ -347,7 +348,12 @@ def train(cfg: FinetuneConfig, **trainer_kw: Any) -> int:
     from lmforge.train.loop import Trainer, settings_from
     from lmforge.train.metrics import MetricsLogger
     from lmforge.train.optim import build_optimizer
-    from lmforge.train.pretrain import apply_activation_checkpointing, precision_setup, prepare_run_dir
+    from lmforge.train.pretrain import (
+        apply_activation_checkpointing,
+        finish_run_dir,
+        precision_setup,
+        prepare_run_dir,
+    )
 
     info = D.DistInfo()
     torch.manual_seed(cfg.seed)  # LoRA dropout draws from the global RNG; checkpoints save its state
@@ -443,7 +449,7 @@ def train(cfg: FinetuneConfig, **trainer_kw: Any) -> int:
     finally:
         logger.close()
     ckpt = run_dir / "checkpoints" / f"step-{state.step:06d}"
-    out = export_result(run_dir, ckpt, model, tok, cfg)
+    out = export_result(run_dir, ckpt, model, tok, cfg.method, cfg.lora, cfg.base)
     from lmforge.train.metrics import read_metrics
 
     evals = read_metrics(run_dir / "metrics.jsonl", "eval")
@@ -457,7 +463,7 @@ def train(cfg: FinetuneConfig, **trainer_kw: Any) -> int:
             f"{first['val_exact_match']:.1%} -> {last['val_exact_match']:.1%} (step {first['step']} -> {last['step']})"
         )
     atomic_write_json(run_dir / SUMMARY, report)
-    finish_run_dir(run_dir, Path(cfg.output))
+    finish_run_dir(run_dir, Path(cfg.output), COMMAND)
     print(f"wrote {cfg.output} ({out.name}/, step {state.step}, {state.tokens:,} target tokens)")
     return 0
 

@@ -321,11 +321,12 @@ def prepare_run_dir(cfg: Any, info: D.DistInfo) -> Path:
     return stage
 
 
-def finish_run_dir(stage: Path, final: Path) -> None:
+def finish_run_dir(stage: Path, final: Path, command: str = COMMAND) -> None:
+    """Write the manifest and rename `<output>.partial` to `<output>` (every training command ends so)."""
     from lmforge.data.manifest import write_manifest
     from lmforge.io import publish_dir
 
-    write_manifest(stage, stage=COMMAND)
+    write_manifest(stage, stage=command)
     publish_dir(stage, final)
 
 
