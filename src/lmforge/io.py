@@ -96,8 +96,7 @@ def staged_output(final: Path, *, overwrite: bool = False, resume: bool = True) 
     On an exception the staging directory is left for a later resume; `final` is never touched.
     """
     final = Path(final)
-    if final.exists() and not overwrite:
-        raise LmforgeError(f"{final} already exists; pass overwrite=true to replace it")
+    check_output(final, overwrite)
     stage = partial_dir(final)
     if stage.exists() and not resume:
         shutil.rmtree(stage)
@@ -120,6 +119,17 @@ def publish_dir(stage: Path, final: Path) -> None:
         shutil.rmtree(old)
 
 
+def read_text(path: Path | str, what: str, error: type[LmforgeError] = DataError) -> str:
+    """A UTF-8 text file; missing or undecodable is `error` naming `what` (the config key) and the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise error(f"{what}: {path} not found")
+    try:
+        return path.read_text("utf-8")
+    except UnicodeDecodeError as e:
+        raise error(f"{what}: {path} is not UTF-8 text (byte {e.start}: {e.reason})") from None
+
+
 def read_lines(
     path: Path | str,
     what: str,
@@ -130,19 +140,26 @@ def read_lines(
 ) -> list[tuple[int, str]]:
     """(line number, line) for each non-blank line of a UTF-8 text file, stripped when `strip` (`#` lines
     skipped when `comments`); a missing or undecodable file raises `error` naming `what` (the config key) and the file."""
-    path = Path(path)
-    if not path.is_file():
-        raise error(f"{what}: {path} not found")
-    try:
-        text = path.read_text("utf-8")
-    except UnicodeDecodeError as e:
-        raise error(f"{what}: {path} is not UTF-8 text (byte {e.start}: {e.reason})") from None
+    text = read_text(path, what, error)
     out = []
     for n, line in enumerate(text.splitlines(), 1):
         bare = line.strip()
         if bare and not (comments and bare.startswith("#")):
             out.append((n, bare if strip else line))
     return out
+
+
+def read_json_object(path: Path, missing: str, error: type[LmforgeError] = DataError) -> dict[str, Any]:
+    """A JSON file holding an object; `missing` says what the file is for when it is absent."""
+    try:
+        data = json.loads(Path(path).read_text("utf-8"))
+    except FileNotFoundError:
+        raise error(f"{path}: not found ({missing})") from None
+    except ValueError as e:  # also UnicodeDecodeError
+        raise error(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise error(f"{path}: expected a JSON object")
+    return data
 
 
 def iter_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:

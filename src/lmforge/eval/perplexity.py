@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmforge.errors import DataError
+from lmforge.io import read_text
 
 
 def _windows(n: int, seq_len: int, stride: int) -> Iterator[tuple[int, int, int]]:
@@ -123,13 +124,7 @@ def text_perplexity(
     nll, tokens, nbytes = 0.0, 0, 0
     t0 = time.perf_counter()
     for f in files:
-        path = Path(f)
-        if not path.is_file():
-            raise DataError(f"{path}: text file not found")
-        try:
-            text = path.read_text("utf-8")
-        except UnicodeDecodeError as e:
-            raise DataError(f"{path}: not UTF-8 text ({e})") from None
+        text = read_text(f, "text file")
         ids = [tokenizer.eos_id, *tokenizer.encode(text)]
         s, c = stream_nll(model, ids, seq_len=seq_len, stride=stride, batch_size=batch_size)
         nll, tokens, nbytes = nll + s, tokens + c, nbytes + len(text.encode("utf-8"))

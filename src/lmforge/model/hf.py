@@ -15,7 +15,6 @@ refused unless `allow_pickle=True`, and even then read with `torch.load(weights_
 
 from __future__ import annotations
 
-import json
 import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -26,7 +25,7 @@ import torch
 from torch import Tensor
 
 from lmforge.errors import ConfigError, DataError
-from lmforge.io import atomic_write_json, staged_output
+from lmforge.io import atomic_write_json, read_json_object, staged_output
 from lmforge.model.config import ModelConfig, RopeScaling
 from lmforge.model.transformer import Transformer, build_model
 
@@ -307,15 +306,7 @@ def config_to_hf(
 
 
 def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text("utf-8"))
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: not found (an HF model folder needs config.json)") from None
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a JSON object")
-    return data
+    return read_json_object(path, "an HF model folder needs config.json", ConfigError)
 
 
 def _weight_files(path: Path, allow_pickle: bool) -> tuple[list[Path], bool]:

@@ -19,7 +19,6 @@ PEFT's format: adapter_config.json + adapter_model.safetensors with keys
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 from collections.abc import Iterator
 from fnmatch import fnmatch
@@ -33,7 +32,7 @@ from torch import Tensor, nn
 
 from lmforge.config import Section
 from lmforge.errors import ConfigError, DataError
-from lmforge.io import atomic_write_json
+from lmforge.io import atomic_write_json, read_json_object
 from lmforge.model.nf4 import NF4Linear
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -334,14 +333,7 @@ def save_adapter(model: nn.Module, cfg: LoraConfig, out_dir: Path, *, base_model
 
 def read_adapter_config(adapter_dir: Path) -> dict[str, Any]:
     path = Path(adapter_dir) / ADAPTER_CONFIG
-    try:
-        d = json.loads(path.read_text("utf-8"))
-    except FileNotFoundError:
-        raise DataError(f"{path}: not found (a PEFT adapter folder has adapter_config.json)") from None
-    except json.JSONDecodeError as e:
-        raise DataError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(d, dict):
-        raise DataError(f"{path}: expected a JSON object")
+    d = read_json_object(path, "a PEFT adapter folder has adapter_config.json")
     unsupported = {
         "peft_type": (d.get("peft_type"), "LORA"),
         "bias": (d.get("bias", "none"), "none"),
