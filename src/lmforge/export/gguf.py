@@ -100,29 +100,31 @@ def gguf_tensors(model: Transformer) -> dict[str, Tensor]:
         out["rope_freqs.weight"] = rope_freq_factors(cfg)
     for i in range(cfg.n_layers):
         p, b = f"layers.{i}.", f"blk.{i}."
-        if arch == "gpt2":
+        for ours, theirs in block_names(cfg, arch):
+            out[b + theirs] = sd[p + ours]
+        if arch == "gpt2":  # one fused qkv matrix (and bias)
             for t in ("weight", "bias"):
-                out[b + f"attn_norm.{t}"] = sd[p + f"attn_norm.{t}"]
                 out[b + f"attn_qkv.{t}"] = torch.cat([sd[p + f"attn.{x}.{t}"] for x in "qkv"], dim=0)
-                out[b + f"attn_output.{t}"] = sd[p + f"attn.o.{t}"]
-                out[b + f"ffn_norm.{t}"] = sd[p + f"mlp_norm.{t}"]
-                out[b + f"ffn_up.{t}"] = sd[p + f"mlp.up.{t}"]
-                out[b + f"ffn_down.{t}"] = sd[p + f"mlp.down.{t}"]
-            continue
-        q, k = sd[p + "attn.q.weight"], sd[p + "attn.k.weight"]
-        if arch == "llama":
-            q, k = _permute(q, cfg.n_heads), _permute(k, cfg.kv_heads)
-        out[b + "attn_norm.weight"] = sd[p + "attn_norm.weight"]
-        out[b + "attn_q.weight"], out[b + "attn_k.weight"] = q, k
-        out[b + "attn_v.weight"] = sd[p + "attn.v.weight"]
-        if cfg.qkv_bias:
-            for x in "qkv":
-                out[b + f"attn_{x}.bias"] = sd[p + f"attn.{x}.bias"]
-        out[b + "attn_output.weight"] = sd[p + "attn.o.weight"]
-        out[b + "ffn_norm.weight"] = sd[p + "mlp_norm.weight"]
-        for x in ("gate", "up", "down"):
-            out[b + f"ffn_{x}.weight"] = sd[p + f"mlp.{x}.weight"]
+        elif arch == "llama":  # llama.cpp's RoPE pairs adjacent dims: permute q/k rows as its converter does
+            out[b + "attn_q.weight"] = _permute(sd[p + "attn.q.weight"], cfg.n_heads)
+            out[b + "attn_k.weight"] = _permute(sd[p + "attn.k.weight"], cfg.kv_heads)
     return out
+
+
+def block_names(cfg: ModelConfig, arch: str) -> list[tuple[str, str]]:
+    """(lmforge name, llama.cpp name) of the tensors of one block that map one to one, both directions;
+    gpt2's fused qkv and llama's permuted q/k are handled beside it."""
+    if arch == "gpt2":
+        pairs = [("attn_norm", "attn_norm"), ("attn.o", "attn_output"), ("mlp_norm", "ffn_norm")]
+        pairs += [("mlp.up", "ffn_up"), ("mlp.down", "ffn_down")]
+        return [(f"{o}.{t}", f"{g}.{t}") for o, g in pairs for t in ("weight", "bias")]
+    names = [("attn_norm.weight", "attn_norm.weight"), ("attn.v.weight", "attn_v.weight")]
+    if arch != "llama":  # qwen2: q and k as they are
+        names += [("attn.q.weight", "attn_q.weight"), ("attn.k.weight", "attn_k.weight")]
+    if cfg.qkv_bias:
+        names += [(f"attn.{x}.bias", f"attn_{x}.bias") for x in "qkv"]
+    names += [("attn.o.weight", "attn_output.weight"), ("mlp_norm.weight", "ffn_norm.weight")]
+    return names + [(f"mlp.{x}.weight", f"ffn_{x}.weight") for x in ("gate", "up", "down")]
 
 
 def _stays_f32(name: str, t: Tensor) -> bool:
@@ -314,29 +316,15 @@ def read_gguf(path: Path | str) -> tuple[Transformer, dict[str, Any]]:
         sd["norm.bias"] = tensors["output_norm.bias"]
     for i in range(cfg.n_layers):
         p, b = f"layers.{i}.", f"blk.{i}."
+        for ours, theirs in block_names(cfg, arch):
+            sd[p + ours] = tensors[b + theirs]
         if arch == "gpt2":
             for t in ("weight", "bias"):
-                sd[p + f"attn_norm.{t}"] = tensors[b + f"attn_norm.{t}"]
                 for x, part in zip("qkv", tensors[b + f"attn_qkv.{t}"].chunk(3, dim=0), strict=True):
                     sd[p + f"attn.{x}.{t}"] = part
-                sd[p + f"attn.o.{t}"] = tensors[b + f"attn_output.{t}"]
-                sd[p + f"mlp_norm.{t}"] = tensors[b + f"ffn_norm.{t}"]
-                sd[p + f"mlp.up.{t}"] = tensors[b + f"ffn_up.{t}"]
-                sd[p + f"mlp.down.{t}"] = tensors[b + f"ffn_down.{t}"]
-            continue
-        q, k = tensors[b + "attn_q.weight"], tensors[b + "attn_k.weight"]
-        if arch == "llama":
-            q, k = _unpermute(q, cfg.n_heads), _unpermute(k, cfg.kv_heads)
-        sd[p + "attn_norm.weight"] = tensors[b + "attn_norm.weight"]
-        sd[p + "attn.q.weight"], sd[p + "attn.k.weight"] = q, k
-        sd[p + "attn.v.weight"] = tensors[b + "attn_v.weight"]
-        if cfg.qkv_bias:
-            for x in "qkv":
-                sd[p + f"attn.{x}.bias"] = tensors[b + f"attn_{x}.bias"]
-        sd[p + "attn.o.weight"] = tensors[b + "attn_output.weight"]
-        sd[p + "mlp_norm.weight"] = tensors[b + "ffn_norm.weight"]
-        for x in ("gate", "up", "down"):
-            sd[p + f"mlp.{x}.weight"] = tensors[b + f"ffn_{x}.weight"]
+        elif arch == "llama":
+            sd[p + "attn.q.weight"] = _unpermute(tensors[b + "attn_q.weight"], cfg.n_heads)
+            sd[p + "attn.k.weight"] = _unpermute(tensors[b + "attn_k.weight"], cfg.kv_heads)
     model = build_model(cfg, seed=None)
     model.load_state_dict(sd, strict=True)
     if "rope_freqs.weight" in tensors:  # Llama-3 scaling: divide each frequency as llama.cpp does
