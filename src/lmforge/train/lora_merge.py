@@ -13,7 +13,6 @@ config.yaml, merge_report.json (with a logits parity check of merged vs base + a
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Literal
 
@@ -22,7 +21,7 @@ from pydantic import Field
 
 from lmforge.config import Section, parse_command, save_config
 from lmforge.errors import ConfigError, DataError
-from lmforge.io import atomic_write_json, staged_output
+from lmforge.io import atomic_write_json, read_json_object, staged_output
 
 COMMAND = "lora merge"
 BASE_INFO = "lmforge_base.json"  # written next to the adapter by `lmforge finetune`: {"base", "method"}
@@ -70,13 +69,7 @@ def find_adapter(path: Path) -> Path:
 
 def _base_info(adapter_dir: Path) -> dict[str, Any]:
     path = adapter_dir / BASE_INFO
-    if not path.is_file():
-        return {}
-    try:
-        data = json.loads(path.read_text("utf-8"))
-    except json.JSONDecodeError as e:
-        raise DataError(f"{path}: not valid JSON ({e})") from None
-    return data if isinstance(data, dict) else {}
+    return read_json_object(path, "written by lmforge finetune") if path.is_file() else {}
 
 
 def resolve_base(cfg: LoraMergeConfig, adapter_dir: Path, peft_cfg: dict[str, Any]) -> Path:
