@@ -1,6 +1,6 @@
 """The inference engine: batched generation with a preallocated KV cache, sampling, stop rules, streaming.
 
-    from lmforge.infer.load import load_model
+    from lmforge.model.source import load_model
     from lmforge.infer.engine import Engine, GenerationRequest
     from lmforge.infer.sampling import SamplingParams
     model, tok = load_model("runs/demo/pretrain")
