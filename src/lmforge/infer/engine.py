@@ -161,7 +161,8 @@ def _fuse_projections(model: Transformer) -> tuple[list[Tensor], list[Tensor | N
     for blk in model.layers:
         a: Any = blk.attn
         mlp: Any = blk.mlp
-        if mlp.gate is None or type(a.q.weight) is not torch.nn.Parameter:
+        mods = (a.q, a.k, a.v, mlp.gate, mlp.up)  # LoRA / quantized layers have no plain weight to fuse
+        if mlp.gate is None or any(type(getattr(m, "weight", None)) is not torch.nn.Parameter for m in mods):
             return None
         with torch.no_grad():
             for mods, out in (((a.q, a.k, a.v), qkv_w), ((mlp.gate, mlp.up), gu_w)):
