@@ -161,8 +161,16 @@ def _fuse_projections(model: Transformer) -> tuple[list[Tensor], list[Tensor | N
     for blk in model.layers:
         a: Any = blk.attn
         mlp: Any = blk.mlp
-        mods = (a.q, a.k, a.v, mlp.gate, mlp.up)  # LoRA / quantized layers have no plain weight to fuse
-        if mlp.gate is None or any(type(getattr(m, "weight", None)) is not torch.nn.Parameter for m in mods):
+        projections = (
+            a.q,
+            a.k,
+            a.v,
+            mlp.gate,
+            mlp.up,
+        )  # LoRA / quantized layers have no plain weight to fuse
+        if mlp.gate is None or any(
+            type(getattr(m, "weight", None)) is not torch.nn.Parameter for m in projections
+        ):
             return None
         with torch.no_grad():
             for mods, out in (((a.q, a.k, a.v), qkv_w), ((mlp.gate, mlp.up), gu_w)):
