@@ -43,6 +43,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from lmforge.errors import DataError
@@ -316,8 +317,6 @@ def is_quantized_dir(path: str | Path) -> bool:
 
 def save_quantized(model: nn.Module, directory: str | Path, *, tokenizer: Any = None) -> Path:
     """Write the quantized `model` (from `quantize_model`) and optionally its tokenizer into `directory`."""
-    from safetensors.torch import save_file
-
     spec: QuantSpec | None = getattr(model, "quant_spec", None)
     cfg = getattr(model, "cfg", None)
     if spec is None or not isinstance(cfg, ModelConfig):
@@ -364,8 +363,6 @@ def load_quantized(
     directory: str | Path, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
 ) -> Transformer:
     """The quantized model in eval mode; full-precision tensors in `dtype`, quantized buffers as stored."""
-    from safetensors.torch import load_file
-
     d = Path(directory)
     spec = read_spec(d)
     try:

@@ -32,6 +32,7 @@ from typing import Any
 
 import torch
 import yaml
+from safetensors.torch import load_file
 
 from lmforge.config import load_config
 from lmforge.errors import ConfigError, DataError
@@ -290,8 +291,6 @@ def newest_checkpoint(root: Path) -> Path | None:
 
 
 def _load_weights(model: Transformer, file: Path) -> None:
-    from safetensors.torch import load_file
-
     if not file.is_file():
         raise DataError(f"{file}: not found")
     sd = load_file(str(file))
