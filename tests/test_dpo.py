@@ -362,7 +362,7 @@ def test_lora_dpo_learns_the_preference_and_leaves_the_base_untouched(
 
 
 def test_full_dpo_with_a_live_frozen_reference(setup: dict[str, Path], tmp_path: Path) -> None:
-    from lmforge.infer.load import load_model
+    from lmforge.model.source import load_model
 
     out = tmp_path / "run"
     args = dpo_args(setup, out, "method=full", "reference=live", "optim.lr=1e-3", "max_steps=12")
@@ -470,8 +470,8 @@ def test_a_lora_run_is_merged_into_its_base_to_start_from(
     """model= a run whose result is an adapter/: the policy and the reference are base + that adapter, merged."""
     from safetensors.torch import load_file
 
-    from lmforge.infer.load import load_model
     from lmforge.model.lora import load_adapter
+    from lmforge.model.source import load_model
 
     first, second = tmp_path / "first", tmp_path / "second"
     assert run_dpo(dpo_args(setup, first, "max_steps=3", "optim.lr=1e-2", small=True)) == 0

@@ -106,7 +106,7 @@ def greedy_accuracy(model: torch.nn.Module, tok: Tokenizer, val: Path, shift: in
 
 
 def test_full_finetune_learns_the_task_and_writes_a_servable_model(base: Path, task: Path) -> None:
-    from lmforge.infer.load import load_model
+    from lmforge.model.source import load_model
 
     s = summary(base)
     assert s["trainable"]["fraction"] == 1.0 and s["trainable"]["trainable"] == 115_840
@@ -143,8 +143,8 @@ def lora_run(task: Path, base: Path, method: str, out: Path, steps: int = 120, *
 
 
 def test_lora_teaches_the_base_a_new_task(base: Path, task: Path) -> None:
-    from lmforge.infer.load import load_model
     from lmforge.model.lora import load_adapter
+    from lmforge.model.source import load_model
 
     run = lora_run(task, base, "lora", task / "lora")
     s = summary(run)

@@ -18,8 +18,8 @@ transformers = pytest.importorskip("transformers")
 from infer_helpers import make_tokenizer, save_hf_model  # noqa: E402
 from lmforge.errors import DataError  # noqa: E402
 from lmforge.infer.engine import Detokenizer, Engine, GenerationRequest  # noqa: E402
-from lmforge.infer.load import load_model  # noqa: E402
 from lmforge.infer.sampling import SamplingParams, apply_repetition_penalty, filter_logits, sample  # noqa: E402
+from lmforge.model.source import load_model  # noqa: E402
 from lmforge.tokenizer import Tokenizer  # noqa: E402
 
 PROMPTS = ["To be, or not to be", "KING", "Enter the ghost of Hamlet's father, armed", "O"]

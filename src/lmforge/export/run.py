@@ -25,6 +25,7 @@ from lmforge.config import Section, parse_command, save_config
 from lmforge.errors import ConfigError, DataError
 from lmforge.export.parity import DEFAULT_PROMPTS
 from lmforge.io import atomic_write_json, staged_output
+from lmforge.model.source import load_model
 
 QUANT_MARKER = "quant_config.json"  # written by `lmforge quantize` next to its model
 
@@ -158,8 +159,6 @@ def _runner(cfg: ExportConfig, artefact: Path, tok: Any, max_len: int) -> tuple[
 def run_export(cfg: ExportConfig) -> dict[str, Any]:
     """Check, load, write, verify; returns the report written to parity.json."""
     import torch
-
-    from lmforge.infer.load import load_model
 
     _preflight(cfg)
     if cfg.threads:

@@ -18,6 +18,7 @@ from pydantic import Field
 
 from lmforge.config import Section, parse_command
 from lmforge.infer.sampling import SamplingParams
+from lmforge.model.source import load_model
 
 COMMAND = "chat"
 # Special tokens that end an assistant turn in common templates (ChatML, Llama 3, Phi, Gemma, Llama 2).
@@ -116,7 +117,6 @@ def loop(session: ChatSession, inp: TextIO, out: TextIO) -> int:
 def main(argv: list[str]) -> int:
     from lmforge.infer.engine import Engine
     from lmforge.infer.generate import resolve_device
-    from lmforge.infer.load import load_model
 
     cfg = parse_command(argv, CONFIG, COMMAND, DESCRIPTION, EXAMPLE)
     if cfg.threads:

@@ -1,6 +1,6 @@
 """The inference engine: batched generation with a preallocated KV cache, sampling, stop rules, streaming.
 
-    from lmforge.infer.load import load_model
+    from lmforge.model.source import load_model
     from lmforge.infer.engine import Engine, GenerationRequest
     from lmforge.infer.sampling import SamplingParams
     model, tok = load_model("runs/demo/pretrain")
@@ -161,7 +161,16 @@ def _fuse_projections(model: Transformer) -> tuple[list[Tensor], list[Tensor | N
     for blk in model.layers:
         a: Any = blk.attn
         mlp: Any = blk.mlp
-        if mlp.gate is None or type(a.q.weight) is not torch.nn.Parameter:
+        projections = (
+            a.q,
+            a.k,
+            a.v,
+            mlp.gate,
+            mlp.up,
+        )  # LoRA / quantized layers have no plain weight to fuse
+        if mlp.gate is None or any(
+            type(getattr(m, "weight", None)) is not torch.nn.Parameter for m in projections
+        ):
             return None
         with torch.no_grad():
             for mods, out in (((a.q, a.k, a.v), qkv_w), ((mlp.gate, mlp.up), gu_w)):

@@ -23,6 +23,7 @@ from lmforge.config import Section, parse_command
 from lmforge.errors import ConfigError, DataError
 from lmforge.infer.sampling import SamplingParams
 from lmforge.io import atomic_write_text, iter_jsonl, read_lines
+from lmforge.model.source import load_model
 
 COMMAND = "generate"
 
@@ -95,7 +96,6 @@ def encode_prompt(tok: Any, text: str, chat: bool, add_bos: bool) -> list[int]:
 
 def run(cfg: GenerateConfig, out: Any = None) -> list[dict[str, Any]]:
     from lmforge.infer.engine import Engine, GenerationRequest
-    from lmforge.infer.load import load_model
 
     out = out or sys.stdout
     if cfg.threads:

@@ -309,6 +309,11 @@ def _read_json(path: Path) -> dict[str, Any]:
     return read_json_object(path, "an HF model folder needs config.json", ConfigError)
 
 
+def read_hf_config(folder: Path) -> dict[str, Any]:
+    """An HF folder's config.json as a dict (a ConfigError naming the file when it is missing or not JSON)."""
+    return _read_json(folder / "config.json")
+
+
 def _weight_files(path: Path, allow_pickle: bool) -> tuple[list[Path], bool]:
     """(files, is_pickle): an index's shards if there is one, else the safetensors files, else pickles."""
     files: list[Path] = []
@@ -368,7 +373,7 @@ def load_hf(
     path = Path(path)
     if not path.is_dir():
         raise DataError(f"{path}: not a directory (expected a Hugging Face model folder)")
-    hf_cfg = _read_json(path / "config.json")
+    hf_cfg = read_hf_config(path)
     arch = _architecture(hf_cfg)
     cfg = config_from_hf(hf_cfg)
     files, pickle = _weight_files(path, allow_pickle)

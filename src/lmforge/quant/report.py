@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lmforge.quant.linear import Int4Linear, Int8Linear, QNF4Linear
+from lmforge.model.quant import Int4Linear, Int8Linear, QNF4Linear
 
 
 def numel_by_name(model: nn.Module) -> dict[str, int]:

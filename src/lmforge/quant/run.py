@@ -21,6 +21,8 @@ from pydantic import Field
 from lmforge.config import Section, parse_command, save_config
 from lmforge.errors import ConfigError, DataError
 from lmforge.io import atomic_write_json, staged_output
+from lmforge.model.quant import save_quantized
+from lmforge.model.source import load_model
 
 COMMAND = "quantize"
 
@@ -125,9 +127,7 @@ def run(cfg: QuantizeConfig) -> dict[str, Any]:
 
     from lmforge.data.manifest import write_manifest
     from lmforge.infer.generate import resolve_device
-    from lmforge.infer.load import load_model
     from lmforge.quant.calibrate import calibration_ids
-    from lmforge.quant.io import save_quantized
     from lmforge.quant.quantize import quantize_model
     from lmforge.quant.report import format_table, numel_by_name, pct, size_report
 

@@ -38,6 +38,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from lmforge.config import Section, parse_command
 from lmforge.errors import ConfigError
+from lmforge.model.source import load_model
 from lmforge.serve.auth import check_bind, fingerprint, load_keys, match_key
 from lmforge.serve.batcher import DONE, Batcher, EngineFailure, Job, QueueFull
 from lmforge.serve.filters import OutputFilter
@@ -854,7 +855,6 @@ def main(argv: list[str]) -> int:
     import torch
 
     from lmforge.infer.engine import Engine
-    from lmforge.infer.load import load_model
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)

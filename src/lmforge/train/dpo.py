@@ -37,7 +37,8 @@ from lmforge.config import Section, save_config
 from lmforge.data.preference import PairSampler, PreferenceStats, collate, fixed_batches, load_pairs
 from lmforge.errors import ConfigError, IntegrityError
 from lmforge.io import atomic_write_json, sha256_file
-from lmforge.model.lora import LoraConfig
+from lmforge.model.lora import LoraConfig, read_adapter_config
+from lmforge.model.source import load_merged_base
 from lmforge.train import distributed as D
 from lmforge.train.finetune import export_result, parse_single_process
 from lmforge.train.objectives import (
@@ -154,37 +155,12 @@ EXAMPLE = "lmforge align dpo -c configs/align/dpo-demo.yaml"
 
 
 # -- model -------------------------------------------------------------------------------------------
-def _adapter_dir(path: Path) -> Path | None:
-    """A LoRA adapter folder (or a fine-tuning run whose result is one), else None."""
-    from lmforge.model.lora import ADAPTER_CONFIG
-
-    if (path / ADAPTER_CONFIG).is_file():
-        return path
-    if (path / "adapter" / ADAPTER_CONFIG).is_file() and not (path / "model").is_dir():
-        return path / "adapter"
-    return None
-
-
 def load_policy(cfg: DPOConfig, device: torch.device) -> tuple[nn.Module, Any]:
     """(model in train mode, tokenizer); a LoRA fine-tuning result is merged into its base first."""
-    from lmforge.train.finetune import load_base
-
-    adapter = _adapter_dir(Path(cfg.model))
-    if adapter is None:
-        return load_base(cfg.model, tokenizer=cfg.tokenizer, device=device, seed=cfg.seed)
-    from lmforge.model.lora import load_adapter, merge_lora, read_adapter_config
-
-    base = str(read_adapter_config(adapter).get("base_model_name_or_path") or "")
-    if not Path(base).is_dir():
-        raise ConfigError(
-            f"model: {adapter} adapts {base!r}, which is not a model folder here; merge it with "
-            "`lmforge lora merge` and point model= at the result"
-        )
-    tokenizer = cfg.tokenizer or (str(adapter) if (adapter / "tokenizer.json").is_file() else None)
-    model, tok = load_base(base, tokenizer=tokenizer, device=device, seed=cfg.seed)
-    load_adapter(model, adapter)
-    merge_lora(model)
-    print(f"align dpo: merged the adapter {adapter} into {base}", file=sys.stderr)
+    model, tok, adapter = load_merged_base(cfg.model, tokenizer=cfg.tokenizer, device=device, seed=cfg.seed)
+    if adapter is not None:
+        base = read_adapter_config(adapter).get("base_model_name_or_path")
+        print(f"align dpo: merged the adapter {adapter} into {base}", file=sys.stderr)
     return model, tok
 
 

@@ -30,7 +30,7 @@ from lmforge.data.chat import Example, SFTDataConfig, collate, load_sft, pack
 from lmforge.errors import ConfigError
 from lmforge.io import atomic_write_json
 from lmforge.model.lora import LoraConfig
-from lmforge.model.transformer import Transformer
+from lmforge.model.source import load_base
 from lmforge.train import distributed as D
 from lmforge.train.objectives import IGNORE_INDEX, Batch, causal_lm
 from lmforge.train.optim import OptimConfig
@@ -126,59 +126,6 @@ EXAMPLE = "lmforge finetune -c configs/finetune/demo-lora.yaml"
 
 
 # -- model -------------------------------------------------------------------------------------------
-def load_base(
-    base: str,
-    *,
-    tokenizer: str | None = None,
-    model_overrides: dict[str, Any] | None = None,
-    seq_len: int = 0,
-    device: torch.device | str = "cpu",
-    seed: int = 0,
-) -> tuple[Transformer, Any]:
-    """(model in train mode, tokenizer) from a model folder / run / checkpoint / HF folder, or a preset."""
-    from lmforge.tokenizer import load_tokenizer
-
-    tok = load_tokenizer(tokenizer) if tokenizer is not None else None
-    path = Path(base)
-    if path.is_dir():
-        if (path / "adapter_config.json").is_file() or (
-            (path / "adapter" / "adapter_config.json").is_file() and not (path / "model").is_dir()
-        ):
-            raise ConfigError(
-                f"base: {path} is a LoRA adapter, not a model; fold it into its base with "
-                "`lmforge lora merge` and fine-tune the merged folder"
-            )
-        if model_overrides:
-            raise ConfigError("model_overrides: only a preset base can be reshaped")
-        from lmforge.infer.load import load_model
-
-        model, found = load_model(path, device=device)
-        tok = tok or found
-    elif path.suffix or "/" in base:
-        raise ConfigError(
-            f"base: {base} is not a directory; expected a model folder, run dir or a preset name"
-        )
-    else:
-        from lmforge.model.config import ModelConfig, get_preset
-        from lmforge.model.transformer import build_model
-
-        if tok is None:
-            raise ConfigError(f"tokenizer: a preset base ({base!r}) needs a tokenizer folder")
-        fields = {**get_preset(base).model_dump(), "vocab_size": tok.vocab_size, **(model_overrides or {})}
-        fields["max_seq_len"] = max(int(fields["max_seq_len"]), seq_len)
-        try:
-            mcfg = ModelConfig.model_validate(fields)
-        except ValueError as e:
-            raise ConfigError(f"model_overrides: {e}") from None
-        model = build_model(mcfg, device=device, dtype=torch.float32, seed=seed)
-    vocab = int(model.cfg.vocab_size)
-    if tok.vocab_size > vocab:
-        raise ConfigError(f"tokenizer: {tok.vocab_size} tokens but the model has only {vocab} embeddings")
-    if seq_len > int(model.cfg.max_seq_len):
-        raise ConfigError(f"seq_len: {seq_len} exceeds the model's max_seq_len {model.cfg.max_seq_len}")
-    return model.train(), tok
-
-
 def setup_method(model: nn.Module, method: str, lora: LoraConfig, seed: int = 0) -> dict[str, Any]:
     """Make the right parameters trainable; {"trainable", "total", "fraction", "method"}."""
     if method == "full":
@@ -475,7 +422,6 @@ __all__ = [
     "TrainableView",
     "checkpoint_module",
     "evaluate",
-    "load_base",
     "main",
     "setup_method",
     "train",

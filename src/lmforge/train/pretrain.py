@@ -31,6 +31,7 @@ from torch import nn
 from lmforge.config import Section, parse_command, save_config
 from lmforge.errors import ConfigError, DataError, LmforgeError
 from lmforge.io import atomic_write_json, partial_dir
+from lmforge.model.source import pretrain_model
 from lmforge.train import distributed as D
 from lmforge.train.distributed import DistConfig
 from lmforge.train.optim import OptimConfig
@@ -120,53 +121,6 @@ EXAMPLE = "lmforge pretrain -c configs/demo/pretrain.yaml data=runs/demo/tokens 
 
 
 # -- model -------------------------------------------------------------------------------------------
-def resolve_model(cfg: PretrainConfig, vocab_size: int, device: torch.device, seed: int) -> nn.Module:
-    """Build the model from a preset name, a model YAML or an HF folder (continued pretraining)."""
-    from lmforge.model.config import ModelConfig, get_preset
-    from lmforge.model.transformer import build_model
-
-    spec = Path(cfg.model)
-    if spec.is_dir():
-        if not (spec / "config.json").is_file():
-            raise ConfigError(
-                f"model: {spec} is a directory without config.json; expected an HF model folder"
-            )
-        if cfg.model_overrides:
-            raise ConfigError("model_overrides: cannot change the shape of a pretrained HF model")
-        from lmforge.model.hf import load_hf
-
-        model, mcfg = load_hf(spec, device=device)
-        if mcfg.vocab_size < vocab_size:
-            raise ConfigError(
-                f"model: {spec} has vocab_size {mcfg.vocab_size} but the data uses ids up to {vocab_size - 1}"
-            )
-        if mcfg.max_seq_len < cfg.seq_len:
-            raise ConfigError(f"seq_len: {cfg.seq_len} exceeds the context of {spec} ({mcfg.max_seq_len})")
-        return model
-    if spec.suffix in (".yaml", ".yml"):
-        from lmforge.config import load_config
-
-        base = load_config(ModelConfig, spec).model_dump()
-    else:
-        base = get_preset(cfg.model).model_dump()
-    fields = {**base, "vocab_size": vocab_size, **cfg.model_overrides}
-    if "max_seq_len" in fields and "max_seq_len" not in cfg.model_overrides:
-        fields["max_seq_len"] = max(int(fields["max_seq_len"]), cfg.seq_len)
-    try:
-        mcfg = ModelConfig.model_validate(fields)
-    except ValueError as e:
-        raise ConfigError(f"model_overrides: {e}") from None
-    if mcfg.vocab_size < vocab_size:
-        raise ConfigError(
-            f"model_overrides.vocab_size: {mcfg.vocab_size} < the data's vocab_size {vocab_size}"
-        )
-    if mcfg.max_seq_len < cfg.seq_len:
-        raise ConfigError(
-            f"seq_len: {cfg.seq_len} exceeds model_overrides.max_seq_len {mcfg.max_seq_len}; raise it or lower seq_len"
-        )
-    return build_model(mcfg, device=device, dtype=torch.float32, seed=seed)
-
-
 def model_config(model: nn.Module) -> Any:
     return getattr(model, "cfg", None) or getattr(model, "config", None)
 
@@ -457,7 +411,14 @@ def train(cfg: PretrainConfig, **trainer_kw: Any) -> int:
             raise DataError(
                 f"{cfg.data}: validation split has fewer than seq_len+1 = {cfg.seq_len + 1} tokens"
             )
-        model = resolve_model(cfg, train_set.vocab_size, device, cfg.seed)
+        model = pretrain_model(
+            cfg.model,
+            vocab_size=train_set.vocab_size,
+            seq_len=cfg.seq_len,
+            overrides=cfg.model_overrides,
+            device=device,
+            seed=cfg.seed,
+        )
         prec, param_dtype, autocast, scaler = precision_setup(cfg, device)
         auto_micro = cfg.micro_batch == "auto"
         if auto_micro:
