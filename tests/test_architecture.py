@@ -246,9 +246,8 @@ def check_package_cycles(imps: list[Import], layer: int = 4) -> list[str]:
     out = []
     for (a, b), wheres in sorted(edges.items()):
         if a in reach(b):  # a -> b and b ->* a: the edge lies on a cycle
-            out.append(
-                f"{', '.join(wheres)}: {a} imports {b}, which imports {a} back (a package import cycle)"
-            )
+            sites = ", ".join(dict.fromkeys(wheres))
+            out.append(f"{sites}: {a} imports {b}, whose imports lead back to {a} (a package import cycle)")
     return out
 
 
