@@ -25,6 +25,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from torch import Tensor, nn
 
 from lmforge.errors import ConfigError
@@ -110,8 +111,6 @@ def rtn_layer(linear: nn.Linear, method: str, group_size: int) -> nn.Module:
 
 
 def _progress(total: int, enabled: bool) -> Any:
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
     live = enabled and sys.stderr.isatty()
     p = Progress(
         TextColumn("[bold]{task.description}"),
