@@ -22,7 +22,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "lmforge.data.prepare:main",
         "ingest, clean, deduplicate, mask PII and decontaminate raw text",
     ),
-    "data verify": ("lmforge.data.manifest:main", "check a stage's output against its SHA-256 manifest"),
+    "data verify": ("lmforge.data.verify:main", "check a stage's output against its SHA-256 manifest"),
     "tokenizer train": ("lmforge.tokenizer:main", "train a byte-level BPE tokenizer with a chat template"),
     "tokenize": ("lmforge.data.tokenize:main", "turn curated documents into token shards"),
     "model info": ("lmforge.model.info:main", "parameters, shapes, FLOPs and memory of a model"),

@@ -22,6 +22,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 from torch import Tensor
 
 from lmforge.errors import ConfigError, DataError
@@ -343,8 +345,6 @@ def _weight_files(path: Path, allow_pickle: bool) -> tuple[list[Path], bool]:
 
 
 def _read_tensors(files: list[Path], pickle: bool) -> Iterator[tuple[str, Tensor]]:
-    from safetensors import safe_open
-
     for f in files:
         if pickle:
             sd = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
@@ -473,8 +473,6 @@ def save_hf(
     """Write an HF folder: config.json, model.safetensors (sharded with an index above `max_shard_bytes`),
     generation_config.json, and the tokenizer files from `tokenizer_dir`. Special-token ids come from the
     tokenizer when given (explicit arguments win); the folder appears atomically at `path`."""
-    from safetensors.torch import save_file
-
     path = Path(path)
     cfg = model.cfg
     arch = architecture or hf_architecture(cfg)

@@ -24,6 +24,7 @@ import sys
 from typing import Any
 
 import torch
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from torch import Tensor, nn
 
 from lmforge.errors import ConfigError
@@ -87,8 +88,6 @@ def rtn_layer(linear: nn.Linear, method: str, group_size: int) -> nn.Module:
 
 
 def _progress(total: int, enabled: bool) -> Any:
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
     live = enabled and sys.stderr.isatty()
     p = Progress(
         TextColumn("[bold]{task.description}"),
