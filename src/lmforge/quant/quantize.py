@@ -28,6 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from lmforge.errors import ConfigError
+from lmforge.model.transformer import unfuse_projections
 from lmforge.quant.gptq import dequantize_codes, gptq_int4, output_error
 from lmforge.quant.linear import Int4Linear, Int8Linear, QNF4Linear, int4_params, quantize_int4_with
 
@@ -158,7 +159,7 @@ def quantize_model(
     model.eval()
     if getattr(model, "quant_spec", None) is not None:
         raise ConfigError("quantize: this model is already quantized; start from a full-precision model")
-    model.__dict__.pop("_lmforge_fused", None)  # an Engine's merged fp weights: stale once layers change
+    unfuse_projections(model)  # an Engine's merged fp weights: stale once layers change
     if method == "int4-gptq":
         if calib is None:
             raise ConfigError("int4-gptq needs calibration data (a tokens directory: data=...)")
