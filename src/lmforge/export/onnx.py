@@ -66,6 +66,18 @@ def write_onnx(model: Transformer, path: Path | str, *, example_len: int = 8) ->
     example = torch.zeros(2, min(example_len, model.cfg.max_seq_len), dtype=torch.long)
     batch = torch.export.Dim("batch", min=1, max=1024)
     seq = torch.export.Dim("seq", min=1, max=model.cfg.max_seq_len)
+    _export(wrapper, (example,), {"input_ids": {0: batch, 1: seq}}, ["input_ids"], ["logits"], path)
+
+
+def _export(
+    wrapper: nn.Module,
+    args: tuple[Tensor, ...],
+    shapes: dict[str, Any],
+    inputs: list[str],
+    outputs: list[str],
+    path: Path | str,
+) -> None:
+    """torch.onnx.export (dynamo) of `wrapper` to one self-contained .onnx file (weights inside)."""
     logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(
         logging.ERROR
     )  # torchvision note
@@ -73,11 +85,11 @@ def write_onnx(model: Transformer, path: Path | str, *, example_len: int = 8) ->
         warnings.simplefilter("ignore")  # the exporter's deprecation chatter, not actionable here
         program = torch.onnx.export(
             wrapper,
-            (example,),
+            args,
             dynamo=True,
-            dynamic_shapes={"input_ids": {0: batch, 1: seq}},
-            input_names=["input_ids"],
-            output_names=["logits"],
+            dynamic_shapes=shapes,
+            input_names=inputs,
+            output_names=outputs,
             opset_version=OPSET,
             external_data=False,
             verbose=False,
@@ -158,23 +170,8 @@ def write_onnx_decode(model: Transformer, path: Path | str) -> None:
     batch = torch.export.Dim("batch", min=1, max=1024)
     seq = torch.export.Dim("seq", min=1, max=cfg.max_seq_len)
     past_len = torch.export.Dim("past", min=0, max=cfg.max_seq_len)
-    shapes = ({0: batch, 1: seq}, *({0: batch, 2: past_len} for _ in past_names))
-    logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
-    with warnings.catch_warnings(), torch.no_grad():
-        warnings.simplefilter("ignore")
-        program = torch.onnx.export(
-            wrapper,
-            (ids, *past),
-            dynamo=True,
-            dynamic_shapes={"input_ids": shapes[0], "past": tuple(shapes[1:])},
-            input_names=["input_ids", *past_names],
-            output_names=["logits", *present_names],
-            opset_version=OPSET,
-            external_data=False,
-            verbose=False,
-        )
-    assert program is not None
-    program.save(str(path), external_data=False)
+    shapes = {"input_ids": {0: batch, 1: seq}, "past": tuple({0: batch, 2: past_len} for _ in past_names)}
+    _export(wrapper, (ids, *past), shapes, ["input_ids", *past_names], ["logits", *present_names], path)
 
 
 class OnnxDecoder:
