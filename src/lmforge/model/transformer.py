@@ -231,9 +231,6 @@ class Attention(nn.Module):
         self.v = nn.Linear(cfg.dim, self.n_kv * self.hd, bias=qkv_bias)
         self.o = nn.Linear(self.n_heads * self.hd, cfg.dim, bias=cfg.arch == "gpt2")
         self.fused: Fused | None = None  # q;k;v, set by Transformer.fuse_projections
-        gqa = self.n_kv != self.n_heads
-        self.repeat_kv = self.n_heads // self.n_kv if gqa and not _SDPA_GQA else 1  # older torch: by hand
-        self.sdpa_gqa = {"enable_gqa": True} if gqa and _SDPA_GQA else {}
 
     def forward(
         self,
@@ -256,10 +253,11 @@ class Attention(nn.Module):
         if cache is not None:
             assert slots is not None
             k, v = cache.update(layer, k, v, slots)  # (B, Hkv, S, hd)
-        if self.repeat_kv > 1:
-            k, v = k.repeat_interleave(self.repeat_kv, dim=1), v.repeat_interleave(self.repeat_kv, dim=1)
-        causal = mask is None and T > 1
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, **self.sdpa_gqa)
+        if self.n_kv != self.n_heads and not _SDPA_GQA:
+            rep = self.n_heads // self.n_kv
+            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+        gqa = {"enable_gqa": True} if self.n_kv != self.n_heads and _SDPA_GQA else {}
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1, **gqa)
         return self.o(y.transpose(1, 2).reshape(B, T, self.n_heads * self.hd))  # (B, T, dim)
 
 
