@@ -18,7 +18,7 @@ from lmforge.errors import ConfigError
 from lmforge.export.gguf import _permute, gguf_tensors, read_gguf, read_metadata, read_tensors, write_gguf
 from lmforge.export.run import ExportConfig, _positional, run_export
 from lmforge.model.config import RopeScaling
-from lmforge.model.transformer import _rotate_half, build_model, rope_tables
+from lmforge.model.transformer import build_model, rope_tables, rotate_half
 from lmforge.tokenizer import Tokenizer
 
 
@@ -56,14 +56,14 @@ def _export(src: Path, out: Path, fmt: str, *extra: str) -> dict:
 # GGUF
 
 
-def test_llama_permutation_turns_rotate_half_into_interleaved_pairs() -> None:
+def test_llama_permutation_turnsrotate_half_into_interleaved_pairs() -> None:
     """llama.cpp's `llama` graph rotates pairs (2i, 2i+1) by frequency i. After the q/k row permutation, that
     rotation of the permuted projection must equal the permuted rotate-half RoPE of the original one."""
     cfg = llama_cfg(n_heads=2, n_kv_heads=2, dim=32)  # head_dim 16
     hd, T = cfg.head_size, 7
     cos, sin = rope_tables(cfg)
     x = torch.randn(T, 2 * hd)  # two heads of q outputs at T positions
-    ours = torch.cat([h * cos[:T] + _rotate_half(h) * sin[:T] for h in x.split(hd, dim=-1)], dim=-1)
+    ours = torch.cat([h * cos[:T] + rotate_half(h) * sin[:T] for h in x.split(hd, dim=-1)], dim=-1)
     perm = _permute(torch.eye(2 * hd), 2)  # rows permuted like the q weight: y' = P y
     xp = x @ perm.T
     theta = torch.arange(T)[:, None] * (1.0 / cfg.rope_theta ** (torch.arange(0, hd, 2).float() / hd))

@@ -324,10 +324,10 @@ def test_fused_projections_share_the_weights(models: dict[str, tuple[Any, Path]]
     ids = torch.tensor([tok.encode("To be, or not to be")])
     with torch.no_grad():
         before = model(ids)
-    engine = Engine(model, t)
-    assert engine._fused is not None
-    qkv = engine._fused[0][0]
+    Engine(model, t)
     attn: Any = model.layers[0].attn
+    assert attn.fused is not None
+    qkv = attn.fused.weight
     assert attn.q.weight.data_ptr() == qkv.data_ptr()  # a view into the merged tensor, not a copy
     assert attn.k.weight.data_ptr() == qkv.data_ptr() + attn.q.weight.numel() * qkv.element_size()
     with torch.no_grad():

@@ -38,6 +38,7 @@ from lmforge.model.quant import (
     quantize_int4_with,
     set_module,
 )
+from lmforge.model.transformer import unfuse_projections
 from lmforge.quant.gptq import dequantize_codes, gptq_int4, output_error
 
 BITS = {"int8": 8, "int4": 4, "int4-gptq": 4, "nf4": 4}
@@ -134,7 +135,7 @@ def quantize_model(
     model.eval()
     if getattr(model, "quant_spec", None) is not None:
         raise ConfigError("quantize: this model is already quantized; start from a full-precision model")
-    model.__dict__.pop("_lmforge_fused", None)  # an Engine's merged fp weights: stale once layers change
+    unfuse_projections(model)  # an Engine's merged fp weights: stale once layers change
     if method == "int4-gptq":
         if calib is None:
             raise ConfigError("int4-gptq needs calibration data (a tokens directory: data=...)")
