@@ -208,17 +208,16 @@ def load_config(
             value = raw
         _set_dotted(tree, parts, value, f"override {item!r}")
         source_of[".".join(parts)] = f"override {item!r}"
-    try:
-        cfg = schema.model_validate(tree)
-    except ValidationError as e:
-        lines = [_describe(err, schema, source_of) for err in e.errors()]
-        raise ConfigError("\n".join(lines)) from None
-    bad = _non_finite(tree)  # what typed float fields let through: values of `Any` fields
+    bad = _non_finite(tree)  # YAML .inf/.nan anywhere, values of untyped (`Any`) fields included
     if bad:
         raise ConfigError(
             "\n".join(f"{_source(key, source_of)}: {key}: input should be a finite number" for key in bad)
         )
-    return cfg
+    try:
+        return schema.model_validate(tree)
+    except ValidationError as e:
+        lines = [_describe(err, schema, source_of) for err in e.errors()]
+        raise ConfigError("\n".join(lines)) from None
 
 
 def to_yaml(cfg: BaseModel, command: str | None = None) -> str:
