@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+import re
 import shutil
 import struct
 from pathlib import Path
@@ -20,7 +21,9 @@ from lmforge.cli import main
 from lmforge.config import load_config
 from lmforge.errors import IntegrityError, LmforgeError
 from lmforge.train import checkpoint as C
+from lmforge.train.finetune import train as finetune
 from lmforge.train.pretrain import CONFIG, train
+from test_finetune import resume_cfg, task  # noqa: F401 - `task` is a fixture used below
 from train_helpers import make_tokens_dir, make_trainer, shakespeare_text
 
 ARGS = [
@@ -241,3 +244,20 @@ def test_verification_cost(tmp_path: Path) -> None:
     dt = time.perf_counter() - t0
     print(f"sha256: {dt / (200 / 1024):.2f} s per GB")
     assert dt < 60
+
+
+def test_a_lora_checkpoint_is_verified_too(task: Path, tmp_path: Path) -> None:  # noqa: F811
+    """finetune (and align dpo) resume through the same load_checkpoint: an adapter-only LoRA checkpoint
+    with one flipped byte is refused naming the file; the intact one resumes."""
+    cfg = resume_cfg(task, tmp_path / "lora", "lora")
+    with pytest.raises(LmforgeError):
+        finetune(cfg, should_stop=lambda step, micro: step == 5 and micro == 0)
+    ckpt = tmp_path / "lora.partial" / "checkpoints" / "step-000005"
+    assert (ckpt / "model_config.json").is_file()  # the trained model's architecture, as for pretrain
+    assert all(".lora_" in k for k in C.load_weights(ckpt))  # adapter tensors only
+    good = (ckpt / "model.safetensors").read_bytes()
+    _flip(ckpt / "model.safetensors", "data", 0)
+    with pytest.raises(IntegrityError, match=re.escape(f"{ckpt / 'model.safetensors'}: SHA-256 mismatch")):
+        finetune(cfg.model_copy(update={"resume": "auto"}))
+    (ckpt / "model.safetensors").write_bytes(good)
+    assert finetune(cfg.model_copy(update={"resume": "auto"})) == 0
