@@ -80,6 +80,9 @@ class LoopSettings:
     checkpoint_every: int = 0  # 0 = only at the end
     keep_checkpoints: int = 3
     max_bad_steps: int = 5
+    # Roll back an update that leaves a weight non-finite. Costs one more copy of the trainable weights
+    # and optimizer state in device memory (see StepUndo); False skips the copy and the check.
+    undo_nonfinite: bool = True
     flops_per_token: float = 0.0  # training FLOPs per token (6N + attention), for MFU
     peak_flops: float | None = None  # of one device; None = no MFU
     progress: bool = True
@@ -385,13 +388,13 @@ class Trainer:
         loss_ok = math.isfinite(loss)
         norm_ok = bool(torch.isfinite(norm))
         if self.scaler is not None:
-            self.undo.take()
+            self._take_undo()
             self.scaler.step(self.optimizer)  # skips the update itself on inf/NaN gradients
             self.scaler.update()
             bad = not loss_ok  # gradient overflow is routine with fp16 loss scaling
             bad = self._undo_if_nonfinite() or bad
         elif loss_ok and norm_ok:
-            self.undo.take()
+            self._take_undo()
             self.optimizer.step()
             bad = self._undo_if_nonfinite()
         else:
@@ -409,9 +412,13 @@ class Trainer:
             s.consecutive_bad = 0
         return {"loss": loss, "grad_norm": float(norm), "lr": lr, "tokens": n_global, "skipped": bad}
 
+    def _take_undo(self) -> None:
+        if self.settings.undo_nonfinite:
+            self.undo.take()
+
     def _undo_if_nonfinite(self) -> bool:
         """Roll back an update that left a weight non-finite (e.g. a huge step overflowing); True if so."""
-        if self.undo.finite():
+        if not self.settings.undo_nonfinite or self.undo.finite():
             return False
         self.undo.restore()
         return True
