@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -312,3 +313,26 @@ def test_positional_format_and_model() -> None:
         from lmforge.config import load_config
 
         load_config(ExportConfig, None, ["format=xyz", "model=m", "output=o"])
+
+
+@pytest.mark.parametrize(
+    ("fmt", "module", "extra"),
+    [("hf", "transformers", "hf"), ("gguf", "gguf", "export"), ("onnx", "onnxruntime", "export")],
+)
+def test_missing_extra_names_the_install_and_writes_nothing(
+    tmp_path: Path,
+    tok: Tokenizer,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    fmt: str,
+    module: str,
+    extra: str,
+) -> None:
+    """Without the format's optional package: one line naming the extra to install, exit 2, and neither the
+    output nor a .partial folder is left behind (it used to be a ModuleNotFoundError traceback)."""
+    src = make_model_dir(tmp_path / "src", llama_cfg(), tok)
+    monkeypatch.setitem(sys.modules, module, None)  # what an uninstalled package looks like to import
+    assert cli(["export", fmt, str(src), f"output={tmp_path / 'out'}"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"pip install 'lmforge[{extra}]'" in err[0] and module in err[0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
