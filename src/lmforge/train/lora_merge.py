@@ -20,8 +20,12 @@ import torch
 from pydantic import Field
 
 from lmforge.config import Section, parse_command, save_config
+from lmforge.data.manifest import write_manifest
 from lmforge.errors import ConfigError, DataError
+from lmforge.infer.load import load_model
 from lmforge.io import atomic_write_json, read_json_object, staged_output
+from lmforge.model.hf import save_hf
+from lmforge.model.lora import load_adapter, lora_modules, merge_lora, read_adapter_config
 
 COMMAND = "lora merge"
 BASE_INFO = "lmforge_base.json"  # written next to the adapter by `lmforge finetune`: {"base", "method"}
@@ -95,11 +99,6 @@ def _tokenizer_dir(folders: list[Path]) -> Path | None:
 
 def merge(cfg: LoraMergeConfig) -> dict[str, Any]:
     """Run the merge; returns the report written to merge_report.json."""
-    from lmforge.data.manifest import write_manifest
-    from lmforge.infer.load import load_model
-    from lmforge.model.hf import save_hf
-    from lmforge.model.lora import load_adapter, lora_modules, merge_lora, read_adapter_config
-
     adapter_dir = find_adapter(Path(cfg.adapter))
     peft_cfg = read_adapter_config(adapter_dir)
     base = resolve_base(cfg, adapter_dir, peft_cfg)
