@@ -16,12 +16,13 @@ from typing import Any
 import pytest
 import torch
 
+from lmforge.data.batch import IGNORE_INDEX
 from lmforge.data.preference import PairSampler, collate, load_pairs, split_pairs
 from lmforge.errors import DataError, IntegrityError
 from lmforge.model.config import ModelConfig
 from lmforge.model.transformer import build_model
 from lmforge.tokenizer import Tokenizer, train_tokenizer
-from lmforge.train.objectives import IGNORE_INDEX, DPOObjective, count_targets, dpo_loss, sequence_logps
+from lmforge.train.objectives import DPOObjective, count_targets, dpo_loss, sequence_logps
 from train_helpers import shakespeare_text
 
 VOCAB = 512
