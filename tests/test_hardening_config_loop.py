@@ -132,3 +132,29 @@ def test_consecutive_non_finite_weights_stop_the_run(tmp_path: Path) -> None:
     with pytest.raises(NonFiniteError, match="3 consecutive steps") as e:
         t.run()
     assert e.value.exit_code == 4 and t.state.bad_steps == 3 and t.state.step == 4
+
+
+def test_without_rollback_a_non_finite_weight_stops_before_anything_is_saved(tmp_path: Path) -> None:
+    """nonfinite_rollback=false keeps no copy: the poisoned update cannot be undone, so the run stops with
+    exit 4 at that step, and the newest checkpoint on disk is the one before it (nothing non-finite saved)."""
+    t = make_trainer(tmp_path / "a", steps=6, checkpoint_every=1, keep=10, undo_nonfinite=False)
+    _poison_on(t, {3})
+    with pytest.raises(NonFiniteError, match="nonfinite_rollback is off") as e:
+        t.run()
+    assert e.value.exit_code == 4 and t.state.step == 3
+    saved = sorted(p.name for p in (tmp_path / "a" / "checkpoints").iterdir())
+    assert saved[-1] == "step-000003"
+
+
+def test_the_planner_counts_the_rollback_copy() -> None:
+    """The copy is the trained weights plus the optimizer state: 12 bytes a parameter for fp32 AdamW
+    pretraining, the adapter's weights plus their states for LoRA; off, it costs nothing."""
+    from lmforge.model.config import get_preset
+    from lmforge.plan.memory import Setup, memory
+
+    cfg = get_preset("tiny")
+    on, off = memory(Setup(cfg, device="cpu")), memory(Setup(cfg, device="cpu", rollback=False))
+    assert on.rollback == on.weights + on.optimizer == 12.0 * on.weights / 4.0
+    assert off.rollback == 0.0 and on.peak - off.peak == on.rollback
+    lora = memory(Setup(cfg, method="lora", device="cpu"))
+    assert 0.0 < lora.rollback == lora.gradients + lora.optimizer

@@ -24,7 +24,9 @@ GPT2 = ModelConfig(
 
 
 def _check(s: Setup) -> float:
-    measured = probe(s, steps=1, warmup=1)["peak_bytes"]
+    measured = probe(s, steps=1, warmup=2)[
+        "peak_bytes"
+    ]  # step 3 is steady: Adam state and its rollback copy exist
     predicted = memory(s).peak
     assert predicted == pytest.approx(measured, rel=0.10), (predicted / 1e6, measured / 1e6)
     return predicted / measured - 1

@@ -68,6 +68,7 @@ def make_trainer(
     keep: int = 0,
     objective: Any = causal_lm,
     max_bad_steps: int = 3,
+    undo_nonfinite: bool = True,
     **kw: Any,
 ) -> Trainer:
     torch.manual_seed(init_seed)
@@ -83,6 +84,7 @@ def make_trainer(
         checkpoint_every=checkpoint_every,
         keep_checkpoints=keep,
         max_bad_steps=max_bad_steps,
+        undo_nonfinite=undo_nonfinite,
         progress=False,
     )
     return Trainer(

@@ -47,6 +47,7 @@ def auto_micro_batch(
     fsdp: bool,
     method: Literal["pretrain", "full", "lora", "qlora"] = "pretrain",
     lora_rank: int = 8,
+    rollback: bool = True,
     capacity: float | None = None,
 ) -> int:
     """The largest divisor of the per-process sequences whose predicted peak fits; 1 if none does."""
@@ -64,6 +65,7 @@ def auto_micro_batch(
             world=world,
             shard=3 if fsdp and world > 1 else 0,
             lora_rank=lora_rank,
+            rollback=rollback,
             device="gpu" if device.type == "cuda" else "cpu",
         )
         if memory(s).device_total <= cap:

@@ -60,6 +60,7 @@ class Setup:
     lora_rank: int = 16
     lora_targets: tuple[str, ...] = LORA_TARGETS
     device: Literal["gpu", "cpu"] = "gpu"
+    rollback: bool = True  # the loop's copy of trained weights + optimizer state (nonfinite_rollback)
 
     @property
     def mixed(self) -> bool:
@@ -79,6 +80,7 @@ class Memory:
     compute_copies: float = 0.0  # bf16 autocast weight cache, FSDP all-gathered blocks, NF4 dequantized
     gradients: float = 0.0
     optimizer: float = 0.0
+    rollback: float = 0.0  # copy of the trained weights and optimizer state to undo a non-finite update
     activations: float = 0.0  # saved for backward with the chosen checkpointing
     activations_no_ckpt: float = 0.0
     activations_ckpt: float = 0.0
@@ -234,16 +236,20 @@ def memory(s: Setup) -> Memory:
     fsdp_dyn = gathered + (m.transient if sharded else 0.0)
     backward = max(m.logits, recompute + backward_temp_bytes(s) * tokens + fsdp_dyn)
 
+    if s.rollback:
+        m.rollback = m.optimizer + (m.weights if s.method in ("pretrain", "full") else m.gradients)
     if s.offload and sharded:
-        m.offloaded = m.weights + m.gradients + m.optimizer
-        m.weights = m.gradients = m.optimizer = 0.0
+        m.offloaded = m.weights + m.gradients + m.optimizer + m.rollback
+        m.weights = m.gradients = m.optimizer = m.rollback = 0.0
         m.notes.append("CPU offload: sharded parameters, gradients and Adam states live in host memory")
 
     grads_live = m.gradients
     if s.accum > 1 and sharded and s.method in ("pretrain", "full"):
         grads_live = n * 4.0  # FSDP keeps unsharded gradients while accumulating without sync
         m.notes.append("FSDP accumulation without sync keeps full-size gradients: prefer accumulation 1")
-    static = m.weights + m.optimizer + m.compute_copies - gathered + (0.0 if sharded else m.transient)
+    static = (
+        m.weights + m.optimizer + m.rollback + m.compute_copies - gathered + (0.0 if sharded else m.transient)
+    )
     during = m.activations + backward + (grads_live if s.accum > 1 else 0.0)
     # The end of backward: nearly all gradients exist while block 0 still holds its activations and
     # temporaries, and the embedding's dense gradient is built before being added to the tied one.

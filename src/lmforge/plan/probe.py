@@ -45,7 +45,7 @@ from lmforge.train.prepare import prepare_model
 from lmforge.train.schedule import ScheduleConfig
 
 
-def spec_of(s: Setup, steps: int = 3, warmup: int = 1) -> dict[str, Any]:
+def spec_of(s: Setup, steps: int = 3, warmup: int = 2) -> dict[str, Any]:
     d = {k: getattr(s, k) for k in Setup.__dataclass_fields__ if k != "cfg"}
     d["lora_targets"] = list(s.lora_targets)
     return {"cfg": s.cfg.model_dump(mode="json"), "setup": d, "steps": steps, "warmup": warmup}
@@ -178,7 +178,7 @@ def _measure(
     return elapsed
 
 
-def probe(s: Setup, steps: int = 3, warmup: int = 1, timeout: float = 600) -> dict[str, Any]:
+def probe(s: Setup, steps: int = 3, warmup: int = 2, timeout: float = 600) -> dict[str, Any]:
     """Run `s` in a fresh process (`s.world` processes through torchrun when more than one)."""
     spec = spec_of(s, steps, warmup)
     with tempfile.TemporaryDirectory() as tmp:

@@ -208,6 +208,7 @@ def _choice_dict(c: Choice, cfg: PlanConfig, hw: Hardware, n: int) -> dict[str, 
             "dist_strategy": "fsdp" if s.shard >= 2 and s.world > 1 else "ddp",
             "cpu_offload": s.offload,
             "optimizer": s.optimizer,
+            "nonfinite_rollback": s.rollback,
             "precision": s.precision,
             "devices": s.world,
         },
@@ -284,6 +285,8 @@ def overlay(c: Choice, cfg: PlanConfig) -> dict[str, Any]:
         out["nproc"] = s.world
     if s.optimizer == "adamw8bit":
         out["optim"] = {"eight_bit": True}
+    if not s.rollback:
+        out["nonfinite_rollback"] = False
     return _split_supported(out, command)
 
 
@@ -357,6 +360,7 @@ def print_plan(p: dict[str, Any], probe_result: dict[str, Any] | None = None) ->
         ("compute copies (bf16 cache / FSDP gathers / NF4 dequant)", m["compute_copies"]),
         ("gradients", m["gradients"]),
         ("optimizer states", m["optimizer"]),
+        ("non-finite rollback copy (nonfinite_rollback)", m["rollback"]),
         (
             "activations, checkpointing " + ("on" if st["activation_checkpointing"] else "off"),
             m["activations"],

@@ -83,7 +83,10 @@ def search(
     opts = [optimizer]
     micros = [micro_batch] if micro_batch else _divisors(per_device)
     best: tuple[float, Setup, Memory, Speed] | None = None
-    for ck, sh, off, opt in itertools.product(ckpts, shards, offloads, opts):
+    # The non-finite rollback copy is dropped only when nothing else fits: it costs no speed.
+    for rb, ck, sh, off, opt in itertools.product((True, False), ckpts, shards, offloads, opts):
+        if not rb and best is not None:
+            break
         if off and (sh != 3 or hw.kind != "gpu"):
             continue  # lmforge offloads through FSDP2, on GPU runs only
         for mb in micros:
@@ -95,6 +98,7 @@ def search(
                 optimizer=opt,  # type: ignore[arg-type]
                 micro_batch=mb,
                 accum=max(1, per_device // mb),
+                rollback=rb,
             )
             ok, m = fits(s, hw)
             if not ok:
@@ -114,6 +118,7 @@ def search(
 def _smallest(base: Setup, world: int, shard: int, off: bool, opt: str, ck: bool) -> Setup:
     return replace(
         base,
+        rollback=False,
         world=world,
         shard=shard,  # type: ignore[arg-type]
         offload=off,
@@ -182,6 +187,13 @@ def explain(s: Setup, m: Memory, hw: Hardware, per_device: int) -> dict[str, str
         f"on: {m.offloaded / gib:.2f} GiB of shards and Adam states per device move to host memory"
         if s.offload
         else "off: not needed to fit (offload costs PCIe transfers and a CPU optimizer step)"
+    )
+    r["nonfinite_rollback"] = (
+        f"on: {m.rollback / gib:.2f} GiB keep a copy of the trained weights and optimizer state, so an update "
+        "that leaves a weight non-finite is undone"
+        if s.rollback
+        else "off: its copy of the trained weights and optimizer state did not fit; a non-finite update then "
+        "stops the run (exit 4) with the newest checkpoint intact"
     )
     r["optimizer"] = (
         "AdamW 8-bit: 1-byte moments were needed to fit"

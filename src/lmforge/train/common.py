@@ -63,6 +63,12 @@ class TrainConfig(Section):
         None, description="'auto' (newest checkpoint of this run) or a checkpoint path"
     )
     max_bad_steps: int = Field(5, ge=1, description="stop after this many non-finite steps in a row")
+    nonfinite_rollback: bool = Field(
+        True,
+        description="undo an update that leaves a weight non-finite (keeps one copy of the trained weights "
+        "and optimizer state in memory; false saves it, and such an update then ends the run with exit 4, "
+        "the newest checkpoint intact)",
+    )
     log_every: int = Field(10, ge=1, description="log training metrics every N steps")
     tensorboard: bool = Field(True, description="also log to <output>/tensorboard")
     progress: bool = Field(True, description="show a progress bar (or log lines when not a terminal)")

@@ -276,6 +276,7 @@ def _auto_micro_batch(cfg: FinetuneConfig, model: Transformer, device: torch.dev
         fsdp=False,
         method=cfg.method,
         lora_rank=cfg.lora.rank,
+        rollback=cfg.nonfinite_rollback,
     )
     print(f"micro_batch=auto: {micro} (predicted by the planner for {device})", file=sys.stderr)
     return micro

@@ -81,7 +81,8 @@ class LoopSettings:
     keep_checkpoints: int = 3
     max_bad_steps: int = 5
     # Roll back an update that leaves a weight non-finite. Costs one more copy of the trainable weights
-    # and optimizer state in device memory (see StepUndo); False skips the copy and the check.
+    # and optimizer state in device memory (see StepUndo); False skips the copy, and a non-finite weight
+    # then stops the run (NonFiniteError) before anything is saved.
     undo_nonfinite: bool = True
     flops_per_token: float = 0.0  # training FLOPs per token (6N + attention), for MFU
     peak_flops: float | None = None  # of one device; None = no MFU
@@ -104,6 +105,7 @@ def settings_from(cfg: Any, **extra: Any) -> LoopSettings:
         checkpoint_every=cfg.checkpoint.every,
         keep_checkpoints=cfg.checkpoint.keep,
         max_bad_steps=cfg.max_bad_steps,
+        undo_nonfinite=cfg.nonfinite_rollback,
         progress=cfg.progress,
         **extra,
     )
@@ -417,9 +419,15 @@ class Trainer:
             self.undo.take()
 
     def _undo_if_nonfinite(self) -> bool:
-        """Roll back an update that left a weight non-finite (e.g. a huge step overflowing); True if so."""
-        if not self.settings.undo_nonfinite or self.undo.finite():
+        """Roll back an update that left a weight non-finite (e.g. a huge step overflowing); True if so.
+        Without the copy the weights cannot be restored: stop before a checkpoint could save them."""
+        if self.undo.finite():
             return False
+        if not self.settings.undo_nonfinite:
+            raise NonFiniteError(
+                f"step {self.state.step + 1}: the update left a weight non-finite and nonfinite_rollback is "
+                "off; resume from the newest checkpoint (--resume auto) with a lower learning rate"
+            )
         self.undo.restore()
         return True
 

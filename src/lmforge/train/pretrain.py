@@ -125,6 +125,7 @@ def resolve_auto_micro_batch(
         precision=precision,
         checkpointing=cfg.activation_checkpointing,
         fsdp=cfg.dist.strategy == "fsdp",
+        rollback=cfg.nonfinite_rollback,
     )
     if info.is_main:
         print(f"micro_batch=auto: {micro} (predicted by the planner for {device})", file=sys.stderr)
