@@ -19,6 +19,7 @@ import torch
 from pydantic import Field
 
 from lmforge.config import Section, parse_command, save_config
+from lmforge.device import pick_device
 from lmforge.errors import ConfigError, DataError
 from lmforge.io import atomic_write_json, staged_output
 
@@ -124,7 +125,6 @@ def run(cfg: QuantizeConfig) -> dict[str, Any]:
     from rich.console import Console
 
     from lmforge.data.manifest import write_manifest
-    from lmforge.infer.generate import resolve_device
     from lmforge.infer.load import load_model
     from lmforge.quant.calibrate import calibration_ids
     from lmforge.quant.io import save_quantized
@@ -135,7 +135,7 @@ def run(cfg: QuantizeConfig) -> dict[str, Any]:
     group = check_inputs(cfg)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    device = resolve_device(cfg.device)
+    device = pick_device(cfg.device)
     model, tok = load_model(cfg.model, device=device)
     if getattr(model, "quant_spec", None) is not None:
         raise ConfigError(f"model: {cfg.model} is already quantized; start from a full-precision model")
