@@ -39,6 +39,7 @@ from pydantic import Field, field_validator
 from lmforge.config import Section
 from lmforge.errors import DataError
 from lmforge.io import iter_jsonl
+from lmforge.tokenizer import CHATML_TEMPLATE
 from lmforge.train.objectives import IGNORE_INDEX
 
 Format = Literal["chat", "prompt_completion", "alpaca"]
@@ -263,8 +264,6 @@ def read_examples(
 def check_template(tok: Any, cfg: SFTDataConfig) -> None:
     """A tokenizer folder without a chat template gets lmforge's ChatML default on load; if its vocabulary
     lacks the ChatML markers, they would be spelled out in pieces: refuse rather than train on that."""
-    from lmforge.tokenizer import CHATML_TEMPLATE
-
     if cfg.template == "chat" and tok.chat_template == CHATML_TEMPLATE:
         missing = [t for t in ("<|im_start|>", "<|im_end|>") if t not in tok.special_tokens]
         if missing:
