@@ -59,7 +59,7 @@ def _texts() -> list[str]:
 
 def _model(name: str, texts: list[str], max_len: int) -> tuple[Transformer, Tokenizer]:
     if name == "demo":
-        from lmforge.infer.load import load_model
+        from lmforge.model.source import load_model
 
         return load_model(DEMO)
     tok = train_tokenizer(texts, vocab_size=8192)

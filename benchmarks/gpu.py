@@ -142,7 +142,7 @@ def llama_3_1_8b(seq: int) -> ModelConfig:
 
 def qlora_memory(seq: int, steps: int, device: torch.device) -> dict[str, Any]:
     from lmforge.model.lora import LoraConfig, apply_lora
-    from lmforge.train.pretrain import apply_activation_checkpointing
+    from lmforge.train.prepare import apply_activation_checkpointing
 
     cfg = llama_3_1_8b(seq) if device.type == "cuda" else get_preset("tiny", max_seq_len=seq)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32

@@ -32,8 +32,8 @@ from torch import nn
 
 from lmforge.eval.perplexity import shards_perplexity
 from lmforge.infer.engine import Engine, GenerationRequest
-from lmforge.infer.load import load_model
 from lmforge.infer.sampling import SamplingParams
+from lmforge.model.source import load_model
 from lmforge.quant import calibration_ids, quantize_model
 from lmforge.quant.quantize import set_module, target_layers
 from lmforge.quant.report import quantized_layers_bytes

@@ -133,8 +133,8 @@ def load_level(url: str, clients: int, total: int, max_tokens: int) -> dict[str,
 def engine_direct(model_dir: Path, batch: int, total: int, max_tokens: int, threads: int) -> dict[str, Any]:
     """The same work with no server: the engine in this process, `total` requests in batches of `batch`."""
     from lmforge.infer.engine import Engine, GenerationRequest
-    from lmforge.infer.load import load_model
     from lmforge.infer.sampling import SamplingParams
+    from lmforge.model.source import load_model
 
     torch.set_num_threads(threads)
     model, tok = load_model(model_dir)

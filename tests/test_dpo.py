@@ -16,12 +16,13 @@ from typing import Any
 import pytest
 import torch
 
+from lmforge.data.batch import IGNORE_INDEX
 from lmforge.data.preference import PairSampler, collate, load_pairs, split_pairs
 from lmforge.errors import DataError, IntegrityError
 from lmforge.model.config import ModelConfig
 from lmforge.model.transformer import build_model
 from lmforge.tokenizer import Tokenizer, train_tokenizer
-from lmforge.train.objectives import IGNORE_INDEX, DPOObjective, count_targets, dpo_loss, sequence_logps
+from lmforge.train.objectives import DPOObjective, count_targets, dpo_loss, sequence_logps
 from train_helpers import shakespeare_text
 
 VOCAB = 512
@@ -362,7 +363,7 @@ def test_lora_dpo_learns_the_preference_and_leaves_the_base_untouched(
 
 
 def test_full_dpo_with_a_live_frozen_reference(setup: dict[str, Path], tmp_path: Path) -> None:
-    from lmforge.infer.load import load_model
+    from lmforge.model.source import load_model
 
     out = tmp_path / "run"
     args = dpo_args(setup, out, "method=full", "reference=live", "optim.lr=1e-3", "max_steps=12")
@@ -470,8 +471,8 @@ def test_a_lora_run_is_merged_into_its_base_to_start_from(
     """model= a run whose result is an adapter/: the policy and the reference are base + that adapter, merged."""
     from safetensors.torch import load_file
 
-    from lmforge.infer.load import load_model
     from lmforge.model.lora import load_adapter
+    from lmforge.model.source import load_model
 
     first, second = tmp_path / "first", tmp_path / "second"
     assert run_dpo(dpo_args(setup, first, "max_steps=3", "optim.lr=1e-2", small=True)) == 0

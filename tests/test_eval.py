@@ -21,8 +21,8 @@ from lmforge.errors import DataError  # noqa: E402
 from lmforge.eval.perplexity import shards_perplexity, text_perplexity  # noqa: E402
 from lmforge.eval.tasks import encode_pair, generation, multiple_choice, score_continuations  # noqa: E402
 from lmforge.infer.engine import Engine, GenerationRequest  # noqa: E402
-from lmforge.infer.load import load_model  # noqa: E402
 from lmforge.infer.sampling import SamplingParams  # noqa: E402
+from lmforge.model.source import load_model  # noqa: E402
 from lmforge.tokenizer import Tokenizer  # noqa: E402
 
 

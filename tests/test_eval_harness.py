@@ -18,7 +18,7 @@ lm_eval = pytest.importorskip("lm_eval")
 
 from infer_helpers import make_tokenizer, save_hf_model  # noqa: E402
 from lmforge.eval.tasks import encode_pair, multiple_choice, score_continuations  # noqa: E402
-from lmforge.infer.load import load_model  # noqa: E402
+from lmforge.model.source import load_model  # noqa: E402
 
 ROWS = [
     {"query": "To be, or not to", "choices": ["be", "cat", "whale"], "gold": 0},

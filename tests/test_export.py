@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +19,7 @@ from lmforge.errors import ConfigError
 from lmforge.export.gguf import _permute, gguf_tensors, read_gguf, read_metadata, read_tensors, write_gguf
 from lmforge.export.run import ExportConfig, _positional, run_export
 from lmforge.model.config import RopeScaling
-from lmforge.model.transformer import _rotate_half, build_model, rope_tables
+from lmforge.model.transformer import build_model, rope_tables, rotate_half
 from lmforge.tokenizer import Tokenizer
 
 
@@ -56,14 +57,14 @@ def _export(src: Path, out: Path, fmt: str, *extra: str) -> dict:
 # GGUF
 
 
-def test_llama_permutation_turns_rotate_half_into_interleaved_pairs() -> None:
+def test_llama_permutation_turnsrotate_half_into_interleaved_pairs() -> None:
     """llama.cpp's `llama` graph rotates pairs (2i, 2i+1) by frequency i. After the q/k row permutation, that
     rotation of the permuted projection must equal the permuted rotate-half RoPE of the original one."""
     cfg = llama_cfg(n_heads=2, n_kv_heads=2, dim=32)  # head_dim 16
     hd, T = cfg.head_size, 7
     cos, sin = rope_tables(cfg)
     x = torch.randn(T, 2 * hd)  # two heads of q outputs at T positions
-    ours = torch.cat([h * cos[:T] + _rotate_half(h) * sin[:T] for h in x.split(hd, dim=-1)], dim=-1)
+    ours = torch.cat([h * cos[:T] + rotate_half(h) * sin[:T] for h in x.split(hd, dim=-1)], dim=-1)
     perm = _permute(torch.eye(2 * hd), 2)  # rows permuted like the q weight: y' = P y
     xp = x @ perm.T
     theta = torch.arange(T)[:, None] * (1.0 / cfg.rope_theta ** (torch.arange(0, hd, 2).float() / hd))
@@ -312,3 +313,26 @@ def test_positional_format_and_model() -> None:
         from lmforge.config import load_config
 
         load_config(ExportConfig, None, ["format=xyz", "model=m", "output=o"])
+
+
+@pytest.mark.parametrize(
+    ("fmt", "module", "extra"),
+    [("hf", "transformers", "hf"), ("gguf", "gguf", "export"), ("onnx", "onnxruntime", "export")],
+)
+def test_missing_extra_names_the_install_and_writes_nothing(
+    tmp_path: Path,
+    tok: Tokenizer,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    fmt: str,
+    module: str,
+    extra: str,
+) -> None:
+    """Without the format's optional package: one line naming the extra to install, exit 2, and neither the
+    output nor a .partial folder is left behind (it used to be a ModuleNotFoundError traceback)."""
+    src = make_model_dir(tmp_path / "src", llama_cfg(), tok)
+    monkeypatch.setitem(sys.modules, module, None)  # what an uninstalled package looks like to import
+    assert cli(["export", fmt, str(src), f"output={tmp_path / 'out'}"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"pip install 'lmforge[{extra}]'" in err[0] and module in err[0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]

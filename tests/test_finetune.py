@@ -3,8 +3,8 @@
 The task: a prompt of a letter and a digit ("k7"); the answer is a letter in upper case. Task 0 answers
 the same letter ("K"), task 1 the next one ("L"). A 116K-parameter Llama learns task 0 from random weights
 (full fine-tuning); LoRA and QLoRA then teach that model task 1, which it gets 0% right before. Held-out
-prompts are letter/digit pairs never trained on. Measured on 2 busy cores with 1 thread: full 300 steps
-~25 s (exact match 0% -> 100% from step 300), LoRA / QLoRA 120 steps ~15 s (0% -> 100% by step 100).
+prompts are letter/digit pairs never trained on. Measured on 2 busy cores with 1 thread: full 400 steps
+~25 s (exact match 0% -> 100% by step 400), LoRA / QLoRA 120 steps ~15 s (0% -> 100% by step 100).
 """
 
 from __future__ import annotations
@@ -75,7 +75,7 @@ def base(task: Path) -> Path:
             "method=full",
             "data.packing=false",
             "optim.lr=5e-3",
-            "max_steps=300",
+            "max_steps=400",
             "eval.every=100",
             f"output={out}",
             *COMMON,
@@ -106,7 +106,7 @@ def greedy_accuracy(model: torch.nn.Module, tok: Tokenizer, val: Path, shift: in
 
 
 def test_full_finetune_learns_the_task_and_writes_a_servable_model(base: Path, task: Path) -> None:
-    from lmforge.infer.load import load_model
+    from lmforge.model.source import load_model
 
     s = summary(base)
     assert s["trainable"]["fraction"] == 1.0 and s["trainable"]["trainable"] == 115_840
@@ -115,7 +115,7 @@ def test_full_finetune_learns_the_task_and_writes_a_servable_model(base: Path, t
     assert s["val_after"]["val_loss"] < 0.5 < 5.0 < s["val_before"]["val_loss"]  # measured 5.56 -> 0.31
     assert s["data"]["train_examples"] == 200 and s["data"]["val_examples"] == 60
     evals = read_metrics(base / "metrics.jsonl", "eval")
-    assert [e["step"] for e in evals] == [0, 100, 200, 300]
+    assert [e["step"] for e in evals] == [0, 100, 200, 300, 400]
     verify_manifest(base)
     # model/ alone serves generate/chat/eval: it loads with its tokenizer and decodes the answers greedily.
     model, tok = load_model(base / "model")
@@ -143,8 +143,8 @@ def lora_run(task: Path, base: Path, method: str, out: Path, steps: int = 120, *
 
 
 def test_lora_teaches_the_base_a_new_task(base: Path, task: Path) -> None:
-    from lmforge.infer.load import load_model
     from lmforge.model.lora import load_adapter
+    from lmforge.model.source import load_model
 
     run = lora_run(task, base, "lora", task / "lora")
     s = summary(run)

@@ -18,8 +18,8 @@ transformers = pytest.importorskip("transformers")
 from infer_helpers import make_tokenizer, save_hf_model  # noqa: E402
 from lmforge.errors import DataError  # noqa: E402
 from lmforge.infer.engine import Detokenizer, Engine, GenerationRequest  # noqa: E402
-from lmforge.infer.load import load_model  # noqa: E402
 from lmforge.infer.sampling import SamplingParams, apply_repetition_penalty, filter_logits, sample  # noqa: E402
+from lmforge.model.source import load_model  # noqa: E402
 from lmforge.tokenizer import Tokenizer  # noqa: E402
 
 PROMPTS = ["To be, or not to be", "KING", "Enter the ghost of Hamlet's father, armed", "O"]
@@ -324,10 +324,10 @@ def test_fused_projections_share_the_weights(models: dict[str, tuple[Any, Path]]
     ids = torch.tensor([tok.encode("To be, or not to be")])
     with torch.no_grad():
         before = model(ids)
-    engine = Engine(model, t)
-    assert engine._fused is not None
-    qkv = engine._fused[0][0]
+    Engine(model, t)
     attn: Any = model.layers[0].attn
+    assert attn.fused is not None
+    qkv = attn.fused.weight
     assert attn.q.weight.data_ptr() == qkv.data_ptr()  # a view into the merged tensor, not a copy
     assert attn.k.weight.data_ptr() == qkv.data_ptr() + attn.q.weight.numel() * qkv.element_size()
     with torch.no_grad():

@@ -11,7 +11,8 @@ import yaml
 from lmforge.cli import main
 from lmforge.model.config import get_preset
 from lmforge.model.hf import config_to_hf
-from lmforge.model.info import model_info, resolve_model
+from lmforge.model.info import model_info
+from lmforge.model.source import model_config
 
 
 def _run_json(capsys: pytest.CaptureFixture[str], *args: str) -> dict:
@@ -43,7 +44,7 @@ def test_hf_folder_yaml_file_and_run_folder_give_the_same_config(tmp_path: Path)
     )
     (tmp_path / "m.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
     for spec in ("qwen2.5-0.5b", tmp_path / "hf", tmp_path / "run", tmp_path / "m.yaml"):
-        assert resolve_model(str(spec)) == cfg
+        assert model_config(str(spec)) == cfg
 
 
 def test_activation_estimate_scales_with_tokens() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import pytest
 import torch
@@ -52,12 +53,14 @@ def test_embedding_parameters_are_named_embed_and_blocks_are_layers() -> None:
 
 
 @pytest.mark.parametrize("cfg", [LLAMA, GPT2, WINDOW, QWEN], ids=["llama-gqa", "gpt2", "sliding-mqa", "qwen"])
-def test_kv_cache_decoding_equals_full_forward_at_every_position(cfg: ModelConfig) -> None:
+@pytest.mark.parametrize("static", [False, True], ids=["filled-slots", "static"])
+def test_kv_cache_decoding_equals_full_forward_at_every_position(cfg: ModelConfig, static: bool) -> None:
     model = build_model(cfg)
+    model.fuse_projections()  # llama: q;k;v and gate;up as one matmul each under no_grad
     ids = _ids(cfg)
     with torch.no_grad():
         full = model(ids)
-        cache = KVCache.empty(cfg, batch_size=2, max_len=32)
+        cache = KVCache.empty(cfg, batch_size=2, max_len=32, static=static)
         parts = [model(ids[:, :5], kv_cache=cache), model(ids[:, 5:11], kv_cache=cache)]  # chunked prefill
         parts += [model(ids[:, t : t + 1], kv_cache=cache) for t in range(11, ids.shape[1])]  # one at a time
     assert cache.length == ids.shape[1]
@@ -141,3 +144,20 @@ def test_torch_compile_gives_the_same_logits() -> None:
         eager = model(ids)
         compiled = torch.compile(model)(ids)
     torch.testing.assert_close(compiled, eager, atol=1e-5, rtol=0)
+
+
+def test_fused_projections_give_the_same_logits_and_stay_out_of_training() -> None:
+    """The merged matmuls give bit-identical logits; with autograd on (training) the separate Linears run,
+    so gradients reach every parameter; a swapped-out Linear turns its block's fusion off."""
+    model = build_model(LLAMA, seed=1)
+    ids = _ids(LLAMA)
+    with torch.no_grad():
+        before = model(ids, last_only=True)
+        assert model.fuse_projections()
+        assert torch.equal(model(ids, last_only=True), before)
+        torch.testing.assert_close(model(ids)[:, -1:], before, atol=1e-6, rtol=0)  # head over B*T rows
+    model(ids).sum().backward()
+    attn: Any = model.layers[0].attn
+    assert attn.q.weight.grad is not None and attn.v.weight.grad is not None
+    attn.k = torch.nn.Linear(LLAMA.dim, attn.k.out_features, bias=False)  # as quantization / LoRA do
+    assert not attn.fused.holds((attn.q, attn.k, attn.v))

@@ -10,7 +10,7 @@ import pytest
 import torch
 import yaml
 
-import lmforge.train.objectives as objectives
+import lmforge.train.pretrain as pretrain
 from lmforge.config import load_config
 from lmforge.model.config import get_preset
 from lmforge.plan.auto import auto_micro_batch, smaller_micro_batch
@@ -66,7 +66,7 @@ def test_oom_halves_micro_batch_keeping_the_global_batch(
     8 -> 4 -> 2 within step 0, and the run's losses equal a micro_batch=2 run's exactly."""
     ref = tmp_path / "ref"
     assert train(_cfg(tokens, ref, "micro_batch=2")) == 0
-    real = objectives.causal_lm
+    real = pretrain.causal_lm
     seen: list[int] = []
 
     def tight_memory(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> Any:
@@ -76,7 +76,7 @@ def test_oom_halves_micro_batch_keeping_the_global_batch(
             raise torch.OutOfMemoryError("injected: CUDA out of memory")
         return real(model, batch)
 
-    monkeypatch.setattr(objectives, "causal_lm", tight_memory)
+    monkeypatch.setattr(pretrain, "causal_lm", tight_memory)  # the objective pretrain trains with
     out = tmp_path / "auto"
     assert train(_cfg(tokens, out, "micro_batch=auto")) == 0
     err = capsys.readouterr().err

@@ -20,19 +20,22 @@ from lmforge.cli import main
 from lmforge.data.manifest import verify_manifest
 from lmforge.eval.perplexity import shards_perplexity
 from lmforge.infer.engine import Engine, GenerationRequest
-from lmforge.infer.load import load_model
 from lmforge.infer.sampling import SamplingParams
 from lmforge.model.nf4 import storage_bytes
-from lmforge.quant import METHODS, calibration_ids, load_quantized, quantize_model, save_quantized
-from lmforge.quant.gptq import dequantize_codes, gptq_int4, hessian
-from lmforge.quant.linear import (
+from lmforge.model.quant import (
+    METHODS,
     Int4Linear,
     Int8Linear,
     QNF4Linear,
     int4_params,
+    load_quantized,
     packed_bytes,
     quantize_int4_with,
+    save_quantized,
 )
+from lmforge.model.source import load_model
+from lmforge.quant import calibration_ids, quantize_model
+from lmforge.quant.gptq import dequantize_codes, gptq_int4, hessian
 from train_helpers import make_tokens_dir, shakespeare_text
 
 QUICK = ["report.repeats=1", "report.decode_tokens=8", "threads=1", "calibration.samples=16"]

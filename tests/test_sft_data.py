@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from lmforge.data.batch import IGNORE_INDEX
 from lmforge.data.chat import (
     SFTDataConfig,
     block_causal_mask,
@@ -23,7 +24,7 @@ from lmforge.model.config import get_preset
 from lmforge.model.transformer import build_model
 from lmforge.tokenizer import SpecialTokensConfig, Tokenizer, train_tokenizer
 from lmforge.train.finetune import SFTBatches
-from lmforge.train.objectives import IGNORE_INDEX, causal_lm
+from lmforge.train.objectives import causal_lm
 
 CHAT = [
     {"role": "system", "content": "You are terse."},

@@ -8,8 +8,12 @@ import numpy as np
 import pytest
 import torch
 
+from lmforge.model.config import get_preset
+from lmforge.model.lora import LoraConfig
+from lmforge.model.transformer import build_model
 from lmforge.train.checkpoint import _flatten_optimizer, _unflatten_optimizer, rng_state, set_rng_state
 from lmforge.train.optim import OptimConfig, build_optimizer, param_groups
+from lmforge.train.prepare import prepare_model
 from lmforge.train.sampler import BatchSampler, TokenWindows, eval_batches
 from lmforge.train.schedule import ScheduleConfig, lr_multiplier
 from train_helpers import TinyLM, token_stream
@@ -105,7 +109,7 @@ def test_rng_and_optimizer_state_round_trip_without_pickle() -> None:
 
 
 def test_activation_checkpointing_gives_the_same_gradients() -> None:
-    from lmforge.train.pretrain import apply_activation_checkpointing
+    from lmforge.train.prepare import apply_activation_checkpointing
 
     torch.manual_seed(0)
     plain = TinyLM()
@@ -119,3 +123,24 @@ def test_activation_checkpointing_gives_the_same_gradients() -> None:
         m(ids).square().mean().backward()
     for (n, a), b in zip(plain.named_parameters(), ckpt.parameters(), strict=True):
         torch.testing.assert_close(a.grad, b.grad, rtol=0, atol=1e-6, msg=n)
+
+
+def test_prepare_model_order_adapters_checkpointing_compile_per_block() -> None:
+    """prepare_model: LoRA, then activation checkpointing, then torch.compile of each block in place (the
+    model itself is not compiled; parameter names, which checkpoints use, are the LoRA model's)."""
+    model = build_model(get_preset("tiny", n_layers=2), device="cpu", dtype=torch.float32)
+    train_model, summary = prepare_model(
+        model,
+        device=torch.device("cpu"),
+        method="lora",
+        lora=LoraConfig(),
+        activation_checkpointing=True,
+        compile=True,
+    )
+    assert train_model is model  # one process: no DDP wrapper
+    assert summary is not None and summary["method"] == "lora" and 0 < summary["fraction"] < 1
+    assert all(getattr(b, "_compiled_call_impl", None) is not None for b in model.layers)
+    assert getattr(model, "_compiled_call_impl", None) is None
+    assert all("forward" in vars(b) for b in model.layers)  # the checkpointed forward the compile wraps
+    assert not any("_orig_mod" in n for n, _ in model.named_parameters())
+    assert any("lora" in n for n, p in model.named_parameters() if p.requires_grad)

@@ -87,19 +87,19 @@ def test_pretrain_learns_and_writes_a_verified_run(
     assert "bits per byte" in capsys.readouterr().out
     # the exported model folder is self-contained: weights, config and tokenizer
     assert (out / "model" / "tokenizer.json").is_file() and (out / "model" / "model_config.json").is_file()
-    from lmforge.infer.load import load_model
+    from lmforge.model.source import load_model
 
     model, tok = load_model(out / "model")
     assert tok.vocab_size == model.cfg.vocab_size and tok.decode(tok.encode("To be")) == "To be"
     # a finished output is not overwritten by accident
     assert main(["pretrain", *BASE, f"data={tokens}", f"output={out}", "max_steps=2"]) == 2
     # `model info` reads the run, its model folder, and a run still going (config.yaml names a preset)
-    from lmforge.model.info import resolve_model
+    from lmforge.model.source import model_config
 
     (out / "model" / "model_config.json").rename(tmp_path / "saved.json")
-    going = resolve_model(str(out))
+    going = model_config(str(out))
     (tmp_path / "saved.json").rename(out / "model" / "model_config.json")
-    assert resolve_model(str(out)) == resolve_model(str(out / "model")) == model.cfg == going
+    assert model_config(str(out)) == model_config(str(out / "model")) == model.cfg == going
 
 
 def test_user_errors_name_the_key(tokens: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

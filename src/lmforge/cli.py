@@ -22,7 +22,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "lmforge.data.prepare:main",
         "ingest, clean, deduplicate, mask PII and decontaminate raw text",
     ),
-    "data verify": ("lmforge.data.manifest:main", "check a stage's output against its SHA-256 manifest"),
+    "data verify": ("lmforge.data.verify:main", "check a stage's output against its SHA-256 manifest"),
     "tokenizer train": (
         "lmforge.data.tokenizer_train:main",
         "train a byte-level BPE tokenizer with a chat template",

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import math
 import types
 import typing
 from pathlib import Path
@@ -29,9 +30,13 @@ CONFIG_FILE = "config.yaml"
 
 
 class Section(BaseModel):
-    """Base for every config block: unknown keys are errors, assignments are validated."""
+    """Base for every config block: unknown keys are errors, assignments are validated, and a float
+    field (nested, or inside a dict or list) refuses inf and NaN: `optim.lr=inf` would make every weight
+    non-finite. Untyped (`Any`) values are checked by `load_config` (see `_non_finite`)."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+    model_config = ConfigDict(
+        extra="forbid", validate_assignment=True, protected_namespaces=(), allow_inf_nan=False
+    )
 
 
 def _submodel(annotation: Any) -> type[BaseModel] | None:
@@ -143,11 +148,27 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     return data
 
 
-def _describe(error: Any, schema: type[BaseModel], source_of: dict[str, str]) -> str:
-    loc = ".".join(str(p) for p in error["loc"])
-    source = source_of.get(loc) or next(
+def _non_finite(tree: Any, prefix: str = "") -> list[str]:
+    """Dotted keys of every inf/NaN float in a raw config tree (YAML `.inf`, `.nan`), `Any` fields included."""
+    if isinstance(tree, float) and not math.isfinite(tree):
+        return [prefix]
+    if isinstance(tree, dict):
+        return [k for key, v in tree.items() for k in _non_finite(v, f"{prefix}{'.' if prefix else ''}{key}")]
+    if isinstance(tree, list):
+        return [k for n, v in enumerate(tree) for k in _non_finite(v, f"{prefix}.{n}")]
+    return []
+
+
+def _source(loc: str, source_of: dict[str, str]) -> str:
+    """The file or override that set dotted key `loc`."""
+    return source_of.get(loc) or next(
         (src for key, src in source_of.items() if loc.startswith(key + ".")), source_of.get("", "config")
     )
+
+
+def _describe(error: Any, schema: type[BaseModel], source_of: dict[str, str]) -> str:
+    loc = ".".join(str(p) for p in error["loc"])
+    source = _source(loc, source_of)
     if error["type"] == "extra_forbidden":
         match = difflib.get_close_matches(loc, valid_keys(schema), n=1, cutoff=0.6)
         hint = f"; did you mean {match[0]!r}?" if match else ""
@@ -187,6 +208,11 @@ def load_config(
             value = raw
         _set_dotted(tree, parts, value, f"override {item!r}")
         source_of[".".join(parts)] = f"override {item!r}"
+    bad = _non_finite(tree)  # YAML .inf/.nan anywhere, values of untyped (`Any`) fields included
+    if bad:
+        raise ConfigError(
+            "\n".join(f"{_source(key, source_of)}: {key}: input should be a finite number" for key in bad)
+        )
     try:
         return schema.model_validate(tree)
     except ValidationError as e:

@@ -37,10 +37,10 @@ import torch
 from pydantic import Field, field_validator
 
 from lmforge.config import Section
+from lmforge.data.batch import IGNORE_INDEX
 from lmforge.errors import DataError
 from lmforge.io import iter_jsonl
 from lmforge.tokenizer import CHATML_TEMPLATE
-from lmforge.train.objectives import IGNORE_INDEX
 
 Format = Literal["chat", "prompt_completion", "alpaca"]
 ROLES = ("system", "user", "assistant")

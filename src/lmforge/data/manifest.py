@@ -1,11 +1,11 @@
 """SHA-256 manifests: every stage lists what it wrote, every later stage checks it before use.
 
-lmforge data verify runs/demo/curated
+The library every stage imports; the `lmforge data verify` command is data/verify.py.
 """
 
 from __future__ import annotations
 
-import argparse
+import json
 from pathlib import Path
 from typing import Any
 
@@ -34,8 +34,6 @@ def write_manifest(root: Path, *, stage: str, extra: dict[str, Any] | None = Non
 
 
 def read_manifest(root: Path) -> dict[str, Any]:
-    import json
-
     path = Path(root) / MANIFEST
     if not path.is_file():
         raise IntegrityError(f"{path}: no manifest; was this directory written by a finished lmforge stage?")
@@ -83,19 +81,4 @@ def ensure_verified(root: Path, *, skip: bool = False) -> dict[str, Any]:
     return read_manifest(root) if (Path(root) / MANIFEST).is_file() else {}
 
 
-def main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(
-        prog="lmforge data verify",
-        description="Check every file listed in DIR/manifest.json against its size and SHA-256. "
-        "Exit 0 if all match, 3 naming each missing, truncated or changed file otherwise.",
-    )
-    p.add_argument("dirs", nargs="+", type=Path, metavar="DIR", help="output directory of an lmforge stage")
-    args = p.parse_args(argv)
-    for d in args.dirs:
-        m = verify_manifest(d)
-        total = sum(int(f["bytes"]) for f in m["files"].values())
-        print(f"ok {d}: {len(m['files'])} files, {total / 1e6:.1f} MB verified ({m.get('stage', '?')})")
-    return 0
-
-
-__all__ = ["MANIFEST", "ensure_verified", "main", "read_manifest", "verify_manifest", "write_manifest"]
+__all__ = ["MANIFEST", "ensure_verified", "read_manifest", "verify_manifest", "write_manifest"]

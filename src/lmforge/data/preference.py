@@ -27,11 +27,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from lmforge.data.batch import COUNT, IGNORE_INDEX
+from lmforge.data.order import EpochOrder
 from lmforge.errors import DataError
 from lmforge.io import iter_jsonl
 from lmforge.tokenizer import Tokenizer
-from lmforge.train.objectives import COUNT, IGNORE_INDEX
-from lmforge.train.sampler import EpochOrder
 
 KEYS = ("prompt", "chosen", "rejected")
 _EXPECTED = (

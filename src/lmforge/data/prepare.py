@@ -45,9 +45,11 @@ from lmforge.data.clean import (
     quality_reason,
 )
 from lmforge.data.curated import PATTERN, CuratedWriter
+from lmforge.data.decontam import Decontaminator
 from lmforge.data.dedup import DedupConfig, Deduper, exact_key, signature
 from lmforge.data.ingest import IngestConfig, InputFile, RawDoc, Skipped, expand_inputs, iter_documents
 from lmforge.data.manifest import write_manifest
+from lmforge.data.pii import PII_KINDS, check_kinds, mask_pii
 from lmforge.data.report import Sampler, render_markdown, truncate
 from lmforge.errors import ConfigError, DataError
 from lmforge.io import atomic_write_bytes, atomic_write_json, atomic_write_text, staged_output
@@ -125,13 +127,9 @@ class Processor:
         self.wordlist = Wordlist(cfg.filter)
         self.pii_kinds: tuple[str, ...] | None = None
         if cfg.pii.enabled:
-            from lmforge.data.pii import check_kinds
-
             self.pii_kinds = check_kinds(cfg.pii.kinds)
-        self.decontam: Any = None
+        self.decontam: Decontaminator | None = None
         if cfg.decontam.eval_files:
-            from lmforge.data.decontam import Decontaminator
-
             self.decontam = Decontaminator([Path(p) for p in cfg.decontam.eval_files], n=cfg.decontam.ngram)
 
     def one(self, i: int, doc_id: str, raw: str, source: str) -> dict[str, Any]:
@@ -142,11 +140,12 @@ class Processor:
         reason = quality_reason(text, cfg.quality)
         if reason is None and self.wordlist.rejects(text):
             reason = "wordlist"
-        if reason is None and self.pii_kinds is not None:
-            from lmforge.data.pii import mask_pii
-
+        if self.pii_kinds is not None and (reason is None or cfg.report.sample_size > 0):
+            # A document dropped here is still sampled into the report: masked like a kept one, but its
+            # PII is not counted (the counts are of what the curated output held).
             text, counts = mask_pii(text, self.pii_kinds)
-            rec["pii"] = {k: v for k, v in counts.items() if v}
+            if reason is None:
+                rec["pii"] = {k: v for k, v in counts.items() if v}
         if reason is None and self.decontam is not None:
             hits = int(self.decontam.hits(text))
             if hits >= cfg.decontam.min_hits:
@@ -361,89 +360,103 @@ def run(cfg: PrepareConfig, *, crash_after_batches: int | None = None, quiet: bo
     t0 = time.perf_counter()
     _check(cfg)
     files = expand_inputs(cfg.input, cfg.ingest.extensions)
-    plain = all(not f.path.name.endswith((".gz", ".zst", ".parquet")) for f in files)
-    total = sum(f.path.stat().st_size for f in files) if plain else None
-    fingerprint = _fingerprint(cfg, files)
     out = Path(cfg.output)
     with staged_output(out, overwrite=cfg.overwrite, resume=cfg.resume) as stage:
-        work = stage / WORK
-        stamp = work / "fingerprint"
-        if not (stamp.is_file() and stamp.read_text() == fingerprint):
-            for p in stage.iterdir():  # a different config or input: nothing in here is reusable
-                shutil.rmtree(p) if p.is_dir() else p.unlink()
-            work.mkdir()
-            atomic_write_text(stamp, fingerprint)
-        tally = Tally(cfg)
-        reused = 0
-        batches = _batches(iter_documents(files, cfg.ingest), tally, cfg.batch_docs, cfg.batch_mb * 1e6)
-        with _Progress(total) as bar:
-            for n, (records, was_done) in enumerate(_results(cfg, batches, work), 1):
-                tally.absorb(records)
-                reused += was_done
-                bar.advance(len(records), sum(r["bytes"] for r in records))
-                if crash_after_batches is not None and n >= crash_after_batches:
-                    raise RuntimeError(f"injected crash after {n} batches")
+        work = _open_work(stage, _fingerprint(cfg, files))
+        tally, reused = _process(cfg, files, work, crash_after_batches)
         if tally.docs_in == 0:
             reasons = ", ".join(f"{k}: {v}" for k, v in sorted(tally.skips.items())) or "no documents"
             raise DataError(f"input {cfg.input!r}: no usable documents ({reasons})")
         dedup = tally.deduper.run()
-        for p in stage.glob(PATTERN):  # shards of an interrupted final pass
-            p.unlink()
-        bytes_out = 0
-        listed = {m for c in dedup.clusters[: cfg.report.clusters] for m in c}  # ids needed by the report
-        ids: dict[int, str] = {}
-        with CuratedWriter(stage, shard_bytes=int(cfg.shard_mb * 1e6)) as writer:
-            for path in sorted(work.glob("batch-*.jsonl.zst")):
-                for r in _load_batch(path):
-                    if r["status"] != "kept":
-                        continue
-                    i = r["i"]
-                    if i in listed:
-                        ids[i] = r["id"]
-                    if i in dedup.duplicate_of:
-                        kind = dedup.kind[i]
-                        tally.dropped[kind] += 1
-                        tally.sample_dropped.offer(
-                            r["id"],
-                            {
-                                "id": r["id"],
-                                "source": r["source"],
-                                "reason": kind,
-                                "text": truncate(r["text"], cfg.report.sample_chars),
-                            },
-                        )
-                        continue
-                    doc: dict[str, Any] = {"id": r["id"], "text": r["text"], "source": r["source"]}
-                    if r.get("contam"):
-                        doc["contaminated"] = True
-                    writer.write(doc)
-                    bytes_out += len(r["text"].encode("utf-8"))
-                    tally.sample_kept.offer(
-                        r["id"],
-                        {
-                            "id": r["id"],
-                            "source": r["source"],
-                            "text": truncate(r["text"], cfg.report.sample_chars),
-                        },
-                    )
-        report = _report(cfg, tally, dedup, writer.documents, bytes_out, len(files), ids)
+        docs_out, bytes_out, ids = _write_curated(cfg, stage, work, tally, dedup)
+        report = _report(cfg, tally, dedup, docs_out, bytes_out, len(files), ids)
         atomic_write_json(stage / "report.json", report)
         atomic_write_text(stage / "report.md", render_markdown(report))
         save_config(cfg, stage, STAGE)
         shutil.rmtree(work)
         write_manifest(stage, stage=STAGE)
     if not quiet:
-        dt = time.perf_counter() - t0
-        drops = ", ".join(f"{k} {v}" for k, v in report["documents"]["dropped"].items() if v) or "none"
-        print(
-            f"prepare: {tally.docs_in:,} docs in -> {writer.documents:,} out "
-            f"({tally.bytes_in / 1e6:.2f} MB -> {bytes_out / 1e6:.2f} MB); dropped: {drops}; "
-            f"{sum(tally.skips.values())} inputs skipped; {reused} batches resumed\n"
-            f"prepare: wrote {out} in {dt:.1f} s ({tally.docs_in / dt:,.1f} docs/s, {tally.bytes_in / dt / 1e6:.2f} MB/s)"
-        )
-        if writer.documents == 0:
-            print("prepare: warning: every document was dropped; see report.md", file=sys.stderr)
+        _say_done(out, tally, report, docs_out, bytes_out, reused, time.perf_counter() - t0)
     return report
+
+
+def _open_work(stage: Path, fingerprint: str) -> Path:
+    """`work/` of the staging directory, emptied unless it was written with the same `fingerprint`."""
+    work = stage / WORK
+    stamp = work / "fingerprint"
+    if not (stamp.is_file() and stamp.read_text() == fingerprint):
+        for p in stage.iterdir():  # a different config or input: nothing in here is reusable
+            shutil.rmtree(p) if p.is_dir() else p.unlink()
+        work.mkdir()
+        atomic_write_text(stamp, fingerprint)
+    return work
+
+
+def _process(
+    cfg: PrepareConfig, files: list[InputFile], work: Path, crash_after_batches: int | None
+) -> tuple[Tally, int]:
+    """Every document through the per-document pipeline, in batch order: (tally, batches reused)."""
+    plain = all(not f.path.name.endswith((".gz", ".zst", ".parquet")) for f in files)
+    total = sum(f.path.stat().st_size for f in files) if plain else None
+    tally = Tally(cfg)
+    reused = 0
+    batches = _batches(iter_documents(files, cfg.ingest), tally, cfg.batch_docs, cfg.batch_mb * 1e6)
+    with _Progress(total) as bar:
+        for n, (records, was_done) in enumerate(_results(cfg, batches, work), 1):
+            tally.absorb(records)
+            reused += was_done
+            bar.advance(len(records), sum(r["bytes"] for r in records))
+            if crash_after_batches is not None and n >= crash_after_batches:
+                raise RuntimeError(f"injected crash after {n} batches")
+    return tally, reused
+
+
+def _write_curated(
+    cfg: PrepareConfig, stage: Path, work: Path, tally: Tally, dedup: Any
+) -> tuple[int, int, dict[int, str]]:
+    """The curated shards: kept documents less duplicates, which are counted and sampled as dropped.
+    Returns (documents written, text bytes written, ids of the documents the report's clusters list)."""
+    for p in stage.glob(PATTERN):  # shards of an interrupted final pass
+        p.unlink()
+    bytes_out = 0
+    listed = {m for c in dedup.clusters[: cfg.report.clusters] for m in c}  # ids needed by the report
+    ids: dict[int, str] = {}
+    chars = cfg.report.sample_chars
+    with CuratedWriter(stage, shard_bytes=int(cfg.shard_mb * 1e6)) as writer:
+        for path in sorted(work.glob("batch-*.jsonl.zst")):
+            for r in _load_batch(path):
+                if r["status"] != "kept":
+                    continue
+                i = r["i"]
+                if i in listed:
+                    ids[i] = r["id"]
+                sample = {"id": r["id"], "source": r["source"], "text": truncate(r["text"], chars)}
+                if i in dedup.duplicate_of:
+                    kind = dedup.kind[i]
+                    tally.dropped[kind] += 1
+                    tally.sample_dropped.offer(r["id"], {**sample, "reason": kind})
+                    continue
+                doc: dict[str, Any] = {"id": r["id"], "text": r["text"], "source": r["source"]}
+                if r.get("contam"):
+                    doc["contaminated"] = True
+                writer.write(doc)
+                bytes_out += len(r["text"].encode("utf-8"))
+                tally.sample_kept.offer(r["id"], sample)
+    return writer.documents, bytes_out, ids
+
+
+def _say_done(
+    out: Path, tally: Tally, report: dict[str, Any], docs_out: int, bytes_out: int, reused: int, dt: float
+) -> None:
+    drops = ", ".join(f"{k} {v}" for k, v in report["documents"]["dropped"].items() if v) or "none"
+    print(
+        f"prepare: {tally.docs_in:,} docs in -> {docs_out:,} out "
+        f"({tally.bytes_in / 1e6:.2f} MB -> {bytes_out / 1e6:.2f} MB); dropped: {drops}; "
+        f"{sum(tally.skips.values())} inputs skipped; {reused} batches resumed\n"
+        f"prepare: wrote {out} in {dt:.1f} s ({tally.docs_in / dt:,.1f} docs/s, {tally.bytes_in / dt / 1e6:.2f} MB/s)"
+    )
+    if docs_out == 0:
+        print("prepare: warning: every document was dropped; see report.md", file=sys.stderr)
 
 
 def _report(
@@ -474,8 +487,6 @@ def _report(
                 ],
             }
         )
-    from lmforge.data.pii import PII_KINDS
-
     kinds = cfg.pii.kinds or list(PII_KINDS)
     return {
         "stage": STAGE,

@@ -31,8 +31,12 @@ from typing import Any
 
 import numpy as np
 from pydantic import Field
+from rich.console import Console
+from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
 from lmforge.config import Section, parse_command, save_config
+from lmforge.data.curated import curated_shards, iter_curated
+from lmforge.data.manifest import ensure_verified, write_manifest
 from lmforge.data.shards import (
     INDEX,
     SPLITS,
@@ -43,7 +47,8 @@ from lmforge.data.shards import (
     shard_file,
 )
 from lmforge.errors import DataError
-from lmforge.io import atomic_write_json, sha256_file
+from lmforge.io import atomic_write_json, sha256_file, staged_output
+from lmforge.tokenizer import TOKENIZER_FILES, TOKENIZER_JSON, load_tokenizer
 
 PARTS = "parts"
 PLAN = "plan.json"
@@ -129,8 +134,6 @@ _WORKER_TOKENIZER: Any = None
 def _init_worker(tokenizer_dir: str, parse_special_tokens: bool) -> None:
     # Parallelism comes from processes here; Rust threads on top would oversubscribe the cores.
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    from lmforge.tokenizer import load_tokenizer
-
     _set_worker_tokenizer(load_tokenizer(tokenizer_dir), parse_special_tokens)
 
 
@@ -275,14 +278,6 @@ def run(cfg: TokenizeConfig, *, stop_after_parts: int | None = None) -> dict[str
     `stop_after_parts` raises KeyboardInterrupt once that many parts were tokenized in this run, as a
     Ctrl-C would: the resume tests use it.
     """
-    from rich.console import Console
-    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
-
-    from lmforge.data.curated import curated_shards, iter_curated
-    from lmforge.data.manifest import ensure_verified, write_manifest
-    from lmforge.io import staged_output
-    from lmforge.tokenizer import TOKENIZER_FILES, TOKENIZER_JSON, load_tokenizer
-
     console = Console(stderr=True)
     ensure_verified(cfg.input, skip=not cfg.verify_input)
     ensure_verified(cfg.tokenizer, skip=not cfg.verify_input)
@@ -294,75 +289,8 @@ def run(cfg: TokenizeConfig, *, stop_after_parts: int | None = None) -> dict[str
     t0 = time.perf_counter()
     totals = Totals()
     with staged_output(cfg.output, overwrite=cfg.overwrite, resume=cfg.resume) as stage:
-        parts_dir = stage / PARTS
-        key = _plan_key(cfg, tokenizer_sha)
-        plan_file = parts_dir / PLAN
-        if parts_dir.exists() and _read_plan(plan_file) != key:
-            shutil.rmtree(parts_dir)  # made from other inputs or settings: not reusable
-        parts_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(plan_file, key)
-
-        markers: dict[int, dict[str, Any]] = {}
-
-        def record(m: dict[str, Any], skipped: bool) -> None:
-            markers[m["index"]] = m
-            for st in m["splits"].values():
-                totals.text_bytes += st["bytes"]
-                totals.tokens += st["tokens"]
-                totals.documents += st["documents"]
-            if skipped:
-                totals.parts_skipped += 1
-            else:
-                totals.parts_done += 1
-                if stop_after_parts is not None and totals.parts_done >= stop_after_parts:
-                    raise KeyboardInterrupt
-
-        columns = (
-            SpinnerColumn(),
-            TextColumn("tokenize"),
-            TextColumn("{task.fields[line]}"),
-            TimeElapsedColumn(),
-        )
-        pool = (
-            ProcessPoolExecutor(
-                cfg.workers,
-                # spawn, not fork: forking a process whose Rust thread pool already ran can deadlock.
-                mp_context=multiprocessing.get_context("spawn"),
-                initializer=_init_worker,
-                initargs=(str(cfg.tokenizer), cfg.parse_special_tokens),
-            )
-            if cfg.workers > 1
-            else None
-        )
-        if pool is None:  # workers=1: tokenize here (Rust threads allowed)
-            _set_worker_tokenizer(tok, cfg.parse_special_tokens)
-        try:
-            with Progress(*columns, console=console, disable=not console.is_terminal) as progress:
-                task = progress.add_task("tokenize", line="")
-                inflight: set[Future[dict[str, Any]]] = set()
-
-                def drain(block_until: int) -> None:
-                    nonlocal inflight
-                    while len(inflight) > block_until:
-                        done, inflight = wait(inflight, return_when=FIRST_COMPLETED)
-                        for fut in done:  # order is irrelevant: parts are keyed by index
-                            record(fut.result(), skipped=False)
-                        progress.update(task, line=_progress_line(totals, time.perf_counter() - t0))
-
-                for part in _plan_parts(iter_curated(cfg.input), cfg):
-                    found = _finished_part(parts_dir, part.index, itemsize)
-                    if found is not None:
-                        record(found, skipped=True)
-                    elif pool is None:
-                        record(_tokenize_part(str(parts_dir), part, dtype), skipped=False)
-                    else:
-                        inflight.add(pool.submit(_tokenize_part, str(parts_dir), part, dtype))
-                        drain(2 * cfg.workers)  # bounded: parts in flight hold their text in memory
-                    progress.update(task, line=_progress_line(totals, time.perf_counter() - t0))
-                drain(0)
-        finally:
-            if pool is not None:
-                pool.shutdown(wait=True, cancel_futures=True)
+        parts_dir = _parts_dir(stage, cfg, tokenizer_sha)
+        markers = _tokenize_parts(cfg, tok, parts_dir, dtype, totals, t0, console, stop_after_parts)
         if totals.documents == 0:
             raise DataError(f"{cfg.input}: no documents to tokenize")
         ordered = [markers[i] for i in sorted(markers)]
@@ -378,23 +306,125 @@ def run(cfg: TokenizeConfig, *, stop_after_parts: int | None = None) -> dict[str
             "tokenizer_sha256": tokenizer_sha,
             "splits": splits,
         }
-        atomic_write_json(stage / INDEX, index)
-        (stage / TOKENIZER_DIR).mkdir(exist_ok=True)
-        for name in (*TOKENIZER_FILES, "chat_template.jinja"):  # HF folders may lack some of these
-            if (cfg.tokenizer / name).is_file():
-                shutil.copyfile(cfg.tokenizer / name, stage / TOKENIZER_DIR / name)
-        save_config(cfg, stage, "tokenize")
-        write_manifest(stage, stage="tokenize")
+        _write_output(stage, cfg, index)
     elapsed = time.perf_counter() - t0
+    console.print(_summary(splits, dtype, totals, elapsed, len(ordered), cfg.output))
+    run_stats = {"seconds": elapsed, "parts": len(ordered), "parts_skipped": totals.parts_skipped}
+    return {**index, "run": run_stats}
+
+
+def _parts_dir(stage: Path, cfg: TokenizeConfig, tokenizer_sha: str) -> Path:
+    """The parts directory of the staged output, emptied unless it was made from these inputs and settings."""
+    parts_dir = stage / PARTS
+    key = _plan_key(cfg, tokenizer_sha)
+    plan_file = parts_dir / PLAN
+    if parts_dir.exists() and _read_plan(plan_file) != key:
+        shutil.rmtree(parts_dir)  # made from other inputs or settings: not reusable
+    parts_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(plan_file, key)
+    return parts_dir
+
+
+def _worker_pool(cfg: TokenizeConfig) -> ProcessPoolExecutor | None:
+    if cfg.workers <= 1:
+        return None
+    return ProcessPoolExecutor(
+        cfg.workers,
+        # spawn, not fork: forking a process whose Rust thread pool already ran can deadlock.
+        mp_context=multiprocessing.get_context("spawn"),
+        initializer=_init_worker,
+        initargs=(str(cfg.tokenizer), cfg.parse_special_tokens),
+    )
+
+
+def _tokenize_parts(
+    cfg: TokenizeConfig,
+    tok: Any,
+    parts_dir: Path,
+    dtype: str,
+    totals: Totals,
+    t0: float,
+    console: Console,
+    stop_after_parts: int | None,
+) -> dict[int, dict[str, Any]]:
+    """Tokenize every part not already finished in `parts_dir` (here or in worker processes), adding to
+    `totals`; returns the done markers by part index."""
+    itemsize = np.dtype(dtype).itemsize
+    markers: dict[int, dict[str, Any]] = {}
+
+    def record(m: dict[str, Any], skipped: bool) -> None:
+        markers[m["index"]] = m
+        for st in m["splits"].values():
+            totals.text_bytes += st["bytes"]
+            totals.tokens += st["tokens"]
+            totals.documents += st["documents"]
+        if skipped:
+            totals.parts_skipped += 1
+        else:
+            totals.parts_done += 1
+            if stop_after_parts is not None and totals.parts_done >= stop_after_parts:
+                raise KeyboardInterrupt
+
+    columns = (
+        SpinnerColumn(),
+        TextColumn("tokenize"),
+        TextColumn("{task.fields[line]}"),
+        TimeElapsedColumn(),
+    )
+    pool = _worker_pool(cfg)
+    if pool is None:  # workers=1: tokenize here (Rust threads allowed)
+        _set_worker_tokenizer(tok, cfg.parse_special_tokens)
+    try:
+        with Progress(*columns, console=console, disable=not console.is_terminal) as progress:
+            task = progress.add_task("tokenize", line="")
+            inflight: set[Future[dict[str, Any]]] = set()
+
+            def drain(block_until: int) -> None:
+                nonlocal inflight
+                while len(inflight) > block_until:
+                    done, inflight = wait(inflight, return_when=FIRST_COMPLETED)
+                    for fut in done:  # order is irrelevant: parts are keyed by index
+                        record(fut.result(), skipped=False)
+                    progress.update(task, line=_progress_line(totals, time.perf_counter() - t0))
+
+            for part in _plan_parts(iter_curated(cfg.input), cfg):
+                found = _finished_part(parts_dir, part.index, itemsize)
+                if found is not None:
+                    record(found, skipped=True)
+                elif pool is None:
+                    record(_tokenize_part(str(parts_dir), part, dtype), skipped=False)
+                else:
+                    inflight.add(pool.submit(_tokenize_part, str(parts_dir), part, dtype))
+                    drain(2 * cfg.workers)  # bounded: parts in flight hold their text in memory
+                progress.update(task, line=_progress_line(totals, time.perf_counter() - t0))
+            drain(0)
+    finally:
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
+    return markers
+
+
+def _write_output(stage: Path, cfg: TokenizeConfig, index: dict[str, Any]) -> None:
+    """index.json, a copy of the tokenizer beside the shards, the config and the manifest."""
+    atomic_write_json(stage / INDEX, index)
+    (stage / TOKENIZER_DIR).mkdir(exist_ok=True)
+    for name in (*TOKENIZER_FILES, "chat_template.jinja"):  # HF folders may lack some of these
+        if (cfg.tokenizer / name).is_file():
+            shutil.copyfile(cfg.tokenizer / name, stage / TOKENIZER_DIR / name)
+    save_config(cfg, stage, "tokenize")
+    write_manifest(stage, stage="tokenize")
+
+
+def _summary(
+    splits: dict[str, Any], dtype: str, totals: Totals, elapsed: float, n_parts: int, output: Path
+) -> str:
     tr, va = splits["train"], splits["val"]
-    console.print(
+    return (
         f"tokenize: {tr['tokens']:,} train tokens ({tr['documents']:,} docs), {va['tokens']:,} val tokens "
         f"({va['documents']:,} docs), {dtype}, {totals.text_bytes / 1e6:.1f} MB in {elapsed:.1f} s "
         f"({totals.text_bytes / 1e6 / max(elapsed, 1e-9):.2f} MB/s, {totals.tokens / max(elapsed, 1e-9):,.0f} tok/s"
-        f"; {totals.parts_skipped} of {len(ordered)} parts reused) -> {cfg.output}"
+        f"; {totals.parts_skipped} of {n_parts} parts reused) -> {output}"
     )
-    run_stats = {"seconds": elapsed, "parts": len(ordered), "parts_skipped": totals.parts_skipped}
-    return {**index, "run": run_stats}
 
 
 def main(argv: list[str]) -> int:

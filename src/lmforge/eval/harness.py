@@ -9,7 +9,7 @@ ours. This module is that command with one addition: it registers `LmforgeLM` un
 first, then hands every argument to lm-eval's own CLI (`lm_eval.__main__.cli_evaluate`). From Python,
 `import lmforge.eval.harness` before `lm_eval.simple_evaluate(model="lmforge", ...)` does the same.
 
-model_args: path (required; any folder `lmforge.infer.load.load_model` accepts), batch_size (8),
+model_args: path (required; any folder `lmforge.model.source.load_model` accepts), batch_size (8),
 device (auto), max_length (the model's max_seq_len), max_gen_toks (256).
 Log-likelihoods come from `lmforge.eval.tasks.score_continuations` (the same code `lmforge eval` scores
 multiple-choice tasks with), generation from the lmforge `Engine`, rolling log-likelihoods from
@@ -27,6 +27,7 @@ from lm_eval.api.registry import register_model
 
 from lmforge.device import pick_device
 from lmforge.errors import ConfigError
+from lmforge.model.source import load_model
 
 
 def _int(kwargs: dict[str, Any], key: str, default: int | None) -> int | None:
@@ -46,7 +47,6 @@ class LmforgeLM(TemplateLM):
     def __init__(self, path: str | None = None, **kwargs: Any) -> None:
         super().__init__()
         from lmforge.infer.engine import Engine
-        from lmforge.infer.load import load_model
 
         if path is None:
             path = kwargs.pop("pretrained", None)

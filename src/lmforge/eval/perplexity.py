@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lmforge.data.shards import ShardSet
 from lmforge.errors import DataError
 from lmforge.io import read_text
 
@@ -148,8 +149,6 @@ def shards_perplexity(
 ) -> dict[str, Any]:
     """Score a tokens directory's split. With `max_tokens`, only the first tokens are scored and the bytes
     are prorated (bytes x scored / total tokens), as pretraining's validation does."""
-    from lmforge.data.shards import ShardSet
-
     shards = ShardSet(directory, split, verify=verify)
     if shards.num_tokens == 0:
         raise DataError(f"{directory}: split {split!r} holds no tokens")

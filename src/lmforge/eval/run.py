@@ -27,6 +27,7 @@ from lmforge.config import Section, parse_command, save_config
 from lmforge.device import pick_device
 from lmforge.errors import DataError
 from lmforge.io import atomic_write_json, atomic_write_text, check_output, staged_output
+from lmforge.model.source import load_model
 
 COMMAND = "eval"
 
@@ -182,7 +183,6 @@ def run(cfg: EvalConfig) -> dict[str, Any]:
 
     from lmforge.data.manifest import write_manifest
     from lmforge.infer.engine import Engine
-    from lmforge.infer.load import load_model
 
     console = Console(stderr=True)
     check_output(Path(cfg.output), cfg.overwrite)

@@ -24,6 +24,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmforge.errors import DataError
+from lmforge.infer.engine import GenerationRequest
+from lmforge.infer.sampling import SamplingParams
 from lmforge.io import iter_jsonl
 
 CONTEXT_FIELDS = ("query", "ctx", "question", "goal", "context")
@@ -197,9 +199,6 @@ def generation(
     limit: int | None = None,
     keep_outputs: int = 5,
 ) -> dict[str, Any]:
-    from lmforge.infer.engine import GenerationRequest
-    from lmforge.infer.sampling import SamplingParams
-
     t0 = time.perf_counter()
     rows = read_jsonl(path, limit)
     prompts, refs = [], []

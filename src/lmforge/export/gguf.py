@@ -22,6 +22,7 @@ tokens, token types (special tokens CONTROL), merges, bos/eos/pad ids, and `toke
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any, Literal
 
@@ -351,8 +352,6 @@ class LlamaCppRunner:
     """llama.cpp on a GGUF file: ids -> (T, vocab) logits of every position, and its own tokenizer."""
 
     def __init__(self, path: Path | str, n_ctx: int, threads: int = 0) -> None:
-        import os
-
         from llama_cpp import Llama
 
         self.llm = Llama(

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -25,25 +26,30 @@ from lmforge.model.transformer import Transformer
 OPSET = 18
 
 
-class _FullSequence(nn.Module):
-    """The model with its causal (and sliding-window) mask built from the input's shape.
+def _causal_mask(past: int, T: int, window: int | None, device: torch.device) -> Tensor:
+    """Bool (T, past + T), True = attend: keys at or before the query (and within the sliding window).
 
-    An explicit boolean mask avoids the `T > 1` branch that picks SDPA's is_causal flag, which would make
-    the exported graph specialise on the sequence length.
+    Built from the input's shapes and passed explicitly, so the model takes none of its `T > 1` / `start == 0`
+    branches, which would make the exported graph specialise on the sequence length.
     """
+    qpos = torch.arange(T, device=device)[:, None] + past
+    kpos = torch.arange(past + T, device=device)[None, :]
+    allowed = kpos <= qpos
+    if window is not None:
+        allowed = allowed & (kpos > qpos - window)
+    return allowed
+
+
+class _FullSequence(nn.Module):
+    """The model over the whole sequence, with its causal (and sliding-window) mask built from the shape."""
 
     def __init__(self, model: Transformer) -> None:
         super().__init__()
         self.model = model
 
     def forward(self, input_ids: Tensor) -> Tensor:
-        T = input_ids.shape[1]
-        pos = torch.arange(T, device=input_ids.device)
-        allowed = pos[None, :] <= pos[:, None]  # (T, T): key <= query
-        window = self.model.cfg.sliding_window
-        if window is not None:
-            allowed = allowed & (pos[None, :] > pos[:, None] - window)
-        return self.model(input_ids, attn_mask=allowed).float()
+        mask = _causal_mask(0, input_ids.shape[1], self.model.cfg.sliding_window, input_ids.device)
+        return self.model(input_ids, attn_mask=mask).float()
 
 
 def check_supported(model: nn.Module) -> None:
@@ -60,6 +66,18 @@ def write_onnx(model: Transformer, path: Path | str, *, example_len: int = 8) ->
     example = torch.zeros(2, min(example_len, model.cfg.max_seq_len), dtype=torch.long)
     batch = torch.export.Dim("batch", min=1, max=1024)
     seq = torch.export.Dim("seq", min=1, max=model.cfg.max_seq_len)
+    _export(wrapper, (example,), {"input_ids": {0: batch, 1: seq}}, ["input_ids"], ["logits"], path)
+
+
+def _export(
+    wrapper: nn.Module,
+    args: tuple[Tensor, ...],
+    shapes: dict[str, Any],
+    inputs: list[str],
+    outputs: list[str],
+    path: Path | str,
+) -> None:
+    """torch.onnx.export (dynamo) of `wrapper` to one self-contained .onnx file (weights inside)."""
     logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(
         logging.ERROR
     )  # torchvision note
@@ -67,11 +85,11 @@ def write_onnx(model: Transformer, path: Path | str, *, example_len: int = 8) ->
         warnings.simplefilter("ignore")  # the exporter's deprecation chatter, not actionable here
         program = torch.onnx.export(
             wrapper,
-            (example,),
+            args,
             dynamo=True,
-            dynamic_shapes={"input_ids": {0: batch, 1: seq}},
-            input_names=["input_ids"],
-            output_names=["logits"],
+            dynamic_shapes=shapes,
+            input_names=inputs,
+            output_names=outputs,
             opset_version=OPSET,
             external_data=False,
             verbose=False,
@@ -102,58 +120,38 @@ class OnnxRunner:
 # Decode graph with a KV cache (past keys/values in, present keys/values out)
 
 
-class _WithCache(nn.Module):
-    """input_ids (B, T) + past k/v per layer (B, Hkv, P, hd) -> logits (B, T, vocab) + present k/v (P + T).
+class PastKV:
+    """The KV cache as an ONNX graph can express it: past keys/values (B, Hkv, P, hd) per layer come in as
+    tensors and the present ones (P + T) are concatenations handed back, instead of in-place writes."""
 
-    The same modules and math as `Transformer.forward`, with the cache passed as tensors instead of being
-    written in place, which is what an ONNX graph can express.
-    """
+    static = False
+
+    def __init__(self, past: Sequence[Tensor], max_len: int) -> None:
+        self.past = past
+        self.present: list[Tensor] = []
+        self.length = past[0].shape[2]
+        self.max_len = max_len
+
+    def update(self, layer: int, k: Tensor, v: Tensor, slots: Tensor) -> tuple[Tensor, Tensor]:
+        k = torch.cat([self.past[2 * layer], k], dim=2)  # (B, Hkv, P + T, hd)
+        v = torch.cat([self.past[2 * layer + 1], v], dim=2)
+        self.present += [k, v]
+        return k, v
+
+
+class _WithCache(nn.Module):
+    """input_ids (B, T) + past k/v per layer (B, Hkv, P, hd) -> logits (B, T, vocab) + present k/v (P + T)."""
 
     def __init__(self, model: Transformer) -> None:
         super().__init__()
         self.model = model
 
     def forward(self, input_ids: Tensor, *past: Tensor) -> tuple[Tensor, ...]:
-        import torch.nn.functional as F
-
-        from lmforge.model.transformer import apply_rope
-
-        m, cfg = self.model, self.model.cfg
-        B, T = input_ids.shape
-        P = past[0].shape[2]
-        x = m.tok_embeddings(input_ids)  # (B, T, dim)
-        cos = sin = None
-        if m.pos_embeddings is not None:
-            x = x + m.pos_embeddings.weight[P : P + T]
-        else:
-            cos, sin = m.rope_cos[P : P + T], m.rope_sin[P : P + T]  # (T, hd)
-        qpos = torch.arange(T, device=x.device)[:, None] + P
-        kpos = torch.arange(P + T, device=x.device)[None, :]
-        allowed = kpos <= qpos  # (T, P + T)
-        if cfg.sliding_window is not None:
-            allowed = allowed & (kpos > qpos - cfg.sliding_window)
-        present: list[Tensor] = []
-        for i, block in enumerate(m.layers):
-            layer: Any = block
-            a: Any = layer.attn
-            h = layer.attn_norm(x)
-            q = a.q(h).view(B, T, a.n_heads, a.hd).transpose(1, 2)  # (B, H, T, hd)
-            k = a.k(h).view(B, T, a.n_kv, a.hd).transpose(1, 2)  # (B, Hkv, T, hd)
-            v = a.v(h).view(B, T, a.n_kv, a.hd).transpose(1, 2)
-            if cos is not None and sin is not None:
-                q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-            k = torch.cat([past[2 * i], k], dim=2)  # (B, Hkv, P + T, hd)
-            v = torch.cat([past[2 * i + 1], v], dim=2)
-            present += [k, v]
-            rep = a.n_heads // a.n_kv
-            kk = k.repeat_interleave(rep, dim=1) if rep > 1 else k
-            vv = v.repeat_interleave(rep, dim=1) if rep > 1 else v
-            y = F.scaled_dot_product_attention(q, kk, vv, attn_mask=allowed)
-            x = x + a.o(y.transpose(1, 2).reshape(B, T, a.n_heads * a.hd))
-            x = x + layer.mlp(layer.mlp_norm(x))
-        x = m.norm(x)
-        weight = m.tok_embeddings.weight if m.output is None else m.output.weight
-        return (F.linear(x, weight).float(), *present)
+        cfg = self.model.cfg
+        cache = PastKV(past, cfg.max_seq_len)
+        mask = _causal_mask(cache.length, input_ids.shape[1], cfg.sliding_window, input_ids.device)
+        logits = self.model(input_ids, kv_cache=cache, attn_mask=mask)
+        return (logits.float(), *cache.present)
 
 
 def cache_names(n_layers: int) -> tuple[list[str], list[str]]:
@@ -172,23 +170,8 @@ def write_onnx_decode(model: Transformer, path: Path | str) -> None:
     batch = torch.export.Dim("batch", min=1, max=1024)
     seq = torch.export.Dim("seq", min=1, max=cfg.max_seq_len)
     past_len = torch.export.Dim("past", min=0, max=cfg.max_seq_len)
-    shapes = ({0: batch, 1: seq}, *({0: batch, 2: past_len} for _ in past_names))
-    logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
-    with warnings.catch_warnings(), torch.no_grad():
-        warnings.simplefilter("ignore")
-        program = torch.onnx.export(
-            wrapper,
-            (ids, *past),
-            dynamo=True,
-            dynamic_shapes={"input_ids": shapes[0], "past": tuple(shapes[1:])},
-            input_names=["input_ids", *past_names],
-            output_names=["logits", *present_names],
-            opset_version=OPSET,
-            external_data=False,
-            verbose=False,
-        )
-    assert program is not None
-    program.save(str(path), external_data=False)
+    shapes = {"input_ids": {0: batch, 1: seq}, "past": tuple({0: batch, 2: past_len} for _ in past_names)}
+    _export(wrapper, (ids, *past), shapes, ["input_ids", *past_names], ["logits", *present_names], path)
 
 
 class OnnxDecoder:

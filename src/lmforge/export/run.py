@@ -13,18 +13,23 @@ quantized source) fail before anything is written. The output is built in <outpu
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import sys
 import time
 from pathlib import Path
 from typing import Any, Literal
 
+import torch
 from pydantic import Field
 
 from lmforge.config import Section, parse_command, save_config
 from lmforge.errors import ConfigError, DataError
-from lmforge.export.parity import DEFAULT_PROMPTS
+from lmforge.export import gguf, hf, onnx
+from lmforge.export.parity import DEFAULT_PROMPTS, DEFAULT_TEXT, greedy, parity, print_table, torch_runner
 from lmforge.io import atomic_write_json, staged_output
+from lmforge.model.source import load_model
+from lmforge.model.transformer import Transformer
 
 QUANT_MARKER = "quant_config.json"  # written by `lmforge quantize` next to its model
 
@@ -90,33 +95,49 @@ def _model_dir(src: Path) -> Path:
 
 def check_request(cfg: ExportConfig, model: Any) -> None:
     """Everything that can be refused without writing: raises ConfigError naming the problem."""
-    from lmforge.model.transformer import Transformer
-
     if not isinstance(model, Transformer):
         raise ConfigError(f"export: the source is not an lmforge Transformer ({type(model).__name__})")
     if cfg.format == "hf":
-        from lmforge.export.hf import check_supported
-
-        check_supported(model)
+        hf.check_supported(model)
     elif cfg.format == "gguf":
-        from lmforge.export.gguf import check_supported as gguf_check
-
-        gguf_check(model.cfg, cfg.gguf_type)
-        if cfg.gguf_runtime == "llama_cpp":
-            from lmforge.export.gguf import llama_cpp_available
-
-            if not llama_cpp_available():
-                raise ConfigError(
-                    "gguf_runtime=llama_cpp: llama_cpp is not importable; pip install llama-cpp-python "
-                    "(builds llama.cpp) or use gguf_runtime=reader"
-                )
+        gguf.check_supported(model.cfg, cfg.gguf_type)
+        if cfg.gguf_runtime == "llama_cpp" and not gguf.llama_cpp_available():
+            raise ConfigError(
+                "gguf_runtime=llama_cpp: llama_cpp is not importable; pip install llama-cpp-python "
+                "(builds llama.cpp) or use gguf_runtime=reader"
+            )
     else:
-        from lmforge.export.onnx import check_supported as onnx_check
+        onnx.check_supported(model)
 
-        onnx_check(model)
+
+# The optional packages each format writes or checks with, and the extra that installs them.
+EXTRAS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "hf": ("hf", ("transformers",)),
+    "gguf": ("export", ("gguf",)),
+    "onnx": ("export", ("onnx", "onnxruntime", "onnxscript")),
+}
+
+
+def check_extras(fmt: str) -> None:
+    """A format whose packages are missing is refused before anything is loaded or written."""
+    extra, modules = EXTRAS[fmt]
+    missing = [m for m in modules if not _importable(m)]
+    if missing:
+        raise ConfigError(
+            f"lmforge export {fmt} needs the {extra} extra (missing: {', '.join(missing)}): "
+            f"pip install 'lmforge[{extra}]'"
+        )
+
+
+def _importable(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):  # ValueError: sys.modules holds None for it (made unimportable)
+        return False
 
 
 def _preflight(cfg: ExportConfig) -> None:
+    check_extras(cfg.format)
     src = Path(cfg.model)
     if not src.is_dir():
         raise DataError(f"model={src}: not a directory (a run dir, model folder, checkpoint or HF folder)")
@@ -137,30 +158,20 @@ def _runner(cfg: ExportConfig, artefact: Path, tok: Any, max_len: int) -> tuple[
     """(runner, runtime name, extra checks) for the written artefact."""
     texts = [*cfg.prompts, "Hello, world! <|im_start|>user\nhi<|im_end|>"]
     if cfg.format == "hf":
-        from lmforge.export.hf import HfRunner
-
-        hf = HfRunner(artefact)
-        return hf, "transformers", hf.checks(tok, texts)
+        runner = hf.HfRunner(artefact)
+        return runner, "transformers", runner.checks(tok, texts)
     if cfg.format == "onnx":
-        from lmforge.export.onnx import OnnxRunner
+        return onnx.OnnxRunner(artefact, cfg.threads), "onnxruntime", {}
 
-        return OnnxRunner(artefact, cfg.threads), "onnxruntime", {}
-    from lmforge.export.gguf import LlamaCppRunner, llama_cpp_available, read_gguf
-    from lmforge.export.parity import torch_runner
-
-    if cfg.gguf_runtime == "llama_cpp" or (cfg.gguf_runtime == "auto" and llama_cpp_available()):
-        lc = LlamaCppRunner(artefact, n_ctx=max_len, threads=cfg.threads)
+    if cfg.gguf_runtime == "llama_cpp" or (cfg.gguf_runtime == "auto" and gguf.llama_cpp_available()):
+        lc = gguf.LlamaCppRunner(artefact, n_ctx=max_len, threads=cfg.threads)
         return lc, "llama.cpp", {"tokenizer_match": all(lc.tokenize(t) == tok.encode(t) for t in texts)}
-    model, _ = read_gguf(artefact)
+    model, _ = gguf.read_gguf(artefact)
     return torch_runner(model), "gguf-reader+lmforge", {}
 
 
 def run_export(cfg: ExportConfig) -> dict[str, Any]:
     """Check, load, write, verify; returns the report written to parity.json."""
-    import torch
-
-    from lmforge.infer.load import load_model
-
     _preflight(cfg)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -170,31 +181,23 @@ def run_export(cfg: ExportConfig) -> dict[str, Any]:
     report: dict[str, Any] = {"format": cfg.format, "source": str(cfg.model)}
     with staged_output(cfg.output, overwrite=cfg.overwrite, resume=False) as stage:
         if cfg.format == "hf":
-            from lmforge.export.hf import write_hf
-
-            write_hf(model, tok, stage)
+            hf.write_hf(model, tok, stage)
             artefact = stage
         elif cfg.format == "gguf":
-            from lmforge.export.gguf import write_gguf
-
             artefact = stage / ARTEFACT["gguf"]
-            types = write_gguf(model, tok, artefact, cfg.gguf_type, name=Path(cfg.model).name)
+            types = gguf.write_gguf(model, tok, artefact, cfg.gguf_type, name=Path(cfg.model).name)
             report["gguf_type"] = cfg.gguf_type
             report["tensor_types"] = sorted(set(types.values()))
             tok.save(stage / "tokenizer")  # for tools that want the HF tokenizer next to the file
         else:
-            from lmforge.export.onnx import OPSET, write_onnx
-
             artefact = stage / ARTEFACT["onnx"]
-            write_onnx(model, artefact)
+            onnx.write_onnx(model, artefact)
             if cfg.onnx_decode:
-                from lmforge.export.onnx import write_onnx_decode
-
-                write_onnx_decode(model, stage / DECODE_GRAPH)
+                onnx.write_onnx_decode(model, stage / DECODE_GRAPH)
                 report["decode_graph"] = DECODE_GRAPH
             tok.save(stage / "tokenizer")
             report |= {
-                "opset": OPSET,
+                "opset": onnx.OPSET,
                 "inputs": {"input_ids": "int64 (batch, seq)"},
                 "outputs": {"logits": "float32 (batch, seq, vocab)"},
             }
@@ -207,13 +210,9 @@ def run_export(cfg: ExportConfig) -> dict[str, Any]:
 
 
 def verify(cfg: ExportConfig, model: Any, tok: Any, artefact: Path) -> dict[str, Any]:
-    from lmforge.export.parity import parity, torch_runner
-
     max_len = model.cfg.max_seq_len
     runner, runtime, checks = _runner(cfg, artefact, tok, max_len)
     text = cfg.text.read_text("utf-8") if cfg.text is not None else None
-    from lmforge.export.parity import DEFAULT_TEXT
-
     text_ids = [tok.eos_id, *tok.encode(text if text is not None else DEFAULT_TEXT)]
     prompt_ids = [tok.encode(p)[: max_len - 1] or [tok.eos_id] for p in cfg.prompts]
     t0 = time.perf_counter()
@@ -244,10 +243,8 @@ def verify(cfg: ExportConfig, model: Any, tok: Any, artefact: Path) -> dict[str,
 
 def _decode_graph_check(path: Path, model: Any, prompt_ids: list[list[int]], cfg: ExportConfig) -> int:
     """Prompts for which the KV-cache graph on onnxruntime generates exactly lmforge's greedy tokens."""
-    from lmforge.export.onnx import OnnxDecoder
-    from lmforge.export.parity import greedy, torch_runner
 
-    dec = OnnxDecoder(path, model.cfg, cfg.threads)
+    dec = onnx.OnnxDecoder(path, model.cfg, cfg.threads)
     ref = torch_runner(model)
     n_max = model.cfg.max_seq_len
     same = 0
@@ -269,11 +266,9 @@ def main(argv: list[str]) -> int:
     )
     report = run_export(cfg)
     if cfg.verify:
-        from lmforge.export.parity import print_table
-
         print_table(report, f"{cfg.format} export parity ({cfg.output})")
     print(json.dumps({"output": str(cfg.output), "format": cfg.format}), file=sys.stdout)
     return 0
 
 
-__all__ = ["CONFIG", "ExportConfig", "check_request", "main", "run_export"]
+__all__ = ["CONFIG", "EXTRAS", "ExportConfig", "check_extras", "check_request", "main", "run_export"]

@@ -21,6 +21,7 @@ from lmforge.device import pick_device
 from lmforge.infer.engine import Engine, GenerationRequest
 from lmforge.infer.prompting import stop_at_turn_end
 from lmforge.infer.sampling import SamplingParams
+from lmforge.model.source import load_model
 
 COMMAND = "chat"
 
@@ -106,7 +107,6 @@ def loop(session: ChatSession, inp: TextIO, out: TextIO) -> int:
 
 
 def main(argv: list[str]) -> int:
-    from lmforge.infer.load import load_model
 
     cfg = parse_command(argv, CONFIG, COMMAND, DESCRIPTION, EXAMPLE)
     if cfg.threads:

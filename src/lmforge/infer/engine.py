@@ -1,6 +1,6 @@
 """The inference engine: batched generation with a preallocated KV cache, sampling, stop rules, streaming.
 
-    from lmforge.infer.load import load_model
+    from lmforge.model.source import load_model
     from lmforge.infer.engine import Engine, GenerationRequest
     from lmforge.infer.sampling import SamplingParams
     model, tok = load_model("runs/demo/pretrain")
@@ -28,15 +28,14 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, cast
+from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from lmforge.errors import DataError
 from lmforge.infer.sampling import SamplingParams, make_generator, sample
-from lmforge.model.transformer import _SDPA_GQA, KVCache, Transformer, _rotate_half
+from lmforge.model.transformer import KVCache, Transformer
 
 _CONTEXT_TOKENS = 6  # prompt tokens decoded along with the output, so "▁word" pieces keep their space
 _MAX_HELD_TOKENS = 4  # a UTF-8 character has at most 4 bytes: stop waiting for it after 4 more tokens
@@ -144,52 +143,6 @@ class _Row:
         self.done = False
 
 
-def _fuse_projections(model: Transformer) -> tuple[list[Tensor], list[Tensor | None], list[Tensor]] | None:
-    """Per Llama block, one (q;k;v) and one (gate;up) weight, so a decode step runs 2 matmuls instead of 5.
-
-    The model's own q/k/v/gate/up parameters are re-pointed at row slices of the merged tensors (no
-    second copy of the weights; the model computes exactly as before and `load_state_dict` still writes
-    through). Skipped (None) for models whose parameters are not plain tensors on one device.
-    """
-    cached = getattr(model, "_lmforge_fused", None)
-    first: Any = model.layers[0]
-    if cached is not None and cached[0][0].data_ptr() == first.attn.q.weight.data_ptr():
-        return cast(tuple[list[Tensor], list[Tensor | None], list[Tensor]], cached)  # another Engine fused it
-    qkv_w: list[Tensor] = []
-    qkv_b: list[Tensor | None] = []
-    gu_w: list[Tensor] = []
-    for blk in model.layers:
-        a: Any = blk.attn
-        mlp: Any = blk.mlp
-        if mlp.gate is None or type(a.q.weight) is not torch.nn.Parameter:
-            return None
-        with torch.no_grad():
-            for mods, out in (((a.q, a.k, a.v), qkv_w), ((mlp.gate, mlp.up), gu_w)):
-                merged = torch.cat([mod.weight.detach() for mod in mods])
-                out.append(merged)
-                row = 0
-                for mod in mods:
-                    n = mod.weight.shape[0]
-                    mod.weight = torch.nn.Parameter(
-                        merged[row : row + n], requires_grad=mod.weight.requires_grad
-                    )
-                    row += n
-            if a.q.bias is None:
-                qkv_b.append(None)
-            else:
-                merged_b = torch.cat([a.q.bias.detach(), a.k.bias.detach(), a.v.bias.detach()])
-                qkv_b.append(merged_b)
-                row = 0
-                for mod in (a.q, a.k, a.v):
-                    n = mod.bias.shape[0]
-                    mod.bias = torch.nn.Parameter(
-                        merged_b[row : row + n], requires_grad=mod.bias.requires_grad
-                    )
-                    row += n
-    object.__setattr__(model, "_lmforge_fused", (qkv_w, qkv_b, gu_w))  # a plain attribute, not a buffer
-    return qkv_w, qkv_b, gu_w
-
-
 class Engine:
     """Batched generation over one `Transformer`; see the module docstring. Not thread-safe by design."""
 
@@ -212,7 +165,7 @@ class Engine:
         p = next(model.parameters())
         self.device, self.dtype = p.device, p.dtype
         self.pad_id = int(getattr(tokenizer, "pad_id", 0) or 0)
-        self._fused = _fuse_projections(model) if self.cfg.arch == "llama" else None
+        model.fuse_projections()  # q/k/v and gate/up as one matmul each (Llama)
         # The cache buffers are static; the filled length is a Python int that dynamo treats as symbolic,
         # so one compiled graph serves every decode step (and one every prefill shape).
         self._forward = torch.compile(self._forward_impl, dynamic=True) if compile else self._forward_impl
@@ -221,65 +174,9 @@ class Engine:
     def _forward_impl(self, ids: Tensor, pos: Tensor | None, mask: Tensor | None, cache: KVCache) -> Tensor:
         """Logits (B, vocab) of the last position of `ids` (B, T); appends T positions to `cache`.
 
-        The model's own forward, except that positions may exceed the cache slot (left padding) and only
-        the last position goes through the output head (prefill need not project every token).
+        With left padding `pos` holds each row's own positions, which may lie below the cache slots.
         """
-        m = self.model
-        start, T = cache.length, ids.shape[1]
-        x = m.tok_embeddings(ids)  # (B, T, dim)
-        cos = sin = None
-        if m.pos_embeddings is not None:
-            x = x + (m.pos_embeddings.weight[start : start + T] if pos is None else m.pos_embeddings(pos))
-        elif pos is None:
-            cos, sin = m.rope_cos[start : start + T], m.rope_sin[start : start + T]  # (T, hd)
-        else:
-            cos, sin = m.rope_cos[pos], m.rope_sin[pos]  # (B, T, hd)
-        if self._fused is not None:
-            assert cos is not None and sin is not None
-            x = self._fused_layers(x, cos, sin, mask, cache)
-        else:
-            for i, layer in enumerate(m.layers):
-                x = layer(x, cos, sin, mask, cache, i)
-        cache.length = start + T
-        x = m.norm(x[:, -1])  # (B, dim)
-        weight = m.tok_embeddings.weight if m.output is None else m.output.weight
-        return F.linear(x, weight)  # (B, vocab)
-
-    def _fused_layers(
-        self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, cache: KVCache
-    ) -> Tensor:
-        """The Llama blocks with q/k/v and gate/up as one matmul each (same numbers as `Block.forward`)."""
-        B, T, _ = x.shape
-        H, Hkv, hd = self.cfg.n_heads, self.cfg.kv_heads, self.cfg.head_size
-        start = cache.length
-        if cos.dim() == 3:
-            cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # (B, 1, T, hd)
-        cos, sin = cos.to(x.dtype), sin.to(x.dtype)
-        gqa = {"enable_gqa": True} if Hkv != H and _SDPA_GQA else {}
-        assert self._fused is not None
-        blocks: list[Any] = list(self.model.layers)
-        for i, (blk, qkv_w, qkv_b, gu_w) in enumerate(zip(blocks, *self._fused, strict=True)):
-            an, mn = blk.attn_norm, blk.mlp_norm
-            h = an.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=an.eps).to(x.dtype)
-            q, k, v = F.linear(h, qkv_w, qkv_b).split([H * hd, Hkv * hd, Hkv * hd], dim=-1)
-            q = q.view(B, T, H, hd).transpose(1, 2)  # (B, H, T, hd)
-            k = k.view(B, T, Hkv, hd).transpose(1, 2)  # (B, Hkv, T, hd)
-            v = v.view(B, T, Hkv, hd).transpose(1, 2)
-            q = q * cos + _rotate_half(q) * sin
-            k = k * cos + _rotate_half(k) * sin
-            cache.k[i][:, :, start : start + T] = k
-            cache.v[i][:, :, start : start + T] = v
-            k, v = cache.k[i][:, :, : start + T], cache.v[i][:, :, : start + T]  # (B, Hkv, S, hd)
-            if Hkv != H and not _SDPA_GQA:
-                k, v = k.repeat_interleave(H // Hkv, dim=1), v.repeat_interleave(H // Hkv, dim=1)
-            y = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=mask, is_causal=mask is None and T > 1, **gqa
-            )
-            x = x + blk.attn.o(y.transpose(1, 2).reshape(B, T, H * hd))
-            h = mn.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=mn.eps).to(x.dtype)
-            g, u = F.linear(h, gu_w).chunk(2, dim=-1)
-            x = x + blk.mlp.down(F.silu(g) * u)
-        return x
+        return self.model(ids, pos, cache, mask, last_only=True)[:, 0]
 
     # -- public API -----------------------------------------------------------------------------------
     def stream_batch(self, requests: Sequence[GenerationRequest]) -> Iterator[list[TokenEvent]]:

@@ -26,6 +26,7 @@ from lmforge.infer.engine import Engine, GenerationRequest
 from lmforge.infer.prompting import encode_prompt, stop_at_turn_end
 from lmforge.infer.sampling import SamplingParams
 from lmforge.io import atomic_write_text, iter_jsonl, read_lines
+from lmforge.model.source import load_model
 
 COMMAND = "generate"
 
@@ -83,7 +84,6 @@ def collect_prompts(cfg: GenerateConfig) -> list[str]:
 
 
 def run(cfg: GenerateConfig, out: Any = None) -> list[dict[str, Any]]:
-    from lmforge.infer.load import load_model
 
     out = out or sys.stdout
     if cfg.threads:

@@ -22,6 +22,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 from torch import Tensor
 
 from lmforge.errors import ConfigError, DataError
@@ -309,6 +311,11 @@ def _read_json(path: Path) -> dict[str, Any]:
     return read_json_object(path, "an HF model folder needs config.json", ConfigError)
 
 
+def read_hf_config(folder: Path) -> dict[str, Any]:
+    """An HF folder's config.json as a dict (a ConfigError naming the file when it is missing or not JSON)."""
+    return _read_json(folder / "config.json")
+
+
 def _weight_files(path: Path, allow_pickle: bool) -> tuple[list[Path], bool]:
     """(files, is_pickle): an index's shards if there is one, else the safetensors files, else pickles."""
     files: list[Path] = []
@@ -338,8 +345,6 @@ def _weight_files(path: Path, allow_pickle: bool) -> tuple[list[Path], bool]:
 
 
 def _read_tensors(files: list[Path], pickle: bool) -> Iterator[tuple[str, Tensor]]:
-    from safetensors import safe_open
-
     for f in files:
         if pickle:
             sd = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
@@ -368,7 +373,7 @@ def load_hf(
     path = Path(path)
     if not path.is_dir():
         raise DataError(f"{path}: not a directory (expected a Hugging Face model folder)")
-    hf_cfg = _read_json(path / "config.json")
+    hf_cfg = read_hf_config(path)
     arch = _architecture(hf_cfg)
     cfg = config_from_hf(hf_cfg)
     files, pickle = _weight_files(path, allow_pickle)
@@ -468,8 +473,6 @@ def save_hf(
     """Write an HF folder: config.json, model.safetensors (sharded with an index above `max_shard_bytes`),
     generation_config.json, and the tokenizer files from `tokenizer_dir`. Special-token ids come from the
     tokenizer when given (explicit arguments win); the folder appears atomically at `path`."""
-    from safetensors.torch import save_file
-
     path = Path(path)
     cfg = model.cfg
     arch = architecture or hf_architecture(cfg)

@@ -12,23 +12,17 @@ Everything is computed from the shape (meta device), so a 7B model costs nothing
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Any, Literal
 
-import yaml
+import torch
 from pydantic import Field
+from rich.console import Console
+from rich.table import Table
 
 from lmforge.config import Section, parse_command
-from lmforge.errors import ConfigError
-from lmforge.model.config import (
-    PRESETS,
-    ModelConfig,
-    embedding_params,
-    flops_per_token,
-    get_preset,
-    matmul_params,
-    num_params,
-)
+from lmforge.model.config import ModelConfig, embedding_params, flops_per_token, matmul_params, num_params
+from lmforge.model.source import model_config
+from lmforge.model.transformer import Transformer
 
 GIB = 1024**3
 WEIGHT_BYTES = {"fp32": 4.0, "bf16": 2.0, "int8": 1.0, "4-bit": 0.5}  # per parameter, scales not counted
@@ -52,68 +46,8 @@ class InfoConfig(Section):
 CONFIG = InfoConfig
 
 
-def _model_section(data: Any, source: Path) -> ModelConfig:
-    if isinstance(data, dict) and isinstance(data.get("model"), dict):
-        data = data["model"]
-    if not isinstance(data, dict):
-        raise ConfigError(f"{source}: expected ModelConfig keys or a `model:` section")
-    try:
-        return ModelConfig.model_validate(data)
-    except ValueError as e:
-        raise ConfigError(f"{source}: not a model config: {str(e).splitlines()[0]} ...") from None
-
-
-def _read_data(path: Path) -> Any:
-    try:
-        text = path.read_text("utf-8")
-        return json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
-    except (ValueError, yaml.YAMLError) as e:  # UnicodeDecodeError is a ValueError
-        raise ConfigError(f"{path}: not valid {path.suffix.lstrip('.').upper() or 'YAML'} ({e})") from None
-
-
-def resolve_model(spec: str) -> ModelConfig:
-    """A preset name, HF folder, lmforge model folder, run folder or YAML/JSON file -> ModelConfig."""
-    if spec in PRESETS:
-        return get_preset(spec)
-    path = Path(spec)
-    if path.is_dir():
-        from lmforge.infer.load import MODEL_CONFIG, _model_config_from_run, _read_model_config
-
-        if (path / "config.json").exists():
-            from lmforge.model.hf import _read_json, config_from_hf
-
-            return config_from_hf(_read_json(path / "config.json"))
-        for saved in (path / MODEL_CONFIG, path / "model" / MODEL_CONFIG):  # a model folder, a finished run
-            if saved.is_file():
-                return _read_model_config(saved)
-        run_yaml = path / "config.yaml"
-        if not run_yaml.is_file():
-            raise ConfigError(
-                f"{path}: no config.json (HF folder), {MODEL_CONFIG} (lmforge model) or config.yaml (run) found"
-            )
-        data = _read_data(run_yaml)
-        if not (isinstance(data, dict) and isinstance(data.get("model"), dict)):
-            try:  # `model:` names a preset or a file: rebuild the shape as the run did
-                return _model_config_from_run(path, path)
-            except ValueError as e:  # not a pretraining run's config
-                raise ConfigError(f"{run_yaml}: cannot tell the model's shape ({e})") from None
-        return _model_section(data, run_yaml)
-    if path.is_file():
-        data = _read_data(path)
-        if isinstance(data, dict) and "architectures" in data:
-            from lmforge.model.hf import config_from_hf
-
-            return config_from_hf(data)
-        return _model_section(data, path)
-    raise ConfigError(f"model {spec!r}: not a preset ({', '.join(PRESETS)}) nor an existing file or folder")
-
-
 def layer_shapes(cfg: ModelConfig) -> list[tuple[str, tuple[int, ...]]]:
     """(name, shape) of every parameter outside the blocks and of block 0 (the others are identical)."""
-    import torch
-
-    from lmforge.model.transformer import Transformer
-
     with torch.device("meta"):
         model = Transformer(cfg)
     return [
@@ -165,9 +99,6 @@ def _fmt(n: float) -> str:
 
 
 def print_info(info: dict[str, Any], title: str) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
     console = Console()
     p = info["params"]
     t = Table(title=f"{title}: parameters", show_header=False)
@@ -212,7 +143,7 @@ def main(argv: list[str]) -> int:
         "of weights (fp32/bf16/int8/4-bit) and of AdamW training, computed from the shape alone.",
         "lmforge model info llama-3.2-1b seq_len=2048 batch_size=8",
     )
-    info = model_info(resolve_model(cfg.model), cfg.seq_len, cfg.batch_size)
+    info = model_info(model_config(cfg.model), cfg.seq_len, cfg.batch_size)
     if cfg.format == "json":
         print(json.dumps(info, indent=2))
     else:

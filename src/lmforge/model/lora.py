@@ -28,12 +28,16 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from pydantic import Field
+from safetensors import safe_open
+from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from lmforge.config import Section
 from lmforge.errors import ConfigError, DataError
 from lmforge.io import atomic_write_json, read_json_object
+from lmforge.model.hf import hf_architecture, rules_for
 from lmforge.model.nf4 import NF4Linear
+from lmforge.model.transformer import Transformer
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -248,9 +252,6 @@ def _hf_module_map(model: nn.Module) -> tuple[str, dict[str, str], set[str]]:
 
     Our modules that HF fuses (GPT-2's c_attn packs q, k, v) are absent: a LoRA on the fused matrix is not
     the same function as three separate ones."""
-    from lmforge.model.hf import hf_architecture, rules_for
-    from lmforge.model.transformer import Transformer
-
     if not isinstance(model, Transformer):
         raise ConfigError(f"PEFT adapters need an lmforge Transformer, got {type(model).__name__}")
     arch = hf_architecture(model.cfg)
@@ -296,8 +297,6 @@ def _target_modules(mapping: dict[str, str], all_hf: list[str]) -> list[str]:
 
 def save_adapter(model: nn.Module, cfg: LoraConfig, out_dir: Path, *, base_model: str) -> None:
     """Write adapter_config.json + adapter_model.safetensors in PEFT's format into `out_dir` (created)."""
-    from safetensors.torch import save_file
-
     mapping, fan_in_fan_out = _peft_names(model)
     _, all_map, _ = _hf_module_map(model)
     peft_cfg: dict[str, Any] = {
@@ -353,8 +352,6 @@ def read_adapter_config(adapter_dir: Path) -> dict[str, Any]:
 
 def load_adapter(model: nn.Module, adapter_dir: Path, *, quantize_base: bool = False) -> LoraConfig:
     """Load a PEFT LoRA folder onto `model`; applies LoRA to the adapted modules first if the model has none."""
-    from safetensors import safe_open
-
     adapter_dir = Path(adapter_dir)
     d = read_adapter_config(adapter_dir)
     wpath = adapter_dir / ADAPTER_WEIGHTS

@@ -19,7 +19,9 @@ Parameter names matter to other code: embeddings contain "embed" (no weight deca
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any, Protocol, cast
 
 import torch
 import torch.nn.functional as F
@@ -63,33 +65,51 @@ def rope_tables(cfg: ModelConfig, device: torch.device | str | None = None) -> t
     return emb.cos(), emb.sin()
 
 
-def _rotate_half(x: Tensor) -> Tensor:
+def rotate_half(x: Tensor) -> Tensor:
+    """(x1, x2) -> (-x2, x1) over the last dim: HF's RoPE layout."""
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat([-x2, x1], dim=-1)
 
 
-def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """x: (B, H, T, hd); cos/sin: (T, hd) or (B, T, hd)."""
-    if cos.dim() == 3:
-        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # (B, 1, T, hd)
-    return x * cos.to(x.dtype) + _rotate_half(x) * sin.to(x.dtype)
+def apply_rope(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
+    """q: (B, H, T, hd), k: (B, Hkv, T, hd); cos/sin: (T, hd) or (B, 1, T, hd), cast to q's dtype here."""
+    if cos.dtype != q.dtype:  # fp32 tables, bf16/fp16 activations
+        cos, sin = cos.to(q.dtype), sin.to(q.dtype)
+    return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
 
 
 # ---------------------------------------------------------------------------------------------------------
 # KV cache
 
 
+class Cache(Protocol):
+    """What `Transformer.forward` needs of a KV cache: the filled length (the next slot), the capacity,
+    whether attention spans every slot (`static`), and `update`, which stores one layer's new keys/values
+    and returns the keys/values to attend to."""
+
+    length: int
+    static: bool
+
+    @property
+    def max_len(self) -> int: ...
+
+    def update(self, layer: int, k: Tensor, v: Tensor, slots: Tensor) -> tuple[Tensor, Tensor]: ...
+
+
 @dataclass
 class KVCache:
     """Preallocated keys/values per layer, (B, n_kv_heads, max_len, head_dim), plus the filled length.
 
-    Static shapes so a decode step can be compiled; `forward(ids, kv_cache=cache)` writes the new keys at
-    [length, length + T) and advances `length` after the last layer.
+    `forward(ids, kv_cache=cache)` writes the new keys at the slot tensor `cache_pos` (default
+    [length, length + T)) and advances `length` after the last layer. Attention covers the filled slots
+    (fastest on CPU) or, with `static=True`, all max_len slots under a mask: then every decode step has the
+    same shapes, which a CUDA graph can capture.
     """
 
     k: list[Tensor]
     v: list[Tensor]
     length: int = 0
+    static: bool = False
 
     @classmethod
     def empty(
@@ -100,11 +120,13 @@ class KVCache:
         *,
         device: torch.device | str = "cpu",
         dtype: torch.dtype = torch.float32,
+        static: bool = False,
     ) -> KVCache:
         shape = (batch_size, cfg.kv_heads, max_len or cfg.max_seq_len, cfg.head_size)
         return cls(
             k=[torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)],
             v=[torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)],
+            static=static,
         )
 
     @property
@@ -113,6 +135,68 @@ class KVCache:
 
     def reset(self) -> None:
         self.length = 0
+
+    def update(self, layer: int, k: Tensor, v: Tensor, slots: Tensor) -> tuple[Tensor, Tensor]:
+        """Write k, v (B, Hkv, T, hd) at `slots` (T,); return the keys/values to attend to (B, Hkv, S, hd)."""
+        self.k[layer].index_copy_(2, slots, k)
+        self.v[layer].index_copy_(2, slots, v)
+        if self.static:
+            return self.k[layer], self.v[layer]
+        end = self.length + k.shape[2]  # slots are [length, end) here
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Fused projections (inference)
+
+
+class Fused:
+    """Linears that read the same input, run as one matmul: q;k;v and gate;up, 2 matmuls a block instead of 5.
+
+    Their Parameters are re-pointed at row slices of one merged tensor, so nothing is stored twice and
+    `load_state_dict` still writes through. It serves only without autograd (the slices are leaves of their
+    own: no gradient would reach them) and while the Linears still hold those slices (quantization and LoRA
+    swap the Linears out; `.to()` is caught by `Transformer._apply`).
+    """
+
+    def __init__(self, linears: Sequence[nn.Linear]) -> None:
+        self.sizes = [m.out_features for m in linears]
+        self.weight = _merge(linears, "weight")
+        self.bias = _merge(linears, "bias") if linears[0].bias is not None else None
+        self.slices = tuple(m.weight for m in linears)
+
+    def holds(self, linears: Sequence[nn.Module]) -> bool:
+        """The Linears still hold the slices (not swapped out, no new weight assigned)."""
+        # `_parameters`, not `m.weight`: a quantized layer has no weight Parameter
+        return all(m._parameters.get("weight") is w for m, w in zip(linears, self.slices, strict=True))
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> None:
+        return None  # a copy's Parameters are new tensors, no longer slices of `weight`: the copy is unfused
+
+
+@torch.no_grad()
+def _merge(linears: Sequence[nn.Linear], name: str) -> Tensor:
+    merged = torch.cat([getattr(m, name).detach() for m in linears])
+    row = 0
+    for m in linears:
+        p = getattr(m, name)
+        setattr(m, name, nn.Parameter(merged[row : row + p.shape[0]], requires_grad=p.requires_grad))
+        row += p.shape[0]
+    return merged
+
+
+def _project(fused: Fused | None, x: Tensor, *linears: nn.Module) -> Sequence[Tensor]:
+    """Each Linear applied to x: as one matmul when `fused` holds them and autograd is off, else one by one."""
+    if fused is not None and not torch.is_grad_enabled() and fused.holds(linears):
+        return F.linear(x, fused.weight, fused.bias).split_with_sizes(fused.sizes, dim=-1)
+    return tuple(m(x) for m in linears)
+
+
+def unfuse_projections(model: nn.Module) -> None:
+    """Drop the merged tensors of `Transformer.fuse_projections` (before swapping or moving the Linears)."""
+    for m in model.modules():
+        if isinstance(m, (Attention, MLP)):
+            m.fused = None
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -146,6 +230,7 @@ class Attention(nn.Module):
         self.k = nn.Linear(cfg.dim, self.n_kv * self.hd, bias=qkv_bias)
         self.v = nn.Linear(cfg.dim, self.n_kv * self.hd, bias=qkv_bias)
         self.o = nn.Linear(self.n_heads * self.hd, cfg.dim, bias=cfg.arch == "gpt2")
+        self.fused: Fused | None = None  # q;k;v, set by Transformer.fuse_projections
 
     def forward(
         self,
@@ -153,21 +238,21 @@ class Attention(nn.Module):
         cos: Tensor | None,
         sin: Tensor | None,
         mask: Tensor | None,
-        cache: KVCache | None,
+        cache: Cache | None,
         layer: int,
+        slots: Tensor | None = None,
     ) -> Tensor:
         B, T, _ = x.shape
-        q = self.q(x).view(B, T, self.n_heads, self.hd).transpose(1, 2)  # (B, H, T, hd)
-        k = self.k(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)  # (B, Hkv, T, hd)
-        v = self.v(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)  # (B, Hkv, T, hd)
+        q, k, v = _project(self.fused, x, self.q, self.k, self.v)
+        q = q.view(B, T, self.n_heads, self.hd).transpose(1, 2)  # (B, H, T, hd)
+        k = k.view(B, T, self.n_kv, self.hd).transpose(1, 2)  # (B, Hkv, T, hd)
+        v = v.view(B, T, self.n_kv, self.hd).transpose(1, 2)  # (B, Hkv, T, hd)
         if self.rope:
             assert cos is not None and sin is not None
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            q, k = apply_rope(q, k, cos, sin)
         if cache is not None:
-            start = cache.length
-            cache.k[layer][:, :, start : start + T] = k
-            cache.v[layer][:, :, start : start + T] = v
-            k, v = cache.k[layer][:, :, : start + T], cache.v[layer][:, :, : start + T]  # (B, Hkv, S, hd)
+            assert slots is not None
+            k, v = cache.update(layer, k, v, slots)  # (B, Hkv, S, hd)
         if self.n_kv != self.n_heads and not _SDPA_GQA:
             rep = self.n_heads // self.n_kv
             k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
@@ -183,11 +268,13 @@ class MLP(nn.Module):
         self.gate = None if self.gpt2 else nn.Linear(cfg.dim, cfg.hidden_dim, bias=False)
         self.up = nn.Linear(cfg.dim, cfg.hidden_dim, bias=self.gpt2)
         self.down = nn.Linear(cfg.hidden_dim, cfg.dim, bias=self.gpt2)
+        self.fused: Fused | None = None  # gate;up, set by Transformer.fuse_projections
 
     def forward(self, x: Tensor) -> Tensor:
         if self.gate is None:
             return self.down(F.gelu(self.up(x), approximate="tanh"))
-        return self.down(F.silu(self.gate(x)) * self.up(x))
+        g, u = _project(self.fused, x, self.gate, self.up)
+        return self.down(F.silu(g) * u)
 
 
 class Block(nn.Module):
@@ -204,10 +291,11 @@ class Block(nn.Module):
         cos: Tensor | None,
         sin: Tensor | None,
         mask: Tensor | None = None,
-        cache: KVCache | None = None,
+        cache: Cache | None = None,
         layer: int = 0,
+        slots: Tensor | None = None,
     ) -> Tensor:
-        x = x + self.attn(self.attn_norm(x), cos, sin, mask, cache, layer)
+        x = x + self.attn(self.attn_norm(x), cos, sin, mask, cache, layer, slots)
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -269,60 +357,109 @@ class Transformer(nn.Module):
                 p.normal_(0.0, std, generator=gen)
         self.init_buffers()
 
+    def fuse_projections(self) -> bool:
+        """Run q/k/v and gate/up as one matmul each whenever autograd is off (see `Fused`); True if fused.
+
+        Llama blocks of plain Linears only (not LoRA, quantized or sharded ones). Parameter names and the
+        state_dict stay as they are. A model already fused keeps its merged tensors.
+        """
+        if self.cfg.arch != "llama":
+            return False
+        blocks: list[Any] = list(self.layers)
+        groups: list[tuple[Any, tuple[Any, ...]]] = [(b.attn, (b.attn.q, b.attn.k, b.attn.v)) for b in blocks]
+        groups += [(b.mlp, (b.mlp.gate, b.mlp.up)) for b in blocks]
+        linears = [m for _, mods in groups for m in mods]
+        if not all(type(m) is nn.Linear and type(m.weight) is nn.Parameter for m in linears):
+            return False
+        for owner, mods in groups:
+            if owner.fused is None or not owner.fused.holds(mods):
+                owner.fused = Fused(mods)
+        return True
+
+    def _apply(self, fn: Any, recurse: bool = True) -> Transformer:
+        unfuse_projections(self)  # moving or casting gives the parameters new storage: merged copies go stale
+        return cast(Transformer, super()._apply(fn, recurse))
+
     def forward(
         self,
         input_ids: Tensor,
         position_ids: Tensor | None = None,
-        kv_cache: KVCache | None = None,
+        kv_cache: Cache | None = None,
         attn_mask: Tensor | None = None,
+        *,
+        cache_pos: Tensor | None = None,
+        last_only: bool = False,
     ) -> Tensor:
-        """input_ids (B, T) -> logits (B, T, vocab) in the model's dtype.
+        """input_ids (B, T) -> logits (B, T, vocab) in the model's dtype; (B, 1, vocab) with `last_only`.
 
         position_ids (B, T): defaults to [start, start + T) with start = kv_cache.length (0 without a cache).
-        kv_cache: the new keys/values are appended and attention covers everything cached so far.
+        kv_cache: the new keys/values go to the cache slots `cache_pos` (T,) (default [start, start + T)) and
+        attention covers what the cache returns: the slots filled so far, or all slots of a static cache.
         attn_mask: optional bool (True = attend) or additive float mask broadcastable to (B, H, T, S) with
-        S = cached + T; it replaces the causal mask (the caller supplies causality).
+        S = the attended slots; it replaces the causal mask (the caller supplies causality).
+        last_only: only the last position goes through the output head (what generation needs).
         """
         T = input_ids.shape[1]
         start = kv_cache.length if kv_cache is not None else 0
         end = start + T
-        if end > self.cfg.max_seq_len or (kv_cache is not None and end > kv_cache.max_len):
-            limit = min(
-                self.cfg.max_seq_len, kv_cache.max_len if kv_cache is not None else self.cfg.max_seq_len
-            )
-            raise ValueError(f"sequence of {end} positions exceeds the limit of {limit}")
-        x = self.tok_embeddings(input_ids)  # (B, T, dim)
-        cos = sin = None
-        if position_ids is None and self.pos_embeddings is not None:
-            x = x + self.pos_embeddings.weight[start:end]
-        elif self.pos_embeddings is not None:
-            x = x + self.pos_embeddings(position_ids)
-        elif position_ids is None:
-            cos, sin = self.rope_cos[start:end], self.rope_sin[start:end]  # (T, hd)
-        else:
-            cos, sin = self.rope_cos[position_ids], self.rope_sin[position_ids]  # (B, T, hd)
-        mask = attn_mask if attn_mask is not None else self._mask(T, start, x.device)
+        self._check_length(end, kv_cache, position_ids)
+        x, cos, sin = self._embed(input_ids, position_ids, start, end)  # (B, T, dim)
+        slots = None
+        if kv_cache is not None:
+            slots = cache_pos if cache_pos is not None else torch.arange(start, end, device=x.device)
+        mask = attn_mask if attn_mask is not None else self._mask(T, start, kv_cache, slots, x.device)
         for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, mask, kv_cache, i)
+            x = layer(x, cos, sin, mask, kv_cache, i, slots)
         if kv_cache is not None:
             kv_cache.length = end
-        x = self.norm(x)
+        x = self.norm(x[:, -1:] if last_only else x)
         weight = self.tok_embeddings.weight if self.output is None else self.output.weight
         return F.linear(x, weight)  # (B, T, vocab)
 
-    def _mask(self, T: int, start: int, device: torch.device) -> Tensor | None:
-        """None when plain causal attention (SDPA is_causal) is right; else a bool (T, S) mask, True = attend."""
-        S = start + T
+    def _check_length(self, end: int, cache: Cache | None, position_ids: Tensor | None) -> None:
+        limit = self.cfg.max_seq_len
+        if cache is not None:
+            # Explicit positions may sit below their slots (left-padded rows): then only the cache bounds them.
+            limit = cache.max_len if position_ids is not None else min(limit, cache.max_len)
+        if end > limit:
+            raise ValueError(f"sequence of {end} positions exceeds the limit of {limit}")
+
+    def _embed(
+        self, input_ids: Tensor, position_ids: Tensor | None, start: int, end: int
+    ) -> tuple[Tensor, Tensor | None, Tensor | None]:
+        """Token embeddings plus learned positions (gpt2), or with the RoPE rows of the positions (llama)."""
+        x = self.tok_embeddings(input_ids)  # (B, T, dim)
+        if self.pos_embeddings is not None:
+            pos = self.pos_embeddings.weight[start:end] if position_ids is None else None
+            return x + (self.pos_embeddings(position_ids) if pos is None else pos), None, None
+        if position_ids is None:
+            return x, self.rope_cos[start:end], self.rope_sin[start:end]  # (T, hd)
+        return (
+            x,
+            self.rope_cos[position_ids].unsqueeze(1),
+            self.rope_sin[position_ids].unsqueeze(1),
+        )  # (B, 1, T, hd)
+
+    def _mask(
+        self, T: int, start: int, cache: Cache | None, slots: Tensor | None, device: torch.device
+    ) -> Tensor | None:
+        """None when plain causal attention (SDPA is_causal) is right; else a bool (T, S) mask, True = attend.
+
+        S is what the cache returns: the filled slots, or all of a static cache's (the unfilled ones lie
+        after every query, so causality hides them).
+        """
+        static = cache is not None and cache.static
+        S = cache.max_len if cache is not None and static else start + T
         window = self.cfg.sliding_window
         needs_window = window is not None and window < S
-        if (start == 0 or T == 1) and not needs_window:
+        if (start == 0 or T == 1) and not needs_window and not static:
             return None  # T == 1 with a cache attends to everything; start == 0 is plain causal
-        qpos = torch.arange(start, S, device=device)[:, None]
+        qpos = slots if slots is not None else torch.arange(start, start + T, device=device)
         kpos = torch.arange(S, device=device)[None, :]
-        allowed = kpos <= qpos
+        allowed = kpos <= qpos[:, None]
         if needs_window:
             assert window is not None
-            allowed &= kpos > qpos - window
+            allowed &= kpos > qpos[:, None] - window
         return allowed
 
 

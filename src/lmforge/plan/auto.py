@@ -12,6 +12,7 @@ until `dist.timeout_s`, so on multi-GPU runs prefer the planner's number (`lmfor
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Callable
 from typing import Any, Literal
@@ -31,8 +32,6 @@ def device_capacity(device: torch.device) -> float:
     """Bytes the plan may use on `device` (a GPU's total memory; 90% of the machine's RAM on a CPU)."""
     if device.type == "cuda":
         return float(torch.cuda.get_device_properties(device).total_memory)
-    import os
-
     return 0.9 * os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 

@@ -14,6 +14,10 @@ import time
 from dataclasses import dataclass, replace
 from typing import Literal
 
+import torch
+
+from lmforge.errors import ConfigError
+
 GIB = 1024**3
 MIB = 1024**2
 
@@ -50,8 +54,6 @@ ALIASES = {
 
 
 def _measure_matmul_flops(seconds: float = 0.12) -> float:
-    import torch
-
     n = 512
     a, b = torch.randn(n, n), torch.randn(n, n)
     torch.mm(a, b)  # warm up the BLAS
@@ -65,8 +67,6 @@ def _measure_matmul_flops(seconds: float = 0.12) -> float:
 
 
 def _measure_bandwidth() -> float:
-    import torch
-
     x = torch.empty(16 * MIB // 4)
     y = torch.empty_like(x)
     best = 0.0
@@ -105,8 +105,6 @@ def get_hardware(
         hw = detect_cpu()
     elif key == "custom":
         if memory_gib is None or peak_tflops is None:
-            from lmforge.errors import ConfigError
-
             raise ConfigError(
                 "hardware=custom: give memory_gib and peak_tflops (and bandwidth_tbs, link_gbs)"
             )
@@ -114,8 +112,6 @@ def get_hardware(
     elif key in GPUS:
         hw = GPUS[key]
     else:
-        from lmforge.errors import ConfigError
-
         raise ConfigError(
             f"hardware: unknown device {name!r}; expected one of {', '.join([*GPUS, 'cpu', 'custom'])} "
             "or hardware=custom with memory_gib and peak_tflops"

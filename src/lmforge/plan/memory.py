@@ -218,56 +218,10 @@ def memory(s: Setup) -> Memory:
     cfg = s.cfg
     m = Memory()
     n = num_params(cfg)
-    pb = 2.0 if s.mixed else 4.0  # bytes of a compute copy (bf16 under mixed precision)
-    moments = 2.0 if s.optimizer == "adamw8bit" else 8.0
     sharded = s.shard >= 2 and s.world > 1
     w_div = s.world if sharded else 1
-
-    if s.method in ("pretrain", "full"):
-        trained = n
-        m.weights = 4.0 * n / w_div  # fp32 parameters (the master copy under mixed precision)
-        m.gradients = 4.0 * n / w_div
-        m.optimizer = moments * n / w_div
-        if s.mixed and not sharded:
-            m.compute_copies = 2.0 * (n - embedding_params(cfg))  # autocast's bf16 weight cache
-            m.notes.append("autocast keeps a bf16 copy of each matmul weight through forward and backward")
-    else:
-        trained = lora_params(cfg, s.lora_rank, s.lora_targets)
-        base_b = float(pb)  # frozen base loaded in the compute dtype
-        if s.method == "qlora":
-            tgt = target_params(cfg, s.lora_targets)
-            m.weights = (tgt * NF4_BYTES + (n - tgt) * base_b) / w_div
-            biggest = max(i * o for i, o in _linear_shapes(cfg).values())
-            m.compute_copies = 2.0 * biggest * pb  # one dequantized weight + the dequantizer's temporary
-        else:
-            m.weights = n * base_b / w_div
-        m.weights += trained * pb / w_div
-        m.gradients = trained * pb / w_div
-        m.optimizer = trained * (moments if s.optimizer == "adamw8bit" else 2 * pb) / w_div
-
-    gathered = 0.0  # FSDP-3 gathers: live only while their block computes, not at the logits' peak
-    if sharded:
-        block = layer_params(cfg)
-        root = root_params(cfg)
-        gathered_block = (
-            block * pb
-            if s.method in ("pretrain", "full")
-            else block * (NF4_BYTES if s.method == "qlora" else pb)
-        )
-        if s.shard == 2:
-            m.compute_copies += n * pb  # gathered once per forward, kept until backward
-        else:
-            gathered = 2 * gathered_block + root * pb  # current + prefetched block, and the root
-            m.compute_copies += gathered
-        if s.method in ("pretrain", "full"):
-            # a block's (and the root's) unsharded gradient exists until its reduce-scatter
-            m.transient += (block + root) * 4.0
-        m.notes.append(f"FSDP shards parameters, gradients and optimizer states over {s.world} devices")
-    elif s.world > 1 and s.method in ("pretrain", "full"):
-        m.transient += 4.0 * n  # DDP's gradient buckets: a second copy of the gradients
-        m.notes.append(
-            "DDP allocates gradient buckets (a second copy of the gradients) when it wraps the model"
-        )
+    _state_memory(s, m, n, sharded, w_div)
+    gathered = _parallel_memory(s, m, n, sharded)
 
     m.activations_no_ckpt = activations(s, False)
     m.activations_ckpt = activations(s, True)
@@ -303,3 +257,61 @@ def memory(s: Setup) -> Memory:
         m.overhead = CPU_OVERHEAD
     m.device_total = m.peak + m.overhead
     return m
+
+
+def _state_memory(s: Setup, m: Memory, n: int, sharded: bool, w_div: int) -> None:
+    """Weights, gradients, optimizer states and compute copies per device (before any CPU offload)."""
+    cfg = s.cfg
+    pb = 2.0 if s.mixed else 4.0  # bytes of a compute copy (bf16 under mixed precision)
+    moments = 2.0 if s.optimizer == "adamw8bit" else 8.0
+    if s.method in ("pretrain", "full"):
+        m.weights = 4.0 * n / w_div  # fp32 parameters (the master copy under mixed precision)
+        m.gradients = 4.0 * n / w_div
+        m.optimizer = moments * n / w_div
+        if s.mixed and not sharded:
+            m.compute_copies = 2.0 * (n - embedding_params(cfg))  # autocast's bf16 weight cache
+            m.notes.append("autocast keeps a bf16 copy of each matmul weight through forward and backward")
+        return
+    trained = lora_params(cfg, s.lora_rank, s.lora_targets)
+    base_b = float(pb)  # frozen base loaded in the compute dtype
+    if s.method == "qlora":
+        tgt = target_params(cfg, s.lora_targets)
+        m.weights = (tgt * NF4_BYTES + (n - tgt) * base_b) / w_div
+        biggest = max(i * o for i, o in _linear_shapes(cfg).values())
+        m.compute_copies = 2.0 * biggest * pb  # one dequantized weight + the dequantizer's temporary
+    else:
+        m.weights = n * base_b / w_div
+    m.weights += trained * pb / w_div
+    m.gradients = trained * pb / w_div
+    m.optimizer = trained * (moments if s.optimizer == "adamw8bit" else 2 * pb) / w_div
+
+
+def _parallel_memory(s: Setup, m: Memory, n: int, sharded: bool) -> float:
+    """What FSDP gathers or DDP buckets add; returns the FSDP-3 gathered bytes, which live only while their
+    block computes (not at the logits' peak)."""
+    cfg = s.cfg
+    pb = 2.0 if s.mixed else 4.0
+    gathered = 0.0
+    if sharded:
+        block = layer_params(cfg)
+        root = root_params(cfg)
+        gathered_block = (
+            block * pb
+            if s.method in ("pretrain", "full")
+            else block * (NF4_BYTES if s.method == "qlora" else pb)
+        )
+        if s.shard == 2:
+            m.compute_copies += n * pb  # gathered once per forward, kept until backward
+        else:
+            gathered = 2 * gathered_block + root * pb  # current + prefetched block, and the root
+            m.compute_copies += gathered
+        if s.method in ("pretrain", "full"):
+            # a block's (and the root's) unsharded gradient exists until its reduce-scatter
+            m.transient += (block + root) * 4.0
+        m.notes.append(f"FSDP shards parameters, gradients and optimizer states over {s.world} devices")
+    elif s.world > 1 and s.method in ("pretrain", "full"):
+        m.transient += 4.0 * n  # DDP's gradient buckets: a second copy of the gradients
+        m.notes.append(
+            "DDP allocates gradient buckets (a second copy of the gradients) when it wraps the model"
+        )
+    return gathered

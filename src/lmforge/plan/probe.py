@@ -4,7 +4,8 @@
 
 Each probe runs in a fresh process (torchrun with gloo for 2+ CPU processes), so nothing the planner or an
 earlier probe allocated is counted. The steps go through the shared training loop (`Trainer.train_step`:
-accumulation, clipping, DDP/FSDP sync) with the model wrapped exactly as `lmforge pretrain` wraps it.
+accumulation, clipping, DDP/FSDP sync) with the model prepared by `train.prepare.prepare_model`, as the
+training commands prepare theirs.
 
 Measurement: on CUDA, `torch.cuda.max_memory_allocated` over the whole run after the model is built. On
 the CPU there is no such counter, and the process RSS mixes in glibc's caching (freed memory is kept and
@@ -27,9 +28,21 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
+from lmforge.errors import LmforgeError
 from lmforge.model.config import ModelConfig
+from lmforge.model.lora import LoraConfig
+from lmforge.model.transformer import build_model
 from lmforge.plan.memory import Setup
+from lmforge.plan.tracker import MemoryTracker
+from lmforge.train import distributed as D
+from lmforge.train.distributed import DistConfig
+from lmforge.train.loop import LoopSettings, Trainer
+from lmforge.train.objectives import causal_lm
+from lmforge.train.optim import OptimConfig, build_optimizer
+from lmforge.train.prepare import prepare_model
+from lmforge.train.schedule import ScheduleConfig
 
 
 def spec_of(s: Setup, steps: int = 3, warmup: int = 1) -> dict[str, Any]:
@@ -63,48 +76,14 @@ def _lora_targets(targets: list[str]) -> list[str]:
 
 def run_local(spec: dict[str, Any]) -> dict[str, Any]:
     """Run the probe in this process (one rank); returns measured peak bytes and tokens/s."""
-    from lmforge.model.transformer import build_model
-    from lmforge.plan.tracker import MemoryTracker
-    from lmforge.train import distributed as D
-    from lmforge.train.distributed import DistConfig
-    from lmforge.train.loop import LoopSettings, Trainer
-    from lmforge.train.objectives import causal_lm
-    from lmforge.train.optim import OptimConfig, build_optimizer
-    from lmforge.train.pretrain import apply_activation_checkpointing
-    from lmforge.train.schedule import ScheduleConfig
-
     cfg = ModelConfig.model_validate(spec["cfg"])
     s = spec["setup"]
     info = D.from_env()
     device = D.pick_device("cuda" if s["device"] == "gpu" else "cpu", info)
     D.init(info, device, 600)
     try:
-        mixed = s["precision"] != "fp32"
-        dtype = torch.bfloat16 if s["precision"] == "bf16" else torch.float16
-        lora = s["method"] in ("lora", "qlora")
-        model = build_model(cfg, device=device, dtype=dtype if (lora and mixed) else torch.float32)
-        if lora:
-            from lmforge.model.lora import LoraConfig, apply_lora
-
-            lcfg = LoraConfig(rank=s["lora_rank"], targets=_lora_targets(s["lora_targets"]))
-            apply_lora(model, lcfg, quantize_base=s["method"] == "qlora")
-        if s["checkpointing"]:
-            apply_activation_checkpointing(model)
-        sharded = s["shard"] >= 2 and info.enabled
-        dcfg = DistConfig(
-            strategy="fsdp" if sharded else "ddp",
-            cpu_offload=bool(s["offload"]),
-            reshard_after_forward=s["shard"] == 3,
-        )
-        param_dtype = dtype if (mixed and sharded and not lora) else None
-        train_model = D.wrap(model, dcfg, info, device, param_dtype)
+        model, train_model, autocast = _prepare(cfg, s, info, device)
         optimizer = build_optimizer(model, OptimConfig(eight_bit=s.get("optimizer") == "adamw8bit"))
-        autocast: Any = contextlib.nullcontext
-        if mixed and not sharded and not lora:
-
-            def autocast() -> Any:
-                return torch.autocast(device.type, dtype=dtype)
-
         roots = [*model.parameters(), *model.buffers()]
         steps, warmup = int(spec["steps"]), int(spec["warmup"])
         with tempfile.TemporaryDirectory() as tmp:
@@ -122,25 +101,7 @@ def run_local(spec: dict[str, Any]) -> dict[str, Any]:
                 autocast=autocast,
             )
             tracker = MemoryTracker(roots) if device.type == "cpu" else None
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-                torch.cuda.reset_peak_memory_stats()
-            elapsed = 0.0
-
-            def timed_step() -> float:
-                D.barrier()
-                t0 = time.perf_counter()
-                trainer.train_step()
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
-                return time.perf_counter() - t0
-
-            with tracker if tracker is not None else contextlib.nullcontext():
-                for i in range(steps + warmup):
-                    dt = timed_step()
-                    elapsed += dt if i >= warmup and tracker is None else 0.0
-            if tracker is not None:  # the tracker's per-op bookkeeping would slow the timed steps
-                elapsed = sum(timed_step() for _ in range(steps))
+            elapsed = _measure(trainer, device, tracker, steps, warmup)
         peak = float(torch.cuda.max_memory_allocated() if tracker is None else tracker.peak)
         tokens = steps * s["micro_batch"] * s["accum"] * s["seq_len"] * info.world_size
         peak_all = D.all_reduce_max(int(peak))
@@ -156,6 +117,65 @@ def run_local(spec: dict[str, Any]) -> dict[str, Any]:
         }
     finally:
         D.shutdown()
+
+
+def _prepare(
+    cfg: ModelConfig, s: dict[str, Any], info: D.DistInfo, device: torch.device
+) -> tuple[nn.Module, nn.Module, Any]:
+    """(model, module to train, autocast factory) for the setup, prepared as the training commands do."""
+    mixed = s["precision"] != "fp32"
+    dtype = torch.bfloat16 if s["precision"] == "bf16" else torch.float16
+    lora = s["method"] in ("lora", "qlora")
+    model = build_model(cfg, device=device, dtype=dtype if (lora and mixed) else torch.float32)
+    sharded = s["shard"] >= 2 and info.enabled
+    dcfg = DistConfig(
+        strategy="fsdp" if sharded else "ddp",
+        cpu_offload=bool(s["offload"]),
+        reshard_after_forward=s["shard"] == 3,
+    )
+    train_model, _ = prepare_model(
+        model,
+        device=device,
+        method=s["method"] if lora else None,
+        lora=LoraConfig(rank=s["lora_rank"], targets=_lora_targets(s["lora_targets"])) if lora else None,
+        activation_checkpointing=bool(s["checkpointing"]),
+        dist=dcfg,
+        info=info,
+        param_dtype=dtype if (mixed and sharded and not lora) else None,
+    )
+    autocast: Any = contextlib.nullcontext
+    if mixed and not sharded and not lora:
+
+        def autocast() -> Any:
+            return torch.autocast(device.type, dtype=dtype)
+
+    return model, train_model, autocast
+
+
+def _measure(
+    trainer: Trainer, device: torch.device, tracker: MemoryTracker | None, steps: int, warmup: int
+) -> float:
+    """Seconds of `steps` timed training steps after `warmup` ones; the peak memory counts them all."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    elapsed = 0.0
+
+    def timed_step() -> float:
+        D.barrier()
+        t0 = time.perf_counter()
+        trainer.train_step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - t0
+
+    with tracker if tracker is not None else contextlib.nullcontext():
+        for i in range(steps + warmup):
+            dt = timed_step()
+            elapsed += dt if i >= warmup and tracker is None else 0.0
+    if tracker is not None:  # the tracker's per-op bookkeeping would slow the timed steps
+        elapsed = sum(timed_step() for _ in range(steps))
+    return elapsed
 
 
 def probe(s: Setup, steps: int = 3, warmup: int = 1, timeout: float = 600) -> dict[str, Any]:
@@ -181,8 +201,6 @@ def probe(s: Setup, steps: int = 3, warmup: int = 1, timeout: float = 600) -> di
         env = {**os.environ}
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
         if done.returncode != 0 or not out_path.exists():
-            from lmforge.errors import LmforgeError
-
             tail = (done.stderr or done.stdout).strip().splitlines()[-15:]
             raise LmforgeError("probe failed:\n" + "\n".join(tail))
         result: dict[str, Any] = json.loads(out_path.read_text())

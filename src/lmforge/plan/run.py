@@ -26,6 +26,7 @@ from lmforge.config import Section, parse_command, valid_keys
 from lmforge.errors import ConfigError, LmforgeError
 from lmforge.io import atomic_write_text
 from lmforge.model.config import ModelConfig, num_params
+from lmforge.model.source import model_config
 from lmforge.plan.hardware import GIB, Hardware, get_hardware
 from lmforge.plan.memory import LORA_TARGETS, Setup, zero_memory
 from lmforge.plan.strategy import Choice, Infeasible, search
@@ -120,9 +121,7 @@ EXAMPLE = "lmforge plan llama-1.1b hardware=rtx-4090 seq_len=2048 --json"
 
 
 def resolve(cfg: PlanConfig) -> ModelConfig:
-    from lmforge.model.info import resolve_model
-
-    base = resolve_model(cfg.model)
+    base = model_config(cfg.model)
     if not cfg.model_overrides:
         return base
     try:

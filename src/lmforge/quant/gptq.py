@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from lmforge.quant.linear import int4_params
+from lmforge.model.quant import int4_params
 
 
 def hessian(x: Tensor) -> Tensor:

@@ -21,45 +21,29 @@ from __future__ import annotations
 
 import contextlib
 import sys
-from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from torch import Tensor, nn
 
 from lmforge.errors import ConfigError
+from lmforge.model.quant import (
+    METHODS,
+    Int4Linear,
+    Int8Linear,
+    QNF4Linear,
+    QuantSpec,
+    int4_params,
+    quantize_int4_with,
+    set_module,
+)
+from lmforge.model.transformer import unfuse_projections
 from lmforge.quant.gptq import dequantize_codes, gptq_int4, output_error
-from lmforge.quant.linear import Int4Linear, Int8Linear, QNF4Linear, int4_params, quantize_int4_with
 
-METHODS = ("int8", "int4", "int4-gptq", "nf4")
 BITS = {"int8": 8, "int4": 4, "int4-gptq": 4, "nf4": 4}
 GROUP_SIZES = {"int4": (32, 64, 128), "int4-gptq": (32, 64, 128), "nf4": (32, 64, 128, 256)}
 DEFAULT_GROUP = {"int8": 0, "int4": 128, "int4-gptq": 128, "nf4": 64}
-FORMAT_VERSION = 1
-
-
-@dataclass
-class QuantSpec:
-    """What `quantize_model` did; saved as quant_config.json and read back by `load_quantized`."""
-
-    method: str
-    bits: int
-    group_size: int  # int4 group / NF4 block (0 for int8: one scale per output row)
-    symmetric: bool  # int8 symmetric; int4 asymmetric (zero points); NF4 absmax (symmetric)
-    layers: list[str]
-    include_head: bool = False
-    act_order: bool = False
-    damp: float = 0.01
-    calibration: dict[str, Any] | None = None
-    errors: dict[str, dict[str, float]] = field(default_factory=dict)  # GPTQ vs RTN, per layer
-    format_version: int = FORMAT_VERSION
-
-    def to_json(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_json(cls, data: dict[str, Any]) -> QuantSpec:
-        return cls(**{k: v for k, v in data.items() if k in cls.__dataclass_fields__})
 
 
 def resolve_group_size(method: str, group_size: int | None) -> int:
@@ -93,11 +77,6 @@ def target_layers(model: nn.Module, include_head: bool = False) -> list[str]:
     return names
 
 
-def set_module(root: nn.Module, name: str, module: nn.Module) -> None:
-    parent, _, leaf = name.rpartition(".")
-    setattr(root.get_submodule(parent) if parent else root, leaf, module)
-
-
 def rtn_layer(linear: nn.Linear, method: str, group_size: int) -> nn.Module:
     """Round-to-nearest quantization of one Linear."""
     if method == "int8":
@@ -110,8 +89,6 @@ def rtn_layer(linear: nn.Linear, method: str, group_size: int) -> nn.Module:
 
 
 def _progress(total: int, enabled: bool) -> Any:
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
     live = enabled and sys.stderr.isatty()
     p = Progress(
         TextColumn("[bold]{task.description}"),
@@ -158,7 +135,7 @@ def quantize_model(
     model.eval()
     if getattr(model, "quant_spec", None) is not None:
         raise ConfigError("quantize: this model is already quantized; start from a full-precision model")
-    model.__dict__.pop("_lmforge_fused", None)  # an Engine's merged fp weights: stale once layers change
+    unfuse_projections(model)  # an Engine's merged fp weights: stale once layers change
     if method == "int4-gptq":
         if calib is None:
             raise ConfigError("int4-gptq needs calibration data (a tokens directory: data=...)")
@@ -289,11 +266,10 @@ def _gptq_model(
 
 __all__ = [
     "BITS",
-    "METHODS",
-    "QuantSpec",
+    "DEFAULT_GROUP",
+    "GROUP_SIZES",
     "quantize_model",
     "resolve_group_size",
     "rtn_layer",
-    "set_module",
     "target_layers",
 ]

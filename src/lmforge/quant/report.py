@@ -16,9 +16,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from rich.table import Table
 from torch import nn
 
-from lmforge.quant.linear import Int4Linear, Int8Linear, QNF4Linear
+from lmforge.infer.engine import Engine, GenerationRequest
+from lmforge.infer.sampling import SamplingParams
+from lmforge.model.quant import Int4Linear, Int8Linear, QNF4Linear
 
 
 def numel_by_name(model: nn.Module) -> dict[str, int]:
@@ -57,9 +60,6 @@ def size_report(fp_numel: dict[str, int], qmodel: nn.Module, weights_file: Path)
 
 @torch.inference_mode()
 def decode_speed(model: Any, tokenizer: Any, *, prompt: str, tokens: int, repeats: int = 3) -> dict[str, Any]:
-    from lmforge.infer.engine import Engine, GenerationRequest
-    from lmforge.infer.sampling import SamplingParams
-
     engine = Engine(model, tokenizer, max_batch_size=1)
     ids = list(tokenizer.encode(prompt)) or [int(tokenizer.eos_id)]
     budget = min(tokens, model.cfg.max_seq_len - len(ids))
@@ -90,8 +90,6 @@ def pct(before: float | None, after: float | None) -> float | None:
 
 def format_table(report: dict[str, Any]) -> Any:
     """A rich Table: one row per measured quantity, before / after / change."""
-    from rich.table import Table
-
     t = Table(title=f"lmforge quantize: {report['method']}", title_justify="left")
     for col in ("", "before (fp)", "after", "change"):
         t.add_column(col, justify="right" if col else "left")

@@ -17,11 +17,21 @@ from typing import Any, Literal
 
 import torch
 from pydantic import Field
+from rich.console import Console
+from torch import Tensor, nn
 
 from lmforge.config import Section, parse_command, save_config
+from lmforge.data.manifest import ensure_verified, write_manifest
+from lmforge.data.shards import read_index
 from lmforge.device import pick_device
 from lmforge.errors import ConfigError, DataError
+from lmforge.eval.perplexity import shards_perplexity
 from lmforge.io import atomic_write_json, staged_output
+from lmforge.model.quant import save_quantized
+from lmforge.model.source import load_model
+from lmforge.quant.calibrate import calibration_ids
+from lmforge.quant.quantize import quantize_model, resolve_group_size
+from lmforge.quant.report import decode_speed, format_table, numel_by_name, pct, size_report
 
 COMMAND = "quantize"
 
@@ -80,8 +90,6 @@ EXAMPLE = (
 
 def check_inputs(cfg: QuantizeConfig) -> int:
     """Every check that needs no model, before anything is loaded or written; returns the group size."""
-    from lmforge.quant.quantize import resolve_group_size
-
     group = resolve_group_size(cfg.method, cfg.group_size)
     if Path(cfg.output).exists() and not cfg.overwrite:
         raise ConfigError(f"output: {cfg.output} already exists; pass overwrite=true to replace it")
@@ -90,18 +98,12 @@ def check_inputs(cfg: QuantizeConfig) -> int:
     if cfg.method == "int4-gptq" and cfg.data is None:
         raise ConfigError("data: int4-gptq needs calibration data: set data=<tokens directory>")
     if cfg.data is not None:
-        from lmforge.data.manifest import ensure_verified
-        from lmforge.data.shards import read_index
-
         read_index(Path(cfg.data))  # a DataError naming index.json if this is not a tokens directory
         ensure_verified(Path(cfg.data), skip=not cfg.verify_input)
     return group
 
 
 def measure(model: Any, tok: Any, cfg: QuantizeConfig) -> dict[str, Any]:
-    from lmforge.eval.perplexity import shards_perplexity
-    from lmforge.quant.report import decode_speed
-
     out: dict[str, Any] = {}
     if cfg.data is not None:
         max_len = model.cfg.max_seq_len
@@ -122,14 +124,6 @@ def measure(model: Any, tok: Any, cfg: QuantizeConfig) -> dict[str, Any]:
 
 
 def run(cfg: QuantizeConfig) -> dict[str, Any]:
-    from rich.console import Console
-
-    from lmforge.data.manifest import write_manifest
-    from lmforge.infer.load import load_model
-    from lmforge.quant.calibrate import calibration_ids
-    from lmforge.quant.io import save_quantized
-    from lmforge.quant.quantize import quantize_model
-    from lmforge.quant.report import format_table, numel_by_name, pct, size_report
 
     console = Console(stderr=True)
     group = check_inputs(cfg)
@@ -139,33 +133,10 @@ def run(cfg: QuantizeConfig) -> dict[str, Any]:
     model, tok = load_model(cfg.model, device=device)
     if getattr(model, "quant_spec", None) is not None:
         raise ConfigError(f"model: {cfg.model} is already quantized; start from a full-precision model")
-    if cfg.data is not None:
-        from lmforge.data.shards import read_index
-
-        vocab = int(read_index(Path(cfg.data))["vocab_size"])
-        if vocab > model.cfg.vocab_size:
-            raise DataError(
-                f"data: {cfg.data} holds ids of a {vocab}-token vocabulary, the model has "
-                f"{model.cfg.vocab_size}: tokens made with another tokenizer?"
-            )
+    check_vocab(cfg, model)
     fp_numel = numel_by_name(model)
     before = measure(model, tok, cfg) if cfg.report.enabled else {}
-
-    calib, calib_info = None, None
-    if cfg.method == "int4-gptq":
-        assert cfg.data is not None
-        c = cfg.calibration
-        seq_len = min(c.seq_len, model.cfg.max_seq_len)
-        calib = calibration_ids(
-            cfg.data, n=c.samples, seq_len=seq_len, seed=c.seed, split=c.split, verify=False
-        )
-        calib_info = {
-            "data": cfg.data,
-            "split": c.split,
-            "samples": c.samples,
-            "seq_len": seq_len,
-            "seed": c.seed,
-        }
+    calib, calib_info = calibration(cfg, model)
     t0 = time.perf_counter()
     quantize_model(
         model,
@@ -181,7 +152,47 @@ def run(cfg: QuantizeConfig) -> dict[str, Any]:
     )
     seconds = time.perf_counter() - t0
     after = measure(model, tok, cfg) if cfg.report.enabled else {}
+    report = build_report(cfg, model, group, seconds, device, before, after)
+    write_output(cfg, model, tok, fp_numel, report)
+    console.print(format_table(report))
+    console.print(f"quantize: {cfg.method} model -> {cfg.output}")
+    return report
 
+
+def check_vocab(cfg: QuantizeConfig, model: Any) -> None:
+    """The ids in `data` must index the model's embedding."""
+    if cfg.data is None:
+        return
+    vocab = int(read_index(Path(cfg.data))["vocab_size"])
+    if vocab > model.cfg.vocab_size:
+        raise DataError(
+            f"data: {cfg.data} holds ids of a {vocab}-token vocabulary, the model has "
+            f"{model.cfg.vocab_size}: tokens made with another tokenizer?"
+        )
+
+
+def calibration(cfg: QuantizeConfig, model: Any) -> tuple[Tensor | None, dict[str, Any] | None]:
+    """GPTQ's calibration sequences and what the report says of them; (None, None) for the other methods."""
+    if cfg.method != "int4-gptq":
+        return None, None
+    assert cfg.data is not None
+    c = cfg.calibration
+    seq_len = min(c.seq_len, model.cfg.max_seq_len)
+    calib = calibration_ids(cfg.data, n=c.samples, seq_len=seq_len, seed=c.seed, split=c.split, verify=False)
+    info = {"data": cfg.data, "split": c.split, "samples": c.samples, "seq_len": seq_len, "seed": c.seed}
+    return calib, info
+
+
+def build_report(
+    cfg: QuantizeConfig,
+    model: nn.Module,
+    group: int,
+    seconds: float,
+    device: Any,
+    before: dict[str, Any],
+    after: dict[str, Any],
+) -> dict[str, Any]:
+    """quant_report.json without its size section (measured on the written file)."""
     spec: Any = getattr(model, "quant_spec")  # noqa: B009
     report: dict[str, Any] = {
         "model": cfg.model,
@@ -214,15 +225,19 @@ def run(cfg: QuantizeConfig) -> dict[str, Any]:
             "layers_improved": sum(e["gptq"] < e["rtn"] for e in errs),
             "layers": len(errs),
         }
+    return report
+
+
+def write_output(
+    cfg: QuantizeConfig, model: nn.Module, tok: Any, fp_numel: dict[str, int], report: dict[str, Any]
+) -> None:
+    """The model folder, its report (now with sizes), config and manifest, appearing atomically."""
     with staged_output(Path(cfg.output), overwrite=cfg.overwrite, resume=False) as stage:
         save_quantized(model, stage, tokenizer=tok)
         report["size"] = size_report(fp_numel, model, stage / "model.safetensors")
         atomic_write_json(stage / "quant_report.json", report)
         save_config(cfg, stage, COMMAND)
         write_manifest(stage, stage=COMMAND)
-    console.print(format_table(report))
-    console.print(f"quantize: {cfg.method} model -> {cfg.output}")
-    return report
 
 
 def main(argv: list[str]) -> int:

@@ -32,6 +32,7 @@ from lmforge.config import parse_command
 from lmforge.device import pick_device
 from lmforge.errors import ConfigError
 from lmforge.infer.engine import Engine
+from lmforge.model.source import load_model
 from lmforge.serve.auth import check_bind, load_keys
 from lmforge.serve.edge import Edge, log
 from lmforge.serve.filters import OutputFilter
@@ -91,7 +92,6 @@ def main(argv: list[str]) -> int:
         import uvicorn
     except ImportError:
         raise ConfigError("lmforge serve needs the serve extra: pip install 'lmforge[serve]'") from None
-    from lmforge.infer.load import load_model
 
     pick_device(cfg.device)  # a device this machine lacks is a ConfigError before the model loads
     if cfg.threads:

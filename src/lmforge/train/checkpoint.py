@@ -5,11 +5,16 @@
         optimizer.safetensors   every optimizer state tensor, keyed "<param name>/<state key>"
         optimizer.json          param groups and non-tensor state (the structure of the above)
         rng-<rank>.json         torch (CPU, CUDA), numpy and Python RNG states of each rank
-        state.json              step, sampler position, schedule, counters, config; written last
+        state.json              step, sampler position, schedule, counters, config
+        model_config.json       the model's architecture (as a finished run's model/model_config.json)
+        files.json              SHA-256 and size of every file above, and of itself; written last
 
 A checkpoint is written into `step-000100.tmp`, every file fsynced, then renamed; a directory named
 `step-NNNNNN` holding `state.json` is complete by construction, and `latest_checkpoint` picks the newest
 one. A process killed mid-save leaves only a `.tmp` directory, which is ignored and cleaned up later.
+Loading verifies every file against files.json before reading any of it: a flipped byte anywhere is an
+IntegrityError naming the file, never weights trained on silently. Pruning renames an old checkpoint to
+`pruned-step-NNNNNN` before deleting it, so a kill mid-delete leaves nothing `latest_checkpoint` could pick.
 With FSDP the weights and optimizer state are gathered into full tensors on save (collective on all ranks)
 and re-sharded on load, so a checkpoint does not depend on the number of processes that wrote it.
 """
@@ -17,17 +22,21 @@ and re-sharded on load, so a checkpoint does not depend on the number of process
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import os
 import random
 import re
 import shutil
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from pydantic import BaseModel
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.distributed.checkpoint.state_dict import (
@@ -39,11 +48,15 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from lmforge.errors import IntegrityError
-from lmforge.io import atomic_write_json, fsync_dir, publish_dir
+from lmforge.io import atomic_write_json, fsync_dir, publish_dir, sha256_file
 
 CHECKPOINTS = "checkpoints"
 STATE = "state.json"
+MANIFEST = "files.json"
+MODEL_CONFIG = "model_config.json"
+PRUNED = "pruned-"  # prefix of a checkpoint being deleted: never matches _NAME
 _NAME = re.compile(r"^step-(\d{6,})$")
+_UNREADABLE = (OSError, ValueError, KeyError, TypeError, SafetensorError)  # what a damaged file raises
 
 
 def _noop() -> None:
@@ -159,6 +172,94 @@ def latest_checkpoint(root: Path) -> Path | None:
     return found[-1][1] if found else None
 
 
+def remove_stale(root: Path) -> None:
+    """Delete what a killed process left behind: half-written `.tmp` saves and half-pruned checkpoints."""
+    root = Path(root)
+    if not root.is_dir():
+        return
+    for stale in [*root.glob("step-*.tmp"), *root.glob(f"{PRUNED}*")]:
+        shutil.rmtree(stale, ignore_errors=True)
+
+
+def _prune(root: Path, keep: int) -> None:
+    """Keep the newest `keep` checkpoints. Each older one is first renamed out of `list_checkpoints`'
+    sight, so a kill during the (non-atomic) delete leaves a `pruned-` leftover, never a broken step."""
+    for _, old in list_checkpoints(root)[:-keep]:
+        aside = root / f"{PRUNED}{old.name}"
+        if aside.exists():
+            shutil.rmtree(aside)
+        os.replace(old, aside)
+        fsync_dir(root)
+        shutil.rmtree(aside, ignore_errors=True)
+
+
+def write_model_config(directory: Path, model_config: BaseModel) -> Path:
+    """`model_config.json`: the architecture of a model as JSON (model folders and checkpoints hold it)."""
+    path = Path(directory) / MODEL_CONFIG
+    atomic_write_json(path, model_config.model_dump(mode="json"))
+    return path
+
+
+def _digest(body: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode("utf-8")).hexdigest()
+
+
+def write_file_manifest(directory: Path) -> Path:
+    """files.json: SHA-256 and size of every file of a checkpoint, plus the hash of that list itself
+    (so a damaged manifest is told apart from damaged data)."""
+    directory = Path(directory)
+    files = {
+        f.name: {"sha256": sha256_file(f), "bytes": f.stat().st_size}
+        for f in sorted(directory.iterdir())
+        if f.is_file() and f.name != MANIFEST
+    }
+    body: dict[str, Any] = {"version": 1, "files": files}
+    path = directory / MANIFEST
+    atomic_write_json(path, {**body, "manifest_sha256": _digest(body)})
+    return path
+
+
+def _read_manifest(path: Path) -> dict[str, dict[str, Any]]:
+    file = path / MANIFEST
+    try:
+        data = json.loads(file.read_text("utf-8"))
+        body = {"version": data["version"], "files": data["files"]}
+        ok = data["manifest_sha256"] == _digest(body)
+        files: dict[str, dict[str, Any]] = dict(data["files"])
+        for entry in files.values():
+            ok = ok and isinstance(entry["sha256"], str) and isinstance(entry["bytes"], int)
+    except (*_UNREADABLE, AttributeError) as e:
+        raise IntegrityError(f"{file}: unreadable checkpoint manifest ({type(e).__name__})") from None
+    if not ok:
+        raise IntegrityError(f"{file}: checksum mismatch; the manifest changed after it was written")
+    return files
+
+
+def verify_checkpoint(path: Path, *, rank: int = 0) -> None:
+    """Check every file of checkpoint `path` against its files.json (streamed, bounded memory).
+
+    Any changed, missing, extra or unreadable file is an IntegrityError naming it. A checkpoint saved
+    before lmforge wrote manifests loads unverified, with a note on stderr (rank 0 only)."""
+    path = Path(path)
+    if not (path / MANIFEST).is_file():
+        if rank == 0:
+            print(
+                f"note: {path} has no {MANIFEST} (saved by an older lmforge); loading it unverified",
+                file=sys.stderr,
+            )
+        return
+    files = _read_manifest(path)
+    for name, entry in sorted(files.items()):
+        file = path / name
+        if Path(name).name != name or not file.is_file():
+            raise IntegrityError(f"{file}: missing; listed in {path / MANIFEST}")
+        if file.stat().st_size != entry["bytes"] or sha256_file(file) != entry["sha256"]:
+            raise IntegrityError(f"{file}: SHA-256 mismatch; the file changed after the checkpoint was saved")
+    for file in sorted(path.iterdir()):
+        if file.name != MANIFEST and file.name not in files:
+            raise IntegrityError(f"{file}: not listed in {path / MANIFEST}; the checkpoint was altered")
+
+
 def save_checkpoint(
     root: Path,
     step: int,
@@ -170,11 +271,13 @@ def save_checkpoint(
     keep: int = 0,
     rng: dict[str, Any] | None = None,
     barrier: Callable[[], None] = _noop,
+    model_config: BaseModel | None = None,
 ) -> Path:
     """Write checkpoint `step` under `root`; every rank must call it (FSDP gathers are collective).
 
     `rng` is this rank's RNG state to record (default: the current one); the loop passes the state from
-    the start of the step when it stops in the middle of a gradient-accumulation cycle.
+    the start of the step when it stops in the middle of a gradient-accumulation cycle. `model_config`
+    (the model's architecture) is saved as model_config.json when given.
     """
     root = Path(root)
     final = root / f"step-{step:06d}"
@@ -183,23 +286,13 @@ def save_checkpoint(
     optim_sd: Any = get_optimizer_state_dict(model, optimizer, options=_options(cpu_offload=True))
     if rank == 0:
         root.mkdir(parents=True, exist_ok=True)
-        for stale in root.glob("step-*.tmp"):  # left by a process killed mid-save
-            shutil.rmtree(stale, ignore_errors=True)
+        remove_stale(root)
         tmp.mkdir()
     barrier()
     atomic_write_json(tmp / f"rng-{rank}.json", rng if rng is not None else rng_state())
     barrier()
     if rank == 0:
-        # Tied weights share storage, which safetensors refuses: store each name's own copy.
-        weights = {k: v.detach().cpu().clone().contiguous() for k, v in model_sd.items()}
-        save_file(weights, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        tensors, meta = _flatten_optimizer(optim_sd)
-        save_file(tensors, str(tmp / "optimizer.safetensors"), metadata={"format": "pt"})
-        atomic_write_json(tmp / "optimizer.json", meta)
-        for f in ("model.safetensors", "optimizer.safetensors"):
-            _fsync_file(tmp / f)
-        atomic_write_json(tmp / STATE, {**state, "step": step})
-        fsync_dir(tmp)
+        _write_files(tmp, step, model_sd, optim_sd, state, model_config)
         _before_commit(tmp)
         publish_dir(tmp, final)  # replaces a same-step checkpoint without a moment with neither
         # Later steps belong to a timeline abandoned by resuming from an earlier checkpoint: set them
@@ -208,10 +301,33 @@ def save_checkpoint(
             if later_step > step:
                 os.replace(later, root / f"superseded-{later.name}")
         if keep > 0:
-            for _, old in list_checkpoints(root)[:-keep]:
-                shutil.rmtree(old, ignore_errors=True)
+            _prune(root, keep)
     barrier()
     return final
+
+
+def _write_files(
+    tmp: Path,
+    step: int,
+    model_sd: dict[str, Any],
+    optim_sd: Any,
+    state: dict[str, Any],
+    model_config: BaseModel | None,
+) -> None:
+    """Rank 0's files of a checkpoint, each fsynced, the manifest of all of them (rng files included) last."""
+    # Tied weights share storage, which safetensors refuses: store each name's own copy.
+    weights = {k: v.detach().cpu().clone().contiguous() for k, v in model_sd.items()}
+    save_file(weights, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+    tensors, meta = _flatten_optimizer(optim_sd)
+    save_file(tensors, str(tmp / "optimizer.safetensors"), metadata={"format": "pt"})
+    atomic_write_json(tmp / "optimizer.json", meta)
+    for f in ("model.safetensors", "optimizer.safetensors"):
+        _fsync_file(tmp / f)
+    if model_config is not None:
+        write_model_config(tmp, model_config)
+    atomic_write_json(tmp / STATE, {**state, "step": step})
+    write_file_manifest(tmp)
+    fsync_dir(tmp)
 
 
 def read_state(path: Path) -> dict[str, Any]:
@@ -220,6 +336,8 @@ def read_state(path: Path) -> dict[str, Any]:
         state: dict[str, Any] = json.loads((path / STATE).read_text("utf-8"))
     except (OSError, ValueError) as e:
         raise IntegrityError(f"{path / STATE}: unreadable checkpoint state ({e})") from e
+    if not isinstance(state, dict) or not isinstance(state.get("step"), int):
+        raise IntegrityError(f"{path / STATE}: not a checkpoint state (no integer 'step')")
     return state
 
 
@@ -227,26 +345,49 @@ def load_weights(path: Path) -> dict[str, torch.Tensor]:
     file = Path(path) / "model.safetensors"
     if not file.is_file():
         raise IntegrityError(f"{file}: missing; not a complete lmforge checkpoint")
-    return load_file(str(file))
+    return _load_tensors(file)
+
+
+def _load_tensors(file: Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(str(file))
+    except _UNREADABLE as e:
+        raise IntegrityError(f"{file}: unreadable safetensors file ({e})") from None
+
+
+def _read_json(file: Path) -> Any:
+    try:
+        return json.loads(file.read_text("utf-8"))
+    except _UNREADABLE as e:
+        raise IntegrityError(f"{file}: unreadable JSON ({type(e).__name__})") from None
 
 
 def load_checkpoint(
     path: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None, *, rank: int = 0
 ) -> dict[str, Any]:
-    """Restore weights, optimizer state and this rank's RNG state; returns the contents of state.json.
+    """Verify checkpoint `path`, then restore weights, optimizer state and this rank's RNG state;
+    returns the contents of state.json.
 
     Every rank reads the full tensors (the checkpoint directory must be visible to all nodes) and FSDP
     keeps its own shard. A rank that did not exist when the checkpoint was written keeps its seeded RNG.
     """
     path = Path(path)
+    verify_checkpoint(path, rank=rank)
     state = read_state(path)
     weights: dict[str, Any] = dict(load_weights(path))
     set_model_state_dict(model, weights, options=_options())
     if optimizer is not None:
-        tensors = load_file(str(path / "optimizer.safetensors"))
-        meta = json.loads((path / "optimizer.json").read_text("utf-8"))
-        set_optimizer_state_dict(model, optimizer, _unflatten_optimizer(tensors, meta), options=_options())
+        tensors = _load_tensors(path / "optimizer.safetensors")
+        meta = _read_json(path / "optimizer.json")
+        try:
+            osd = _unflatten_optimizer(tensors, meta)
+        except _UNREADABLE as e:
+            raise IntegrityError(f"{path / 'optimizer.json'}: not optimizer metadata ({e!r})") from None
+        set_optimizer_state_dict(model, optimizer, osd, options=_options())
     rng_file = path / f"rng-{rank}.json"
     if rng_file.is_file():
-        set_rng_state(json.loads(rng_file.read_text("utf-8")))
+        try:
+            set_rng_state(_read_json(rng_file))
+        except _UNREADABLE as e:
+            raise IntegrityError(f"{rng_file}: not an RNG state ({e!r})") from None
     return state

@@ -31,15 +31,29 @@ from typing import Any, Literal
 
 import torch
 from pydantic import Field, model_validator
+from rich.progress import Progress
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from lmforge.config import Section, save_config
-from lmforge.data.preference import PairSampler, PreferenceStats, collate, fixed_batches, load_pairs
+from lmforge.data.preference import (
+    Pair,
+    PairSampler,
+    PreferenceStats,
+    collate,
+    fixed_batches,
+    load_pairs,
+    split_pairs,
+)
 from lmforge.errors import ConfigError, IntegrityError
 from lmforge.io import atomic_write_json, sha256_file
-from lmforge.model.lora import LoraConfig
+from lmforge.model.lora import LoraConfig, adapters_disabled, read_adapter_config
+from lmforge.model.source import load_merged_base
 from lmforge.train import distributed as D
-from lmforge.train.finetune import export_result, parse_single_process
+from lmforge.train.common import TrainConfig, parse_single_process, precision_setup
+from lmforge.train.loop import LoopState, Trainer, settings_from
+from lmforge.train.metrics import MetricsLogger, read_metrics
 from lmforge.train.objectives import (
     Batch,
     DPOObjective,
@@ -48,9 +62,9 @@ from lmforge.train.objectives import (
     reward_sums,
     sequence_logps,
 )
-from lmforge.train.optim import OptimConfig
-from lmforge.train.pretrain import CheckpointConfig
-from lmforge.train.schedule import ScheduleConfig
+from lmforge.train.optim import OptimConfig, build_optimizer
+from lmforge.train.prepare import checkpoint_module, prepare_model
+from lmforge.train.rundir import export_result, finish_run_dir, prepare_run_dir
 
 COMMAND = "align dpo"
 REFERENCE_FILE = "reference.safetensors"
@@ -65,7 +79,7 @@ class DPOEvalConfig(Section):
     max_pairs: int = Field(256, ge=0, description="evaluate on at most this many held-out pairs (0 = all)")
 
 
-class DPOConfig(Section):
+class DPOConfig(TrainConfig):
     model: str = Field(
         ...,
         description="policy to start from: HF folder, lmforge model folder, pretrain/finetune run dir "
@@ -108,36 +122,16 @@ class DPOConfig(Section):
     append_eos: bool = Field(True, description="plain-text records: end each response with EOS")
     global_batch: int = Field(16, ge=1, description="pairs per optimizer step")
     micro_batch: int = Field(4, ge=1, description="pairs per forward pass (2 sequences each)")
-    max_steps: int = Field(100, ge=1, description="optimizer steps to train")
     optim: OptimConfig = Field(
         default_factory=lambda: OptimConfig(lr=5e-5, weight_decay=0.0), description="AdamW settings"
     )
-    schedule: ScheduleConfig = Field(
-        default_factory=lambda: ScheduleConfig(warmup_steps=10), description="learning-rate schedule"
-    )
     eval: DPOEvalConfig = Field(default_factory=DPOEvalConfig, description="held-out evaluation")
-    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig, description="checkpointing")
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
-        "auto", description="auto = bf16 autocast on GPUs that support it, fp32 on CPU"
-    )
-    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="where to train")
-    threads: int | None = Field(None, ge=1, description="torch CPU threads (null = torch default)")
     seed: int = Field(0, description="seeds the held-out split, pair order and adapter init")
-    resume: str | None = Field(
-        None, description="'auto' (newest checkpoint of this run) or a checkpoint path"
-    )
-    max_bad_steps: int = Field(5, ge=1, description="stop after this many non-finite steps in a row")
     log_every: int = Field(10, ge=1, description="log training loss and reward statistics every N steps")
-    tensorboard: bool = Field(True, description="also log to <output>/tensorboard")
-    progress: bool = Field(True, description="show a progress bar (or log lines when not a terminal)")
-    overwrite: bool = Field(False, description="replace an existing finished output directory")
 
     @model_validator(mode="after")
-    def _consistent(self) -> DPOConfig:
-        if self.global_batch % self.micro_batch:
-            raise ValueError(
-                f"global_batch ({self.global_batch}) must be a multiple of micro_batch ({self.micro_batch})"
-            )
+    def _prompt_fits(self) -> DPOConfig:
+        # TrainConfig's validator has already checked global_batch against micro_batch
         if self.max_prompt_len >= self.max_len:
             raise ValueError(f"max_prompt_len ({self.max_prompt_len}) must be below max_len ({self.max_len})")
         return self
@@ -154,37 +148,12 @@ EXAMPLE = "lmforge align dpo -c configs/align/dpo-demo.yaml"
 
 
 # -- model -------------------------------------------------------------------------------------------
-def _adapter_dir(path: Path) -> Path | None:
-    """A LoRA adapter folder (or a fine-tuning run whose result is one), else None."""
-    from lmforge.model.lora import ADAPTER_CONFIG
-
-    if (path / ADAPTER_CONFIG).is_file():
-        return path
-    if (path / "adapter" / ADAPTER_CONFIG).is_file() and not (path / "model").is_dir():
-        return path / "adapter"
-    return None
-
-
 def load_policy(cfg: DPOConfig, device: torch.device) -> tuple[nn.Module, Any]:
     """(model in train mode, tokenizer); a LoRA fine-tuning result is merged into its base first."""
-    from lmforge.train.finetune import load_base
-
-    adapter = _adapter_dir(Path(cfg.model))
-    if adapter is None:
-        return load_base(cfg.model, tokenizer=cfg.tokenizer, device=device, seed=cfg.seed)
-    from lmforge.model.lora import load_adapter, merge_lora, read_adapter_config
-
-    base = str(read_adapter_config(adapter).get("base_model_name_or_path") or "")
-    if not Path(base).is_dir():
-        raise ConfigError(
-            f"model: {adapter} adapts {base!r}, which is not a model folder here; merge it with "
-            "`lmforge lora merge` and point model= at the result"
-        )
-    tokenizer = cfg.tokenizer or (str(adapter) if (adapter / "tokenizer.json").is_file() else None)
-    model, tok = load_base(base, tokenizer=tokenizer, device=device, seed=cfg.seed)
-    load_adapter(model, adapter)
-    merge_lora(model)
-    print(f"align dpo: merged the adapter {adapter} into {base}", file=sys.stderr)
+    model, tok, adapter = load_merged_base(cfg.model, tokenizer=cfg.tokenizer, device=device, seed=cfg.seed)
+    if adapter is not None:
+        base = read_adapter_config(adapter).get("base_model_name_or_path")
+        print(f"align dpo: merged the adapter {adapter} into {base}", file=sys.stderr)
     return model, tok
 
 
@@ -193,8 +162,6 @@ def reference_scope(model: nn.Module, method: str) -> Callable[[], contextlib.Ab
     """What turns the policy into the reference: adapters off for LoRA; the untrained model for full."""
     if method == "full":
         return contextlib.nullcontext
-    from lmforge.model.lora import adapters_disabled
-
     return lambda: adapters_disabled(model)
 
 
@@ -208,8 +175,6 @@ def compute_reference(
     progress: bool,
 ) -> torch.Tensor:
     """(pairs, 2) reference log-probs [chosen, rejected] of the pairs of `batches`, in order."""
-    from rich.progress import Progress
-
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -250,9 +215,6 @@ def stored_reference(
     run_dir: Path, key: str, compute: Callable[[], dict[str, torch.Tensor]]
 ) -> dict[str, torch.Tensor]:
     """The run's reference log-probs: read back if stored for the same `key`, else computed and stored."""
-    from safetensors import safe_open
-    from safetensors.torch import load_file, save_file
-
     path = run_dir / REFERENCE_FILE
     if path.is_file():
         with safe_open(str(path), framework="pt") as f:
@@ -316,13 +278,6 @@ def main(argv: list[str]) -> int:
 
 def train(cfg: DPOConfig, **trainer_kw: Any) -> int:
     """Run the configured DPO training in this process; returns the exit code (0)."""
-    from lmforge.data.preference import split_pairs
-    from lmforge.train.finetune import checkpoint_module, setup_method
-    from lmforge.train.loop import Trainer, settings_from
-    from lmforge.train.metrics import MetricsLogger, read_metrics
-    from lmforge.train.optim import build_optimizer
-    from lmforge.train.pretrain import finish_run_dir, precision_setup, prepare_run_dir
-
     info = D.DistInfo()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -331,20 +286,12 @@ def train(cfg: DPOConfig, **trainer_kw: Any) -> int:
     limit = int(getattr(model, "cfg").max_seq_len)  # noqa: B009 - an nn.Module attribute, typed loosely
     if cfg.max_len > limit:
         raise ConfigError(f"max_len: {cfg.max_len} exceeds the model's max_seq_len {limit}")
+    train_pairs, held, stats = _load_pairs(cfg, tok)
 
-    opts: dict[str, Any] = {
-        "max_len": cfg.max_len,
-        "max_prompt_len": cfg.max_prompt_len,
-        "append_eos": cfg.append_eos,
-    }
-    pairs, stats = load_pairs(cfg.data, tok, **opts)
-    if cfg.eval_data:
-        train_pairs, held = pairs, load_pairs(cfg.eval_data, tok, **opts)[0]
-    else:
-        train_pairs, held = split_pairs(pairs, cfg.eval_fraction, cfg.seed)
-    held = held[: cfg.eval.max_pairs] if cfg.eval.max_pairs else held
-
-    summary = setup_method(model, cfg.method, cfg.lora, cfg.seed)
+    train_model, summary = prepare_model(
+        model, device=device, method=cfg.method, lora=cfg.lora, seed=cfg.seed
+    )
+    assert summary is not None
     prec, _, autocast, scaler = precision_setup(cfg, device)
     run_dir = prepare_run_dir(cfg, info)
     save_config(cfg, run_dir, COMMAND)
@@ -352,34 +299,7 @@ def train(cfg: DPOConfig, **trainer_kw: Any) -> int:
     eval_batches = [
         collate([held[i] for i in idx], tok.pad_id) for idx in fixed_batches(held, cfg.eval.batch_size)
     ]
-    live: Reference | None = None
-    ref_train: torch.Tensor | None = None
-    if cfg.reference == "precompute":
-        scope = reference_scope(model, cfg.method)
-
-        def compute() -> dict[str, torch.Tensor]:
-            ref_batches = [
-                collate([train_pairs[i] for i in idx], tok.pad_id)
-                for idx in fixed_batches(train_pairs, cfg.micro_batch)
-            ]
-            return {
-                "train": compute_reference(
-                    model, scope, ref_batches, autocast, "training pairs", cfg.progress
-                ),
-                "eval": compute_reference(
-                    model, scope, eval_batches, autocast, "held-out pairs", cfg.progress
-                ),
-            }
-
-        ref = stored_reference(run_dir, fingerprint(cfg), compute)
-        ref_train = ref["train"]
-        start = 0
-        for b in eval_batches:  # the same batches as evaluation: at step 0 every margin is exactly 0
-            m = int(b["count"].numel())
-            b["ref_logps"] = torch.cat([ref["eval"][start : start + m, 0], ref["eval"][start : start + m, 1]])
-            start += m
-    else:
-        live = live_reference(model, cfg.method)
+    live, ref_train = _reference(cfg, model, tok.pad_id, run_dir, train_pairs, eval_batches, autocast)
     objective = DPOObjective(cfg.beta, cfg.label_smoothing, live)
     batches = PairSampler(
         train_pairs,
@@ -398,14 +318,13 @@ def train(cfg: DPOConfig, **trainer_kw: Any) -> int:
         wandb_project=None,
         config=cfg.model_dump(mode="json"),
     )
-    settings = settings_from(cfg, name="align dpo", unit="pairs")
     trainer = Trainer(
         model=saved,
-        train_model=model,
+        train_model=train_model,
         optimizer=optimizer,
         batches=batches,
         objective=objective,
-        settings=settings,
+        settings=settings_from(cfg, name="align dpo", unit="pairs"),
         run_dir=run_dir,
         info=info,
         logger=logger,
@@ -429,14 +348,81 @@ def train(cfg: DPOConfig, **trainer_kw: Any) -> int:
         logger.close()
     ckpt = run_dir / "checkpoints" / f"step-{state.step:06d}"
     out = export_result(run_dir, ckpt, model, tok, cfg.method, cfg.lora, cfg.model)
+    _write_report(cfg, run_dir, state, summary, stats, len(train_pairs), len(held))
+    finish_run_dir(run_dir, Path(cfg.output), COMMAND)
+    print(f"wrote {cfg.output} ({out.name}/, step {state.step}, {state.tokens:,} pairs)")
+    return 0
+
+
+def _load_pairs(cfg: DPOConfig, tok: Any) -> tuple[list[Pair], list[Pair], PreferenceStats]:
+    """(training pairs, held-out pairs, statistics of `data`): eval_data, or a seeded share of `data`."""
+    opts: dict[str, Any] = {
+        "max_len": cfg.max_len,
+        "max_prompt_len": cfg.max_prompt_len,
+        "append_eos": cfg.append_eos,
+    }
+    pairs, stats = load_pairs(cfg.data, tok, **opts)
+    if cfg.eval_data:
+        train_pairs, held = pairs, load_pairs(cfg.eval_data, tok, **opts)[0]
+    else:
+        train_pairs, held = split_pairs(pairs, cfg.eval_fraction, cfg.seed)
+    held = held[: cfg.eval.max_pairs] if cfg.eval.max_pairs else held
+    return train_pairs, held, stats
+
+
+def _reference(
+    cfg: DPOConfig,
+    model: nn.Module,
+    pad_id: int,
+    run_dir: Path,
+    train_pairs: list[Pair],
+    eval_batches: list[Batch],
+    autocast: Callable[[], contextlib.AbstractContextManager[Any]],
+) -> tuple[Reference | None, torch.Tensor | None]:
+    """(live reference, precomputed training log-probs): one of the two, as `cfg.reference` says.
+
+    Precomputed: also stores each held-out batch's reference log-probs in it as `ref_logps`."""
+    if cfg.reference != "precompute":
+        return live_reference(model, cfg.method), None
+    scope = reference_scope(model, cfg.method)
+
+    def compute() -> dict[str, torch.Tensor]:
+        ref_batches = [
+            collate([train_pairs[i] for i in idx], pad_id)
+            for idx in fixed_batches(train_pairs, cfg.micro_batch)
+        ]
+        return {
+            "train": compute_reference(model, scope, ref_batches, autocast, "training pairs", cfg.progress),
+            "eval": compute_reference(model, scope, eval_batches, autocast, "held-out pairs", cfg.progress),
+        }
+
+    ref = stored_reference(run_dir, fingerprint(cfg), compute)
+    start = 0
+    for b in eval_batches:  # the same batches as evaluation: at step 0 every margin is exactly 0
+        m = int(b["count"].numel())
+        b["ref_logps"] = torch.cat([ref["eval"][start : start + m, 0], ref["eval"][start : start + m, 1]])
+        start += m
+    return None, ref["train"]
+
+
+def _write_report(
+    cfg: DPOConfig,
+    run_dir: Path,
+    state: LoopState,
+    summary: dict[str, Any],
+    stats: PreferenceStats,
+    train_pairs: int,
+    held_out: int,
+) -> None:
+    """report.json: the run's settings, data counts and held-out numbers before and after training."""
     report: dict[str, Any] = {
         "method": cfg.method,
         "beta": cfg.beta,
         "reference": cfg.reference,
         "trainable": summary,
         "data": _stats(stats),
-        "train_pairs": len(train_pairs),
-        "held_out_pairs": len(held),
+        "train_pairs": train_pairs,
+        "held_out_pairs": held_out,
         "steps": state.step,
         "pairs_seen": state.tokens,
     }
@@ -455,9 +441,6 @@ def train(cfg: DPOConfig, **trainer_kw: Any) -> int:
             f"{first['val_loss']:.4f} -> {last['val_loss']:.4f} (step {first['step']} -> {last['step']})"
         )
     atomic_write_json(run_dir / REPORT, report)
-    finish_run_dir(run_dir, Path(cfg.output), COMMAND)
-    print(f"wrote {cfg.output} ({out.name}/, step {state.step}, {state.tokens:,} pairs)")
-    return 0
 
 
 def live_reference(model: nn.Module, method: str) -> Reference:

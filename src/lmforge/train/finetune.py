@@ -18,25 +18,30 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field, model_validator
+from pydantic import Field
 from torch import nn
 
-from lmforge.config import Section, parse_command, save_config
-from lmforge.data.chat import Example, SFTDataConfig, collate, load_sft, pack
-from lmforge.errors import ConfigError
+from lmforge.config import Section, save_config
+from lmforge.data.batch import IGNORE_INDEX
+from lmforge.data.chat import Example, SFTData, SFTDataConfig, collate, load_sft, pack
+from lmforge.data.order import EpochOrder
 from lmforge.io import atomic_write_json
 from lmforge.model.lora import LoraConfig
+from lmforge.model.source import load_base
 from lmforge.model.transformer import Transformer
+from lmforge.plan.auto import auto_micro_batch, install_oom_backoff
 from lmforge.train import distributed as D
-from lmforge.train.objectives import IGNORE_INDEX, Batch, causal_lm
-from lmforge.train.optim import OptimConfig
-from lmforge.train.pretrain import CheckpointConfig
-from lmforge.train.sampler import EpochOrder
-from lmforge.train.schedule import ScheduleConfig
+from lmforge.train.common import TrainConfig, parse_single_process, precision_setup
+from lmforge.train.loop import LoopState, Trainer, settings_from
+from lmforge.train.metrics import MetricsLogger, read_metrics
+from lmforge.train.objectives import Batch, causal_lm
+from lmforge.train.optim import build_optimizer
+from lmforge.train.prepare import checkpoint_module, prepare_model
+from lmforge.train.rundir import export_result, finish_run_dir, prepare_run_dir
 
 COMMAND = "finetune"
 SUMMARY = "summary.json"
@@ -52,7 +57,7 @@ class FinetuneEvalConfig(Section):
     )
 
 
-class FinetuneConfig(Section):
+class FinetuneConfig(TrainConfig):
     base: str = Field(
         ...,
         description="base model: HF folder, lmforge model folder / run dir / checkpoint, or a preset (random init)",
@@ -65,7 +70,6 @@ class FinetuneConfig(Section):
         default_factory=dict,
         description="preset bases only: ModelConfig fields to change, e.g. {n_layers: 2}",
     )
-    output: str = Field(..., description="run directory (checkpoints, metrics, final model or adapter)")
     data: SFTDataConfig
     method: Literal["full", "lora", "qlora"] = Field(
         "lora",
@@ -73,46 +77,11 @@ class FinetuneConfig(Section):
     )
     lora: LoraConfig = Field(default_factory=LoraConfig, description="adapter shape (method lora/qlora)")
     seq_len: int = Field(512, ge=8, description="tokens per training row; longer examples are truncated")
-    global_batch: int = Field(16, ge=1, description="rows per optimizer step")
-    micro_batch: Annotated[int, Field(ge=1)] | Literal["auto"] = Field(
-        4,
-        description="rows per forward pass; auto = the largest that `lmforge plan` predicts to fit, halved "
-        "on a GPU out-of-memory error (global batch unchanged)",
-    )
-    max_steps: int = Field(100, ge=1, description="optimizer steps to train")
-    optim: OptimConfig = Field(
-        default_factory=lambda: OptimConfig(lr=1e-4, weight_decay=0.0), description="AdamW settings"
-    )
-    schedule: ScheduleConfig = Field(
-        default_factory=lambda: ScheduleConfig(warmup_steps=10), description="learning-rate schedule"
-    )
     eval: FinetuneEvalConfig = Field(default_factory=FinetuneEvalConfig, description="validation")
-    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig, description="checkpointing")
     activation_checkpointing: bool = Field(
         False, description="recompute each block in backward: less activation memory, ~30% more compute"
     )
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
-        "auto", description="auto = bf16 autocast on GPUs that support it, fp32 on CPU"
-    )
-    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="where to train")
-    threads: int | None = Field(None, ge=1, description="torch CPU threads (null = torch default)")
     seed: int = Field(0, description="seeds data order, adapter init and dropout")
-    resume: str | None = Field(
-        None, description="'auto' (newest checkpoint of this run) or a checkpoint path"
-    )
-    max_bad_steps: int = Field(5, ge=1, description="stop after this many non-finite steps in a row")
-    log_every: int = Field(10, ge=1, description="log training metrics every N steps")
-    tensorboard: bool = Field(True, description="also log to <output>/tensorboard")
-    progress: bool = Field(True, description="show a progress bar (or log lines when not a terminal)")
-    overwrite: bool = Field(False, description="replace an existing finished output directory")
-
-    @model_validator(mode="after")
-    def _divisible(self) -> FinetuneConfig:
-        if isinstance(self.micro_batch, int) and self.global_batch % self.micro_batch:
-            raise ValueError(
-                f"global_batch ({self.global_batch}) must be a multiple of micro_batch ({self.micro_batch})"
-            )
-        return self
 
 
 CONFIG = FinetuneConfig
@@ -126,100 +95,6 @@ EXAMPLE = "lmforge finetune -c configs/finetune/demo-lora.yaml"
 
 
 # -- model -------------------------------------------------------------------------------------------
-def load_base(
-    base: str,
-    *,
-    tokenizer: str | None = None,
-    model_overrides: dict[str, Any] | None = None,
-    seq_len: int = 0,
-    device: torch.device | str = "cpu",
-    seed: int = 0,
-) -> tuple[Transformer, Any]:
-    """(model in train mode, tokenizer) from a model folder / run / checkpoint / HF folder, or a preset."""
-    from lmforge.tokenizer import load_tokenizer
-
-    tok = load_tokenizer(tokenizer) if tokenizer is not None else None
-    path = Path(base)
-    if path.is_dir():
-        if (path / "adapter_config.json").is_file() or (
-            (path / "adapter" / "adapter_config.json").is_file() and not (path / "model").is_dir()
-        ):
-            raise ConfigError(
-                f"base: {path} is a LoRA adapter, not a model; fold it into its base with "
-                "`lmforge lora merge` and fine-tune the merged folder"
-            )
-        if model_overrides:
-            raise ConfigError("model_overrides: only a preset base can be reshaped")
-        from lmforge.infer.load import load_model
-
-        model, found = load_model(path, device=device)
-        tok = tok or found
-    elif path.suffix or "/" in base:
-        raise ConfigError(
-            f"base: {base} is not a directory; expected a model folder, run dir or a preset name"
-        )
-    else:
-        from lmforge.model.config import ModelConfig, get_preset
-        from lmforge.model.transformer import build_model
-
-        if tok is None:
-            raise ConfigError(f"tokenizer: a preset base ({base!r}) needs a tokenizer folder")
-        fields = {**get_preset(base).model_dump(), "vocab_size": tok.vocab_size, **(model_overrides or {})}
-        fields["max_seq_len"] = max(int(fields["max_seq_len"]), seq_len)
-        try:
-            mcfg = ModelConfig.model_validate(fields)
-        except ValueError as e:
-            raise ConfigError(f"model_overrides: {e}") from None
-        model = build_model(mcfg, device=device, dtype=torch.float32, seed=seed)
-    vocab = int(model.cfg.vocab_size)
-    if tok.vocab_size > vocab:
-        raise ConfigError(f"tokenizer: {tok.vocab_size} tokens but the model has only {vocab} embeddings")
-    if seq_len > int(model.cfg.max_seq_len):
-        raise ConfigError(f"seq_len: {seq_len} exceeds the model's max_seq_len {model.cfg.max_seq_len}")
-    return model.train(), tok
-
-
-def setup_method(model: nn.Module, method: str, lora: LoraConfig, seed: int = 0) -> dict[str, Any]:
-    """Make the right parameters trainable; {"trainable", "total", "fraction", "method"}."""
-    if method == "full":
-        for p in model.parameters():
-            p.requires_grad_(True)
-        n = sum(p.numel() for p in model.parameters())
-        return {"method": method, "trainable": n, "total": n, "fraction": 1.0}
-    from lmforge.model.lora import apply_lora
-
-    summary = apply_lora(model, lora, quantize_base=method == "qlora", seed=seed)
-    return {"method": method, **summary}
-
-
-class TrainableView(nn.Module):
-    """The trainable parameters of a model under their own names, and nothing else.
-
-    Given to the loop as the module checkpoints read and write: for LoRA a checkpoint then holds just the
-    adapter tensors (and their optimizer state), and loading one writes straight into the live model's
-    parameters (they are the same Parameter objects)."""
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        for name, p in model.named_parameters():
-            if not p.requires_grad:
-                continue
-            *path, leaf = name.split(".")
-            node: nn.Module = self
-            for part in path:
-                if part not in node._modules:
-                    node.add_module(part, nn.Module())
-                child = node._modules[part]
-                assert child is not None
-                node = child
-            node.register_parameter(leaf, p)
-
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        raise RuntimeError("TrainableView holds parameters for checkpoints; run the model itself")
-
-
-def checkpoint_module(model: nn.Module, method: str) -> nn.Module:
-    return model if method == "full" else TrainableView(model)
 
 
 # -- objective, batches, validation -------------------------------------------------------------------
@@ -302,42 +177,6 @@ def evaluate(model: nn.Module, examples: list[Example], batch_size: int, pad_id:
     }
 
 
-# -- outputs -----------------------------------------------------------------------------------------
-def export_result(
-    run_dir: Path, ckpt: Path, model: nn.Module, tok: Any, method: str, lora: LoraConfig, base: str
-) -> Path:
-    """model/ (full: weights + model_config.json + tokenizer) or adapter/ (PEFT adapter + tokenizer).
-
-    `base`: what the run started from, recorded for `lmforge lora merge` (resolved when a folder)."""
-    if method == "full":
-        from lmforge.train.pretrain import export_final
-
-        export_final(run_dir, ckpt, model, None)
-        out = run_dir / "model"
-    else:
-        from lmforge.model.lora import save_adapter
-
-        out = run_dir / "adapter"
-        base = str(Path(base).resolve()) if Path(base).is_dir() else base
-        save_adapter(model, lora, out, base_model=base)
-        # Read by `lmforge lora merge`: which base, and whether it was NF4 (qlora) in training.
-        atomic_write_json(out / "lmforge_base.json", {"base": base, "method": method})
-    tok.save(out)
-    return out
-
-
-def parse_single_process(
-    argv: list[str], schema: type[Any], command: str, description: str, example: str
-) -> Any:
-    """`parse_command` for a command that runs in one process: `--nproc N` with N > 1 is refused."""
-    from lmforge.train.pretrain import _split_flags
-
-    rest, nproc = _split_flags(argv)
-    if nproc not in (None, 1):
-        raise ConfigError(f"--nproc: {command} runs in one process")
-    return parse_command(rest, schema, command, description, example)
-
-
 # -- entry points ------------------------------------------------------------------------------------
 def main(argv: list[str]) -> int:
     return train(parse_single_process(argv, CONFIG, COMMAND, DESCRIPTION, EXAMPLE))
@@ -345,16 +184,6 @@ def main(argv: list[str]) -> int:
 
 def train(cfg: FinetuneConfig, **trainer_kw: Any) -> int:
     """Run the configured fine-tuning in this process; returns the exit code (0)."""
-    from lmforge.train.loop import Trainer, settings_from
-    from lmforge.train.metrics import MetricsLogger
-    from lmforge.train.optim import build_optimizer
-    from lmforge.train.pretrain import (
-        apply_activation_checkpointing,
-        finish_run_dir,
-        precision_setup,
-        prepare_run_dir,
-    )
-
     info = D.DistInfo()
     torch.manual_seed(cfg.seed)  # LoRA dropout draws from the global RNG; checkpoints save its state
     if cfg.threads:
@@ -370,28 +199,20 @@ def train(cfg: FinetuneConfig, **trainer_kw: Any) -> int:
     )
     data = load_sft(cfg.data, tok, seq_len=cfg.seq_len, seed=cfg.seed)
     val = data.val[: cfg.eval.max_examples] if cfg.eval.max_examples else data.val
-    summary = setup_method(model, cfg.method, cfg.lora, cfg.seed)
-    if cfg.activation_checkpointing:
-        apply_activation_checkpointing(model)
+    train_model, summary = prepare_model(
+        model,
+        device=device,
+        method=cfg.method,
+        lora=cfg.lora,
+        seed=cfg.seed,
+        activation_checkpointing=cfg.activation_checkpointing,
+        info=info,
+    )
+    assert summary is not None
     prec, _, autocast, scaler = precision_setup(cfg, device)
     auto_micro = cfg.micro_batch == "auto"
     if auto_micro:
-        from lmforge.plan.auto import auto_micro_batch
-
-        micro = auto_micro_batch(
-            model.cfg,
-            seq_len=cfg.seq_len,
-            global_batch=cfg.global_batch,
-            world=1,
-            device=device,
-            precision=prec,
-            checkpointing=cfg.activation_checkpointing,
-            fsdp=False,
-            method=cfg.method,
-            lora_rank=cfg.lora.rank,
-        )
-        print(f"micro_batch=auto: {micro} (predicted by the planner for {device})", file=sys.stderr)
-        cfg = cfg.model_copy(update={"micro_batch": micro})
+        cfg = cfg.model_copy(update={"micro_batch": _auto_micro_batch(cfg, model, device, prec)})
     assert isinstance(cfg.micro_batch, int)
     batches = SFTBatches(
         data.train,
@@ -414,14 +235,13 @@ def train(cfg: FinetuneConfig, **trainer_kw: Any) -> int:
         wandb_project=None,
         config=cfg.model_dump(mode="json"),
     )
-    settings = settings_from(cfg)
     trainer = Trainer(
         model=saved,
-        train_model=model,
+        train_model=train_model,
         optimizer=optimizer,
         batches=batches,
         objective=causal_lm,
-        settings=settings,
+        settings=settings_from(cfg),
         run_dir=run_dir,
         info=info,
         logger=logger,
@@ -432,28 +252,56 @@ def train(cfg: FinetuneConfig, **trainer_kw: Any) -> int:
         **trainer_kw,
     )
     if auto_micro:
-        from lmforge.plan.auto import install_oom_backoff
-
         install_oom_backoff(trainer, batches)
     trainer.resume_and_say(cfg.resume)
+    _say_start(cfg, summary, data, batches, f"{prec} on {device}")
+    try:
+        state = trainer.run()
+    finally:
+        logger.close()
+    _finish(cfg, run_dir, state, model, tok, {"trainable": summary, "data": data.stats})
+    return 0
+
+
+def _auto_micro_batch(cfg: FinetuneConfig, model: Transformer, device: torch.device, prec: str) -> int:
+    """micro_batch=auto: the planner's largest micro batch that fits this device (see lmforge.plan.auto)."""
+    micro = auto_micro_batch(
+        model.cfg,
+        seq_len=cfg.seq_len,
+        global_batch=cfg.global_batch,
+        world=1,
+        device=device,
+        precision=prec,
+        checkpointing=cfg.activation_checkpointing,
+        fsdp=False,
+        method=cfg.method,
+        lora_rank=cfg.lora.rank,
+    )
+    print(f"micro_batch=auto: {micro} (predicted by the planner for {device})", file=sys.stderr)
+    return micro
+
+
+def _say_start(
+    cfg: FinetuneConfig, summary: dict[str, Any], data: SFTData, batches: SFTBatches, where: str
+) -> None:
     st = data.stats
     print(
         f"finetune ({cfg.method}): {summary['trainable']:,} of {summary['total']:,} parameters trainable "
         f"({summary['fraction']:.2%}); {st['train_examples']:,} train examples in {len(batches.rows):,} rows, "
         f"{st['val_examples']:,} validation; {st['truncated']} truncated to {cfg.seq_len + 1} tokens, "
-        f"{st['dropped_no_targets']} dropped (no target left); {prec} on {device}",
+        f"{st['dropped_no_targets']} dropped (no target left); {where}",
         file=sys.stderr,
     )
-    try:
-        state = trainer.run()
-    finally:
-        logger.close()
+
+
+def _finish(
+    cfg: FinetuneConfig, run_dir: Path, state: LoopState, model: nn.Module, tok: Any, report: dict[str, Any]
+) -> None:
+    """Export model/ or adapter/, write summary.json (validation before and after) and publish the run."""
     ckpt = run_dir / "checkpoints" / f"step-{state.step:06d}"
     out = export_result(run_dir, ckpt, model, tok, cfg.method, cfg.lora, cfg.base)
-    from lmforge.train.metrics import read_metrics
-
     evals = read_metrics(run_dir / "metrics.jsonl", "eval")
-    report: dict[str, Any] = {"trainable": summary, "data": st, "steps": state.step, "tokens": state.tokens}
+    report = {**report, "steps": state.step, "tokens": state.tokens}
     if evals:
         first, last = evals[0], evals[-1]
         report["val_before"] = {k: first[k] for k in ("step", "val_loss", "val_exact_match")}
@@ -465,18 +313,13 @@ def train(cfg: FinetuneConfig, **trainer_kw: Any) -> int:
     atomic_write_json(run_dir / SUMMARY, report)
     finish_run_dir(run_dir, Path(cfg.output), COMMAND)
     print(f"wrote {cfg.output} ({out.name}/, step {state.step}, {state.tokens:,} target tokens)")
-    return 0
 
 
 __all__ = [
     "CONFIG",
     "FinetuneConfig",
     "SFTBatches",
-    "TrainableView",
-    "checkpoint_module",
     "evaluate",
-    "load_base",
     "main",
-    "setup_method",
     "train",
 ]

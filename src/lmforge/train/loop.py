@@ -10,6 +10,8 @@ Per optimizer step `s`:
     each micro batch: backward(loss_sum * world / N)     # DDP/FSDP average over ranks: = sum / N overall
     clip the global grad norm; if the loss or the norm is not finite, skip the update (weights and
     optimizer state untouched), count it, and stop after `max_bad_steps` in a row (exit code 4)
+    after the update, one reduction checks every weight: a step that left one non-finite is rolled
+    back to the copy taken before it (weights and optimizer state) and counted the same way
 A SIGTERM/SIGINT stops the loop after the current micro batch; if that is mid-accumulation the partial
 gradients are dropped and the checkpoint records the RNG state from the start of the step, so the resumed
 run recomputes step s exactly (exit code 130).
@@ -28,11 +30,18 @@ from pathlib import Path
 from typing import Any, Protocol, cast
 
 import torch
+from pydantic import BaseModel
 from torch import nn
 
 from lmforge.errors import ConfigError, LmforgeError
 from lmforge.train import distributed as D
-from lmforge.train.checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint
+from lmforge.train.checkpoint import (
+    latest_checkpoint,
+    load_checkpoint,
+    remove_stale,
+    rng_state,
+    save_checkpoint,
+)
 from lmforge.train.metrics import MetricsLogger
 from lmforge.train.objectives import Batch, Objective, count_targets
 from lmforge.train.schedule import ScheduleConfig, lr_multiplier
@@ -71,6 +80,9 @@ class LoopSettings:
     checkpoint_every: int = 0  # 0 = only at the end
     keep_checkpoints: int = 3
     max_bad_steps: int = 5
+    # Roll back an update that leaves a weight non-finite. Costs one more copy of the trainable weights
+    # and optimizer state in device memory (see StepUndo); False skips the copy and the check.
+    undo_nonfinite: bool = True
     flops_per_token: float = 0.0  # training FLOPs per token (6N + attention), for MFU
     peak_flops: float | None = None  # of one device; None = no MFU
     progress: bool = True
@@ -104,6 +116,82 @@ class LoopState:
     bad_steps: int = 0
     consecutive_bad: int = 0
     losses: list[float] = field(default_factory=list)  # this process's steps only, for tests and summaries
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of a DTensor (FSDP), or the tensor itself."""
+    to_local = getattr(t, "to_local", None)
+    return cast(torch.Tensor, to_local()) if to_local is not None else t
+
+
+class StepUndo:
+    """A copy of the trainable weights and the optimizer state, taken before each update, so an update
+    that leaves a weight non-finite can be undone exactly. Buffers are allocated once and reused (the
+    cost: one more copy of the parameters and optimizer state in device memory, and a copy per step)."""
+
+    def __init__(self, params: list[nn.Parameter], optimizer: torch.optim.Optimizer) -> None:
+        self.params = params
+        self.optimizer = optimizer
+        self._weights: list[torch.Tensor] = []
+        self._state: dict[int, dict[str, Any]] = {}
+        self._buffers: dict[tuple[int, str], torch.Tensor] = {}
+
+    @torch.no_grad()
+    def take(self) -> None:
+        local = [_local(p.detach()) for p in self.params]
+        if not self._weights:
+            self._weights = [torch.empty_like(t) for t in local]
+        torch._foreach_copy_(self._weights, local)
+        self._state = {
+            i: self._copy(i, "", self.optimizer.state[p])
+            for i, p in enumerate(self.params)
+            if p in self.optimizer.state
+        }
+
+    def _copy(self, i: int, prefix: str, entry: dict[str, Any]) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for key, value in entry.items():
+            if isinstance(value, torch.Tensor):
+                local = _local(value)
+                buf = self._buffers.get((i, prefix + key))
+                if buf is None or buf.shape != local.shape or buf.dtype != local.dtype:
+                    buf = self._buffers[(i, prefix + key)] = torch.empty_like(local)
+                out[key] = buf.copy_(local)
+            elif isinstance(value, dict):
+                out[key] = self._copy(i, f"{prefix}{key}/", value)
+            else:
+                out[key] = value
+        return out
+
+    def finite(self) -> bool:
+        """Whether every weight is finite on every rank: one max-norm reduction, one sync."""
+        norms = torch._foreach_norm([_local(p.detach()) for p in self.params], ord=math.inf)
+        local_ok = bool(torch.stack(norms).isfinite().all()) if norms else True
+        return not D.all_reduce_max(int(not local_ok))
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        torch._foreach_copy_([_local(p.detach()) for p in self.params], self._weights)
+        for i, p in enumerate(self.params):
+            if i in self._state:
+                self.optimizer.state[p] = _restored(self.optimizer.state[p], self._state[i])
+            else:  # the update created this parameter's state: back to none
+                self.optimizer.state.pop(p, None)
+
+
+def _restored(live: dict[str, Any], saved: dict[str, Any]) -> dict[str, Any]:
+    """`saved` written back into the live state's own tensors (DTensors keep their sharding)."""
+    out: dict[str, Any] = {}
+    for key, value in saved.items():
+        cur = live.get(key)
+        if isinstance(value, torch.Tensor) and isinstance(cur, torch.Tensor):
+            _local(cur).copy_(value)
+            out[key] = cur
+        elif isinstance(value, dict):
+            out[key] = _restored(cur if isinstance(cur, dict) else {}, value)
+        else:
+            out[key] = value.clone() if isinstance(value, torch.Tensor) else value
+    return out
 
 
 class Evaluator(Protocol):
@@ -167,7 +255,12 @@ class Trainer:
         self.should_stop = should_stop  # (step, micro) -> bool; tests use it to stop at an exact point
         self.state = LoopState()
         self.params = [p for p in model.parameters() if p.requires_grad]
+        self.undo = StepUndo(self.params, optimizer)
         self._signal = [False]
+        # The architecture saved with each checkpoint: the model's own config, or for a LoRA run (whose
+        # checkpoint module is a view of the adapters) the config of the model it trains.
+        inner = getattr(train_model, "module", train_model)  # DDP wraps the model
+        self.model_config = getattr(model, "cfg", None) or getattr(inner, "cfg", None)
 
     # -- checkpoints ---------------------------------------------------------------------------------
     @property
@@ -200,10 +293,13 @@ class Trainer:
             keep=self.settings.keep_checkpoints,
             rng=rng,
             barrier=D.barrier,
+            model_config=self.model_config if isinstance(self.model_config, BaseModel) else None,
         )
 
     def resume(self, path: Path | str) -> Path | None:
         """Load `path` ('auto' = the newest complete checkpoint of this run, if any)."""
+        if self.info.is_main:
+            remove_stale(self.checkpoint_root)
         if str(path) == "auto":
             found = latest_checkpoint(self.checkpoint_root)
             if found is None:
@@ -292,12 +388,15 @@ class Trainer:
         loss_ok = math.isfinite(loss)
         norm_ok = bool(torch.isfinite(norm))
         if self.scaler is not None:
+            self._take_undo()
             self.scaler.step(self.optimizer)  # skips the update itself on inf/NaN gradients
             self.scaler.update()
             bad = not loss_ok  # gradient overflow is routine with fp16 loss scaling
+            bad = self._undo_if_nonfinite() or bad
         elif loss_ok and norm_ok:
+            self._take_undo()
             self.optimizer.step()
-            bad = False
+            bad = self._undo_if_nonfinite()
         else:
             bad = True
         self.optimizer.zero_grad(set_to_none=True)
@@ -312,6 +411,17 @@ class Trainer:
         else:
             s.consecutive_bad = 0
         return {"loss": loss, "grad_norm": float(norm), "lr": lr, "tokens": n_global, "skipped": bad}
+
+    def _take_undo(self) -> None:
+        if self.settings.undo_nonfinite:
+            self.undo.take()
+
+    def _undo_if_nonfinite(self) -> bool:
+        """Roll back an update that left a weight non-finite (e.g. a huge step overflowing); True if so."""
+        if not self.settings.undo_nonfinite or self.undo.finite():
+            return False
+        self.undo.restore()
+        return True
 
     # -- the loop ------------------------------------------------------------------------------------
     def run(self) -> LoopState:

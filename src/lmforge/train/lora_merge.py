@@ -20,11 +20,13 @@ import torch
 from pydantic import Field
 
 from lmforge.config import Section, parse_command, save_config
-from lmforge.errors import ConfigError, DataError
-from lmforge.io import atomic_write_json, read_json_object, staged_output
+from lmforge.data.manifest import write_manifest
+from lmforge.io import atomic_write_json, staged_output
+from lmforge.model.hf import save_hf
+from lmforge.model.lora import load_adapter, lora_modules, merge_lora
+from lmforge.model.source import adapter_base, find_adapter, is_qlora, load_model, tokenizer_dir
 
 COMMAND = "lora merge"
-BASE_INFO = "lmforge_base.json"  # written next to the adapter by `lmforge finetune`: {"base", "method"}
 
 
 class LoraMergeConfig(Section):
@@ -58,52 +60,11 @@ DESCRIPTION = (
 EXAMPLE = "lmforge lora merge adapter=runs/demo/sft output=runs/demo/merged"
 
 
-def find_adapter(path: Path) -> Path:
-    for cand in (path, path / "adapter"):
-        if (cand / "adapter_config.json").is_file():
-            return cand
-    if (path / "model").is_dir():
-        raise DataError(f"{path}: a full fine-tune (model/), not an adapter: there is nothing to merge")
-    raise DataError(f"{path}: no adapter_config.json here or in {path / 'adapter'} (expected a PEFT adapter)")
-
-
-def _base_info(adapter_dir: Path) -> dict[str, Any]:
-    path = adapter_dir / BASE_INFO
-    return read_json_object(path, "written by lmforge finetune") if path.is_file() else {}
-
-
-def resolve_base(cfg: LoraMergeConfig, adapter_dir: Path, peft_cfg: dict[str, Any]) -> Path:
-    named = cfg.base or _base_info(adapter_dir).get("base") or peft_cfg.get("base_model_name_or_path")
-    if not named:
-        raise ConfigError(f"base: {adapter_dir} does not name its base model; set base=<model folder>")
-    base = Path(str(named))
-    if not base.is_dir():
-        where = "base" if cfg.base else f"base (from {adapter_dir})"
-        raise ConfigError(
-            f"{where}: {named} is not a folder; expected an HF model folder or an lmforge model folder / run "
-            "dir (an adapter trained on a preset's random weights cannot be merged)"
-        )
-    return base
-
-
-def _tokenizer_dir(folders: list[Path]) -> Path | None:
-    for d in folders:
-        if (d / "tokenizer.json").is_file() and (d / "tokenizer_config.json").is_file():
-            return d
-    return None
-
-
 def merge(cfg: LoraMergeConfig) -> dict[str, Any]:
     """Run the merge; returns the report written to merge_report.json."""
-    from lmforge.data.manifest import write_manifest
-    from lmforge.infer.load import load_model
-    from lmforge.model.hf import save_hf
-    from lmforge.model.lora import load_adapter, lora_modules, merge_lora, read_adapter_config
-
     adapter_dir = find_adapter(Path(cfg.adapter))
-    peft_cfg = read_adapter_config(adapter_dir)
-    base = resolve_base(cfg, adapter_dir, peft_cfg)
-    nf4 = cfg.nf4_base if cfg.nf4_base is not None else _base_info(adapter_dir).get("method") == "qlora"
+    base = adapter_base(adapter_dir, cfg.base)
+    nf4 = cfg.nf4_base if cfg.nf4_base is not None else is_qlora(adapter_dir)
     model, _ = load_model(base, dtype=torch.float32)
     lcfg = load_adapter(model, adapter_dir, quantize_base=nf4)
     model.eval()  # new adapter layers start in training mode: their dropout would skew the parity check
@@ -127,7 +88,7 @@ def merge(cfg: LoraMergeConfig) -> dict[str, Any]:
         "dtype": cfg.dtype,
         "parity_max_abs_logit_diff_fp32": diff,
     }
-    tok_dir = _tokenizer_dir([adapter_dir, base, base / "model", base.parent])
+    tok_dir = tokenizer_dir([adapter_dir, base, base / "model", base.parent])
     with staged_output(Path(cfg.output), overwrite=cfg.overwrite, resume=False) as stage:
         save_hf(model, stage, tokenizer_dir=tok_dir, overwrite=True)  # stages and swaps into `stage` itself
         save_config(cfg, stage, COMMAND)

@@ -13,10 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-IGNORE_INDEX = -100
-# Optional batch key: per-row units the loss is normalised by when they are not target tokens
-# (DPO: one per preference pair). Absent = count the target tokens.
-COUNT = "count"
+from lmforge.data.batch import COUNT, IGNORE_INDEX
+from lmforge.train.distributed import all_reduce_sum
 
 Batch = dict[str, torch.Tensor]
 Objective = Callable[[nn.Module, Batch], tuple[torch.Tensor, torch.Tensor]]
@@ -122,8 +120,6 @@ class DPOObjective:
         return losses.sum(), torch.tensor(losses.shape[0])
 
     def pop_metrics(self) -> dict[str, float]:
-        from lmforge.train.distributed import all_reduce_sum
-
         sums = all_reduce_sum(self._sums.clone())
         self._sums.zero_()
         return reward_metrics(sums)

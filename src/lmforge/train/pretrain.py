@@ -13,27 +13,43 @@ Exit codes: 0 done, 2 bad config or data, 3 integrity check failed, 4 too many n
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
-import shutil
-import subprocess
 import sys
-from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import torch
-from pydantic import Field, model_validator
+from pydantic import Field
 from torch import nn
 
 from lmforge.config import Section, parse_command, save_config
-from lmforge.errors import ConfigError, DataError, LmforgeError
-from lmforge.io import atomic_write_json, partial_dir
+from lmforge.data.manifest import ensure_verified
+from lmforge.data.shards import ShardSet
+from lmforge.errors import ConfigError, DataError
+from lmforge.io import partial_dir
+from lmforge.model.config import flops_per_token
+from lmforge.model.source import pretrain_model
+from lmforge.plan.auto import auto_micro_batch, install_oom_backoff
+from lmforge.tokenizer import load_tokenizer
 from lmforge.train import distributed as D
+from lmforge.train.common import (
+    TrainConfig,
+    launch_torchrun,
+    model_config,
+    on_rank0,
+    precision_setup,
+    split_flags,
+)
 from lmforge.train.distributed import DistConfig
-from lmforge.train.optim import OptimConfig
+from lmforge.train.loop import LoopState, Trainer, settings_from
+from lmforge.train.metrics import MetricsLogger, peak_flops
+from lmforge.train.objectives import causal_lm
+from lmforge.train.optim import OptimConfig, build_optimizer
+from lmforge.train.prepare import prepare_model
+from lmforge.train.rundir import export_final, finish_run_dir, prepare_run_dir
+from lmforge.train.sampler import BatchSampler, TokenWindows, eval_batches
 from lmforge.train.schedule import ScheduleConfig
 
 COMMAND = "pretrain"
@@ -51,12 +67,7 @@ class EvalConfig(Section):
     top_k: int = Field(40, ge=0, description="sample from the k most likely tokens (0 = all)")
 
 
-class CheckpointConfig(Section):
-    every: int = Field(500, ge=0, description="save every N steps (0 = only at the end); always at the end")
-    keep: int = Field(3, ge=0, description="keep the newest K checkpoints (0 = keep all)")
-
-
-class PretrainConfig(Section):
+class PretrainConfig(TrainConfig):
     data: str = Field(..., description="tokens directory written by `lmforge tokenize`")
     output: str = Field(..., description="run directory (checkpoints, metrics, final model)")
     model: str = Field(
@@ -76,37 +87,16 @@ class PretrainConfig(Section):
     optim: OptimConfig = OptimConfig()
     schedule: ScheduleConfig = ScheduleConfig()
     eval: EvalConfig = EvalConfig()
-    checkpoint: CheckpointConfig = CheckpointConfig()
     dist: DistConfig = DistConfig()
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
-        "auto", description="auto = bf16 autocast on GPUs that support it, fp32 on CPU"
-    )
     activation_checkpointing: bool = Field(False, description="recompute each block in backward")
     compile: bool = Field(False, description="torch.compile the model (slow first step)")
-    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="where to train")
     threads: int | None = Field(
         None, ge=1, description="torch CPU threads per process (null = torch default)"
     )
     seed: int = Field(0, description="seeds weights, data order and dropout")
-    resume: str | None = Field(
-        None, description="'auto' (newest checkpoint of this run) or a checkpoint path"
-    )
     nproc: int = Field(1, ge=1, description="processes on this machine; >1 launches torchrun")
-    max_bad_steps: int = Field(5, ge=1, description="stop after this many non-finite steps in a row")
-    log_every: int = Field(10, ge=1, description="log training metrics every N steps")
-    tensorboard: bool = Field(True, description="also log to <output>/tensorboard")
     wandb_project: str | None = Field(None, description="log to this W&B project (needs wandb installed)")
-    progress: bool = Field(True, description="show a progress bar (or log lines when not a terminal)")
     verify_input: bool = Field(True, description="check the tokens directory against its manifest")
-    overwrite: bool = Field(False, description="replace an existing finished output directory")
-
-    @model_validator(mode="after")
-    def _divisible(self) -> PretrainConfig:
-        if isinstance(self.micro_batch, int) and self.global_batch % self.micro_batch:
-            raise ValueError(
-                f"global_batch ({self.global_batch}) must be a multiple of micro_batch ({self.micro_batch})"
-            )
-        return self
 
 
 CONFIG = PretrainConfig
@@ -120,79 +110,12 @@ EXAMPLE = "lmforge pretrain -c configs/demo/pretrain.yaml data=runs/demo/tokens 
 
 
 # -- model -------------------------------------------------------------------------------------------
-def resolve_model(cfg: PretrainConfig, vocab_size: int, device: torch.device, seed: int) -> nn.Module:
-    """Build the model from a preset name, a model YAML or an HF folder (continued pretraining)."""
-    from lmforge.model.config import ModelConfig, get_preset
-    from lmforge.model.transformer import build_model
-
-    spec = Path(cfg.model)
-    if spec.is_dir():
-        if not (spec / "config.json").is_file():
-            raise ConfigError(
-                f"model: {spec} is a directory without config.json; expected an HF model folder"
-            )
-        if cfg.model_overrides:
-            raise ConfigError("model_overrides: cannot change the shape of a pretrained HF model")
-        from lmforge.model.hf import load_hf
-
-        model, mcfg = load_hf(spec, device=device)
-        if mcfg.vocab_size < vocab_size:
-            raise ConfigError(
-                f"model: {spec} has vocab_size {mcfg.vocab_size} but the data uses ids up to {vocab_size - 1}"
-            )
-        if mcfg.max_seq_len < cfg.seq_len:
-            raise ConfigError(f"seq_len: {cfg.seq_len} exceeds the context of {spec} ({mcfg.max_seq_len})")
-        return model
-    if spec.suffix in (".yaml", ".yml"):
-        from lmforge.config import load_config
-
-        base = load_config(ModelConfig, spec).model_dump()
-    else:
-        base = get_preset(cfg.model).model_dump()
-    fields = {**base, "vocab_size": vocab_size, **cfg.model_overrides}
-    if "max_seq_len" in fields and "max_seq_len" not in cfg.model_overrides:
-        fields["max_seq_len"] = max(int(fields["max_seq_len"]), cfg.seq_len)
-    try:
-        mcfg = ModelConfig.model_validate(fields)
-    except ValueError as e:
-        raise ConfigError(f"model_overrides: {e}") from None
-    if mcfg.vocab_size < vocab_size:
-        raise ConfigError(
-            f"model_overrides.vocab_size: {mcfg.vocab_size} < the data's vocab_size {vocab_size}"
-        )
-    if mcfg.max_seq_len < cfg.seq_len:
-        raise ConfigError(
-            f"seq_len: {cfg.seq_len} exceeds model_overrides.max_seq_len {mcfg.max_seq_len}; raise it or lower seq_len"
-        )
-    return build_model(mcfg, device=device, dtype=torch.float32, seed=seed)
-
-
-def model_config(model: nn.Module) -> Any:
-    return getattr(model, "cfg", None) or getattr(model, "config", None)
-
-
-def apply_activation_checkpointing(model: nn.Module) -> None:
-    """Recompute every block of `model.layers` in backward; parameter names stay unchanged."""
-    from torch.utils.checkpoint import checkpoint
-
-    layers = getattr(model, "layers", None)
-    if not isinstance(layers, nn.ModuleList):
-        raise ConfigError("activation_checkpointing: the model has no `layers` list of blocks to wrap")
-    for block in layers:
-        forward = block.forward
-
-        def checkpointed(*args: Any, _f: Any = forward, **kwargs: Any) -> Any:
-            return checkpoint(_f, *args, use_reentrant=False, **kwargs)
-
-        setattr(block, "forward", checkpointed)  # noqa: B010 - an instance attribute shadows the method
 
 
 def resolve_auto_micro_batch(
     cfg: PretrainConfig, model: nn.Module, device: torch.device, precision: str, info: D.DistInfo
 ) -> int:
     """micro_batch=auto: the planner's largest micro batch that fits this device (see lmforge.plan.auto)."""
-    from lmforge.plan.auto import auto_micro_batch
-
     micro = auto_micro_batch(
         model_config(model),
         seq_len=cfg.seq_len,
@@ -206,31 +129,6 @@ def resolve_auto_micro_batch(
     if info.is_main:
         print(f"micro_batch=auto: {micro} (predicted by the planner for {device})", file=sys.stderr)
     return micro
-
-
-def precision_setup(
-    cfg: Any, device: torch.device
-) -> tuple[str, torch.dtype | None, Any, torch.amp.GradScaler | None]:
-    """(precision, FSDP param dtype, autocast factory, grad scaler) for this device and config.
-
-    `cfg`: any config with `precision` (and `dist`, when it can run FSDP); fine-tuning shares this."""
-    prec = cfg.precision
-    if prec == "auto":
-        prec = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
-    if prec == "fp32":
-        return prec, None, contextlib.nullcontext, None
-    dtype = torch.bfloat16 if prec == "bf16" else torch.float16
-    dist_cfg = getattr(cfg, "dist", None)
-    if dist_cfg is not None and dist_cfg.strategy == "fsdp" and int(os.environ.get("WORLD_SIZE", 1)) > 1:
-        if prec == "fp16":
-            raise ConfigError("precision: fp16 with dist.strategy=fsdp is not supported; use bf16")
-        return prec, dtype, contextlib.nullcontext, None  # FSDP's MixedPrecisionPolicy casts instead
-
-    def autocast() -> Any:
-        return torch.autocast(device.type, dtype=dtype)
-
-    scaler = torch.amp.GradScaler(device.type) if prec == "fp16" else None
-    return prec, None, autocast, scaler
 
 
 # -- evaluation --------------------------------------------------------------------------------------
@@ -251,8 +149,6 @@ class Validation:
 
     @torch.no_grad()
     def __call__(self, model: nn.Module, step: int) -> dict[str, Any]:
-        from lmforge.train.objectives import causal_lm
-
         was_training = model.training
         model.eval()
         device = next(model.parameters()).device
@@ -294,139 +190,35 @@ class Validation:
         return str(self.tokenizer.decode(x[0].tolist()))
 
 
-# -- run directory -----------------------------------------------------------------------------------
-def prepare_run_dir(cfg: Any, info: D.DistInfo) -> Path:
-    """The directory this run writes to (`<output>.partial` until the end); rank 0 creates it.
-
-    `cfg`: any config with `output`, `resume` and `overwrite` (fine-tuning and alignment share this)."""
-    final = Path(cfg.output)
-    stage = partial_dir(final)
-    if info.is_main:
-        if cfg.resume is not None and final.exists() and not stage.exists():
-            os.replace(final, stage)  # train a finished run further: reopen it
-        elif final.exists() and not cfg.overwrite and cfg.resume is None:
-            raise LmforgeError(f"{final} already exists; pass overwrite=true to replace it or --resume auto")
-        if stage.exists() and cfg.resume is None:
-            if (
-                (stage / "checkpoints").is_dir()
-                and any((stage / "checkpoints").iterdir())
-                and not cfg.overwrite
-            ):
-                raise LmforgeError(
-                    f"{stage} holds checkpoints of an unfinished run; continue it with --resume auto "
-                    "or start over with overwrite=true"
-                )
-            shutil.rmtree(stage)
-        stage.mkdir(parents=True, exist_ok=True)
-    return stage
-
-
-def finish_run_dir(stage: Path, final: Path, command: str = COMMAND) -> None:
-    """Write the manifest and rename `<output>.partial` to `<output>` (every training command ends so)."""
-    from lmforge.data.manifest import write_manifest
-    from lmforge.io import publish_dir
-
-    write_manifest(stage, stage=command)
-    publish_dir(stage, final)
-
-
-def export_final(run_dir: Path, ckpt: Path, model: nn.Module, tokenizer_dir: Path | None) -> None:
-    """`model/`: the final weights (a copy of the last checkpoint's), the model config as JSON and the
-    tokenizer files, so the folder alone is enough for `generate`, `eval` and `serve`."""
-    out = run_dir / "model"
-    out.mkdir(exist_ok=True)
-    shutil.copyfile(ckpt / "model.safetensors", out / "model.safetensors")
-    mcfg = model_config(model)
-    if mcfg is not None and hasattr(mcfg, "model_dump"):
-        atomic_write_json(out / "model_config.json", mcfg.model_dump(mode="json"))
-    if tokenizer_dir is not None and (tokenizer_dir / "tokenizer.json").is_file():
-        for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
-            if (tokenizer_dir / name).is_file():
-                shutil.copyfile(tokenizer_dir / name, out / name)
-
-
-def _on_rank0(info: D.DistInfo, fn: Callable[[], object], what: str) -> None:
-    """Run `fn` on rank 0 only; if it raises a user error, every rank stops (none waits for a timeout)."""
-    failed, error = 0, None
-    if info.is_main:
-        try:
-            fn()
-        except LmforgeError as e:
-            failed, error = 1, e
-    if D.all_reduce_max(failed):
-        raise error or LmforgeError(f"{what} failed on rank 0 (see its message)")
-
-
 # -- entry points ------------------------------------------------------------------------------------
-def _split_flags(argv: list[str]) -> tuple[list[str], int | None]:
-    """`--resume X` / `--resume=X` become the override resume=X; `--nproc N` is returned separately."""
-    out: list[str] = []
-    nproc: int | None = None
-    i = 0
-    while i < len(argv):
-        a = argv[i]
-        for flag in ("--resume", "--nproc"):
-            if a == flag or a.startswith(flag + "="):
-                if "=" in a:
-                    value = a.split("=", 1)[1]
-                else:
-                    if i + 1 >= len(argv):
-                        raise ConfigError(f"{flag}: expected a value")
-                    i += 1
-                    value = argv[i]
-                if flag == "--resume":
-                    out.append(f"resume={value}")
-                else:
-                    try:
-                        nproc = int(value)
-                    except ValueError:
-                        raise ConfigError(f"--nproc: expected an integer, got {value!r}") from None
-                break
-        else:
-            out.append(a)
-        i += 1
-    return out, nproc
-
-
-def launch_torchrun(argv: list[str], nproc: int) -> int:
-    """Re-run this command under torchrun with `nproc` processes on this machine."""
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        f"--nproc_per_node={nproc}",
-        "-m",
-        "lmforge",
-        COMMAND,
-        *argv,
-        "nproc=1",
-    ]
-    print("launching: " + " ".join(cmd), file=sys.stderr)
-    return subprocess.call(cmd)
-
-
 def main(argv: list[str]) -> int:
-    rest, nproc_flag = _split_flags(argv)
+    rest, nproc_flag = split_flags(argv)
     if nproc_flag is not None:
         rest.append(f"nproc={nproc_flag}")
     cfg = parse_command(rest, CONFIG, COMMAND, DESCRIPTION, EXAMPLE)
     if cfg.nproc > 1 and "WORLD_SIZE" not in os.environ:
-        return launch_torchrun([a for a in rest if not a.startswith("nproc=")], cfg.nproc)
+        return launch_torchrun(COMMAND, [a for a in rest if not a.startswith("nproc=")], cfg.nproc)
     return train(cfg)
 
 
 def train(cfg: PretrainConfig, **trainer_kw: Any) -> int:
     """Run the configured training in this process (one rank of a torchrun job, or alone)."""
-    from lmforge.data.manifest import ensure_verified
-    from lmforge.data.shards import ShardSet
-    from lmforge.train.loop import Trainer, settings_from
-    from lmforge.train.metrics import MetricsLogger, peak_flops
-    from lmforge.train.objectives import causal_lm
-    from lmforge.train.optim import build_optimizer
-    from lmforge.train.sampler import BatchSampler, TokenWindows, eval_batches
-
     info = D.from_env()
+    _check_world(cfg, info)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    device = D.pick_device(cfg.device, info)
+    D.init(info, device, cfg.dist.timeout_s)
+    try:
+        _run(cfg, info, device, trainer_kw)
+        D.barrier()
+        return 0
+    finally:
+        D.shutdown()
+
+
+def _check_world(cfg: PretrainConfig, info: D.DistInfo) -> None:
+    """The global batch splits evenly over the processes (and their micro batches)."""
     if info.enabled and cfg.global_batch % info.world_size:
         raise ConfigError(
             f"global_batch ({cfg.global_batch}) must be a multiple of {info.world_size} processes"
@@ -440,126 +232,141 @@ def train(cfg: PretrainConfig, **trainer_kw: Any) -> int:
             f"global_batch ({cfg.global_batch}) must be a multiple of micro_batch x processes "
             f"({cfg.micro_batch} x {info.world_size})"
         )
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    device = D.pick_device(cfg.device, info)
-    D.init(info, device, cfg.dist.timeout_s)
+
+
+def _run(cfg: PretrainConfig, info: D.DistInfo, device: torch.device, trainer_kw: dict[str, Any]) -> None:
+    train_set, val_set, windows, val_windows = _load_data(cfg, info)
+    model = pretrain_model(
+        cfg.model,
+        vocab_size=train_set.vocab_size,
+        seq_len=cfg.seq_len,
+        overrides=cfg.model_overrides,
+        device=device,
+        seed=cfg.seed,
+    )
+    prec, param_dtype, autocast, scaler = precision_setup(cfg, device)
+    auto_micro = cfg.micro_batch == "auto"
+    if auto_micro:
+        cfg = cfg.model_copy(update={"micro_batch": resolve_auto_micro_batch(cfg, model, device, prec, info)})
+    assert isinstance(cfg.micro_batch, int)
+    sampler = BatchSampler(
+        windows,
+        global_batch=cfg.global_batch,
+        micro_batch=cfg.micro_batch,
+        rank=info.rank,
+        world_size=info.world_size,
+        seed=cfg.seed,
+    )
+    train_model, _ = prepare_model(
+        model,
+        device=device,
+        activation_checkpointing=cfg.activation_checkpointing,
+        compile=cfg.compile,
+        dist=cfg.dist,
+        info=info,
+        param_dtype=param_dtype,
+    )
+    optimizer = build_optimizer(model, cfg.optim)
+
+    run_dir = partial_dir(Path(cfg.output))
+    on_rank0(info, lambda: prepare_run_dir(cfg, info), "output directory")
+    if info.is_main:
+        save_config(cfg, run_dir, COMMAND)
+    logger = MetricsLogger(
+        run_dir,
+        enabled=info.is_main,
+        tensorboard=cfg.tensorboard,
+        wandb_project=cfg.wandb_project,
+        config=cfg.model_dump(mode="json"),
+    )
+    validation = _validation(cfg, train_set, val_set, val_windows)
+    fpt = _flops_per_token(model, cfg.seq_len)
+    trainer = Trainer(
+        model=model,
+        train_model=train_model,
+        optimizer=optimizer,
+        batches=sampler,
+        objective=causal_lm,
+        settings=settings_from(cfg, flops_per_token=fpt, peak_flops=peak_flops(device)),
+        run_dir=run_dir,
+        info=info,
+        logger=logger,
+        evaluator=validation,
+        autocast=autocast,
+        scaler=scaler,
+        extra_state={"config": cfg.model_dump(mode="json"), "precision": prec},
+        **trainer_kw,
+    )
+    if auto_micro:
+        install_oom_backoff(trainer, sampler)
+    trainer.resume_and_say(cfg.resume)
+    if info.is_main:
+        n = sum(p.numel() for p in model.parameters())
+        print(
+            f"pretrain: {n / 1e6:.2f}M parameters, {train_set.num_tokens:,} train tokens, "
+            f"{sampler.accum_steps} accumulation x {cfg.micro_batch} x {info.world_size} processes, "
+            f"{prec} on {device}",
+            file=sys.stderr,
+        )
     try:
-        # Only rank 0 hashes the input; the others learn the verdict from a collective.
-        _on_rank0(info, lambda: ensure_verified(Path(cfg.data), skip=not cfg.verify_input), "input check")
-        train_set = ShardSet(cfg.data, "train", verify=False)
-        val_set = ShardSet(cfg.data, "val", verify=False)
-        windows = TokenWindows(train_set.arrays, cfg.seq_len)
-        if windows.num_windows < 1:
-            raise DataError(f"{cfg.data}: {train_set.num_tokens} training tokens, fewer than seq_len+1")
-        val_windows = TokenWindows(val_set.arrays, cfg.seq_len)
-        if val_windows.num_windows < 1:
-            raise DataError(
-                f"{cfg.data}: validation split has fewer than seq_len+1 = {cfg.seq_len + 1} tokens"
-            )
-        model = resolve_model(cfg, train_set.vocab_size, device, cfg.seed)
-        prec, param_dtype, autocast, scaler = precision_setup(cfg, device)
-        auto_micro = cfg.micro_batch == "auto"
-        if auto_micro:
-            cfg = cfg.model_copy(
-                update={"micro_batch": resolve_auto_micro_batch(cfg, model, device, prec, info)}
-            )
-        assert isinstance(cfg.micro_batch, int)
-        sampler = BatchSampler(
-            windows,
-            global_batch=cfg.global_batch,
-            micro_batch=cfg.micro_batch,
-            rank=info.rank,
-            world_size=info.world_size,
-            seed=cfg.seed,
-        )
-        if cfg.activation_checkpointing:
-            apply_activation_checkpointing(model)
-        if cfg.compile:
-            model.compile()
-        train_model = D.wrap(model, cfg.dist, info, device, param_dtype)
-        optimizer = build_optimizer(model, cfg.optim)
-
-        run_dir = partial_dir(Path(cfg.output))
-        _on_rank0(info, lambda: prepare_run_dir(cfg, info), "output directory")
-        if info.is_main:
-            save_config(cfg, run_dir, COMMAND)
-        logger = MetricsLogger(
-            run_dir,
-            enabled=info.is_main,
-            tensorboard=cfg.tensorboard,
-            wandb_project=cfg.wandb_project,
-            config=cfg.model_dump(mode="json"),
-        )
-        tokenizer = None
-        if cfg.eval.sample_tokens > 0 and train_set.tokenizer_dir.is_dir():
-            from lmforge.tokenizer import load_tokenizer
-
-            tokenizer = load_tokenizer(train_set.tokenizer_dir)
-        validation = Validation(
-            cfg,
-            eval_batches(val_windows, cfg.eval.batches, cfg.eval.batch_size),
-            val_set.num_tokens / max(val_set.num_bytes, 1),
-            tokenizer,
-        )
-        fpt = 0.0
-        mcfg = model_config(model)
-        if mcfg is not None:
-            from lmforge.model.config import flops_per_token
-
-            fpt = float(flops_per_token(mcfg, cfg.seq_len))
-        settings = settings_from(cfg, flops_per_token=fpt, peak_flops=peak_flops(device))
-        trainer = Trainer(
-            model=model,
-            train_model=train_model,
-            optimizer=optimizer,
-            batches=sampler,
-            objective=causal_lm,
-            settings=settings,
-            run_dir=run_dir,
-            info=info,
-            logger=logger,
-            evaluator=validation,
-            autocast=autocast,
-            scaler=scaler,
-            extra_state={"config": cfg.model_dump(mode="json"), "precision": prec},
-            **trainer_kw,
-        )
-        if auto_micro:
-            from lmforge.plan.auto import install_oom_backoff
-
-            install_oom_backoff(trainer, sampler)
-        trainer.resume_and_say(cfg.resume)
-        if info.is_main:
-            n = sum(p.numel() for p in model.parameters())
-            print(
-                f"pretrain: {n / 1e6:.2f}M parameters, {train_set.num_tokens:,} train tokens, "
-                f"{sampler.accum_steps} accumulation x {cfg.micro_batch} x {info.world_size} processes, "
-                f"{prec} on {device}",
-                file=sys.stderr,
-            )
-        try:
-            state = trainer.run()
-        finally:
-            logger.close()
-        last = Path(run_dir) / "checkpoints" / f"step-{state.step:06d}"
-        if info.is_main:
-            export_final(run_dir, last, model, train_set.tokenizer_dir)
-            evals = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
-            evals = [r for r in evals if r["kind"] == "eval"]
-            if evals:
-                first, last = evals[0], evals[-1]
-                for text in last.get("samples", []):
-                    print(f"sample: {text!r}")
-                print(
-                    f"validation: loss {last['val_loss']:.4f}, perplexity {last['val_ppl']:.2f}, "
-                    f"bits per byte {last['val_bpb']:.4f} (step {first['step']}: {first['val_bpb']:.4f})"
-                )
-            finish_run_dir(run_dir, Path(cfg.output))
-            print(
-                f"wrote {cfg.output} (step {state.step}, {state.tokens:,} tokens, {state.bad_steps} skipped)"
-            )
-        D.barrier()
-        return 0
+        state = trainer.run()
     finally:
-        D.shutdown()
+        logger.close()
+    if info.is_main:
+        _finish(cfg, run_dir, state, model, train_set)
+
+
+def _load_data(
+    cfg: PretrainConfig, info: D.DistInfo
+) -> tuple[ShardSet, ShardSet, TokenWindows, TokenWindows]:
+    """(train shards, validation shards, their windows); only rank 0 hashes the input against its manifest,
+    the others learn the verdict from a collective."""
+    on_rank0(info, lambda: ensure_verified(Path(cfg.data), skip=not cfg.verify_input), "input check")
+    train_set = ShardSet(cfg.data, "train", verify=False)
+    val_set = ShardSet(cfg.data, "val", verify=False)
+    windows = TokenWindows(train_set.arrays, cfg.seq_len)
+    if windows.num_windows < 1:
+        raise DataError(f"{cfg.data}: {train_set.num_tokens} training tokens, fewer than seq_len+1")
+    val_windows = TokenWindows(val_set.arrays, cfg.seq_len)
+    if val_windows.num_windows < 1:
+        raise DataError(f"{cfg.data}: validation split has fewer than seq_len+1 = {cfg.seq_len + 1} tokens")
+    return train_set, val_set, windows, val_windows
+
+
+def _validation(
+    cfg: PretrainConfig, train_set: ShardSet, val_set: ShardSet, val_windows: TokenWindows
+) -> Validation:
+    tokenizer = None
+    if cfg.eval.sample_tokens > 0 and train_set.tokenizer_dir.is_dir():
+        tokenizer = load_tokenizer(train_set.tokenizer_dir)
+    return Validation(
+        cfg,
+        eval_batches(val_windows, cfg.eval.batches, cfg.eval.batch_size),
+        val_set.num_tokens / max(val_set.num_bytes, 1),
+        tokenizer,
+    )
+
+
+def _flops_per_token(model: nn.Module, seq_len: int) -> float:
+    """Training FLOPs per token for MFU (0 when the model has no lmforge config to count from)."""
+    mcfg = model_config(model)
+    return 0.0 if mcfg is None else float(flops_per_token(mcfg, seq_len))
+
+
+def _finish(
+    cfg: PretrainConfig, run_dir: Path, state: LoopState, model: nn.Module, train_set: ShardSet
+) -> None:
+    """Rank 0: export model/, print the validation summary and publish the run directory."""
+    export_final(run_dir, run_dir / "checkpoints" / f"step-{state.step:06d}", model, train_set.tokenizer_dir)
+    evals = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in evals if r["kind"] == "eval"]
+    if evals:
+        first, last = evals[0], evals[-1]
+        for text in last.get("samples", []):
+            print(f"sample: {text!r}")
+        print(
+            f"validation: loss {last['val_loss']:.4f}, perplexity {last['val_ppl']:.2f}, "
+            f"bits per byte {last['val_bpb']:.4f} (step {first['step']}: {first['val_bpb']:.4f})"
+        )
+    finish_run_dir(run_dir, Path(cfg.output), COMMAND)
+    print(f"wrote {cfg.output} (step {state.step}, {state.tokens:,} tokens, {state.bad_steps} skipped)")

@@ -1,8 +1,13 @@
-"""Weight-only quantized Linear layers: int8 per output channel, int4 group-wise, NF4 (from model/nf4.py).
+"""Quantized weights as the model loads them: the weight-only Linear layers and the quantized folder format.
 
     layer = Int8Linear.from_linear(linear)                      # int8 codes + one fp32 scale per output row
     layer = Int4Linear.from_linear(linear, group_size=128)      # 2 codes per byte + fp16 scale, uint8 zero/group
     layer = QNF4Linear.from_linear(linear, block_size=64)       # NF4 codes + fp32 absmax per 64 weights
+    save_quantized(model, "runs/demo/int4", tokenizer=tok)
+    model = load_quantized("runs/demo/int4")        # or: model, tok = model.source.load_model("runs/demo/int4")
+
+The algorithms that choose the codes (round-to-nearest over a model, GPTQ, calibration) live in `lmforge.quant`;
+this module is what loading and saving a quantized folder needs, so `model.source` can load one.
 
 Formats (all buffers, so `state_dict()` is exactly what goes to safetensors):
 - int8: symmetric, w ~ q * scale with q in [-127, 127], scale = max|row| / 127 (fp32, one per output row).
@@ -17,17 +22,41 @@ Forward dequantizes the weight to the input's dtype and runs one matmul (CPU and
 uses `torch._weight_int8pack_mm` (int8 weights read directly, no fp32 copy) where it was measured faster:
 decode-sized inputs (<= 16 rows) on weights of >= 4M entries. Every module
 exposes `weight` (the dequantized tensor, not a Parameter) for code that reads `module.weight`.
+
+Folder layout:
+    model_config.json     the ModelConfig (same file as a full-precision lmforge model folder)
+    quant_config.json     method, bits, group size, symmetric, quantized layers, calibration, errors
+    model.safetensors     full-precision tensors (embeddings, norms, head, biases) and, per quantized layer,
+                          int8: `<layer>.qweight` int8 (N, K), `<layer>.scales` fp32 (N,)
+                          int4: `<layer>.qweight` uint8 (N, ceil(K/2)), `.scales` fp16 (N, G), `.zeros` uint8 (N, G)
+                          nf4:  `<layer>.packed` uint8 (ceil(NK/2),), `<layer>.absmax` fp32 (ceil(NK/block),)
+    tokenizer.json, tokenizer_config.json, special_tokens_map.json
 """
 
 from __future__ import annotations
 
+import json
 import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from lmforge.errors import DataError
+from lmforge.io import atomic_write_json
+from lmforge.model.config import ModelConfig
 from lmforge.model.nf4 import NF4Linear
+from lmforge.model.transformer import Transformer, rope_tables
+
+METHODS = ("int8", "int4", "int4-gptq", "nf4")
+FORMAT_VERSION = 1
+QUANT_CONFIG = "quant_config.json"
+MODEL_CONFIG = "model_config.json"
+WEIGHTS = "model.safetensors"
 
 _INT8_MM = hasattr(torch, "_weight_int8pack_mm")
 # Measured on a 2-core AVX2 CPU in fp32 (torch 2.13): the int8 kernel beats dequantize-then-matmul only for
@@ -249,15 +278,146 @@ def packed_bytes(method: str, out_features: int, in_features: int, group_size: i
     raise ValueError(f"unknown method {method!r}")
 
 
+# ---------------------------------------------------------------------------------------------------------
+# the folder
+
+
+@dataclass
+class QuantSpec:
+    """What `quant.quantize_model` did; saved as quant_config.json and read back by `load_quantized`."""
+
+    method: str
+    bits: int
+    group_size: int  # int4 group / NF4 block (0 for int8: one scale per output row)
+    symmetric: bool  # int8 symmetric; int4 asymmetric (zero points); NF4 absmax (symmetric)
+    layers: list[str]
+    include_head: bool = False
+    act_order: bool = False
+    damp: float = 0.01
+    calibration: dict[str, Any] | None = None
+    errors: dict[str, dict[str, float]] = field(default_factory=dict)  # GPTQ vs RTN, per layer
+    format_version: int = FORMAT_VERSION
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> QuantSpec:
+        return cls(**{k: v for k, v in data.items() if k in cls.__dataclass_fields__})
+
+
+def set_module(root: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, leaf = name.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, leaf, module)
+
+
+def is_quantized_dir(path: str | Path) -> bool:
+    return (Path(path) / QUANT_CONFIG).is_file()
+
+
+def save_quantized(model: nn.Module, directory: str | Path, *, tokenizer: Any = None) -> Path:
+    """Write the quantized `model` (from `quantize_model`) and optionally its tokenizer into `directory`."""
+    spec: QuantSpec | None = getattr(model, "quant_spec", None)
+    cfg = getattr(model, "cfg", None)
+    if spec is None or not isinstance(cfg, ModelConfig):
+        raise ValueError("save_quantized expects an lmforge Transformer quantized by quantize_model")
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    sd = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    tmp = out / f".{WEIGHTS}.tmp"
+    save_file(sd, str(tmp), metadata={"format": "pt", "quantization": spec.method})
+    tmp.replace(out / WEIGHTS)
+    atomic_write_json(out / MODEL_CONFIG, cfg.model_dump(mode="json"))
+    atomic_write_json(out / QUANT_CONFIG, spec.to_json())
+    if tokenizer is not None:
+        tokenizer.save(out)
+    return out
+
+
+def read_spec(directory: str | Path) -> QuantSpec:
+    path = Path(directory) / QUANT_CONFIG
+    try:
+        data = json.loads(path.read_text("utf-8"))
+        spec = QuantSpec.from_json(data)
+    except (OSError, ValueError, TypeError) as e:
+        raise DataError(f"{path}: not a valid quantization config ({e})") from None
+    if spec.method not in METHODS:
+        raise DataError(f"{path}: method {spec.method!r}, expected one of {', '.join(METHODS)}")
+    if spec.format_version != 1:
+        raise DataError(f"{path}: format_version {spec.format_version}, this lmforge reads version 1")
+    return spec
+
+
+def _empty_layer(spec: QuantSpec, linear: nn.Linear) -> nn.Module:
+    """A quantized module of the right shapes (values come from the file)."""
+    bias = linear.bias is not None
+    n_in, n_out = linear.in_features, linear.out_features
+    if spec.method == "int8":
+        return Int8Linear(n_in, n_out, bias)
+    if spec.method.startswith("int4"):
+        return Int4Linear(n_in, n_out, bias, spec.group_size)
+    return QNF4Linear(n_in, n_out, bias, spec.group_size)
+
+
+def load_quantized(
+    directory: str | Path, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
+) -> Transformer:
+    """The quantized model in eval mode; full-precision tensors in `dtype`, quantized buffers as stored."""
+    d = Path(directory)
+    spec = read_spec(d)
+    try:
+        cfg = ModelConfig.model_validate(json.loads((d / MODEL_CONFIG).read_text("utf-8")))
+    except (OSError, ValueError) as e:
+        raise DataError(f"{d / MODEL_CONFIG}: not a valid model config ({e})") from None
+    if not (d / WEIGHTS).is_file():
+        raise DataError(f"{d / WEIGHTS}: not found")
+    with torch.device("meta"):  # no memory: every tensor is assigned from the file below
+        model = Transformer(cfg)
+        for name in spec.layers:
+            try:
+                linear = model.get_submodule(name)
+            except AttributeError:
+                raise DataError(f"{d / QUANT_CONFIG}: layer {name!r} is not in the model") from None
+            if not isinstance(linear, nn.Linear):
+                raise DataError(f"{d / QUANT_CONFIG}: layer {name!r} is not a Linear layer")
+            set_module(model, name, _empty_layer(spec, linear))
+    sd = load_file(str(d / WEIGHTS))
+    missing, unexpected = model.load_state_dict(sd, strict=False, assign=True)
+    if missing or unexpected:
+        raise DataError(
+            f"{d / WEIGHTS}: weights do not match {QUANT_CONFIG} and {MODEL_CONFIG} "
+            f"(missing: {missing[:5]}, unexpected: {unexpected[:5]})"
+        )
+    for mod in model.modules():  # full-precision parameters follow `dtype`; codes and scales keep theirs
+        for pname, p in list(mod.named_parameters(recurse=False)):
+            setattr(mod, pname, nn.Parameter(p.detach().to(dtype), requires_grad=False))
+        if isinstance(mod, QNF4Linear):
+            mod.dtype = dtype
+    if cfg.arch == "llama":  # the RoPE tables are not saved: rebuild them (fp32)
+        model.rope_cos, model.rope_sin = rope_tables(cfg)
+    model.to(device)
+    setattr(model, "quant_spec", spec)  # noqa: B010
+    return model.eval()
+
+
 __all__ = [
+    "FORMAT_VERSION",
+    "METHODS",
+    "QUANT_CONFIG",
     "QUANT_LINEARS",
     "Int4Linear",
     "Int8Linear",
     "QNF4Linear",
+    "QuantSpec",
     "int4_params",
+    "is_quantized_dir",
+    "load_quantized",
     "pack_int4",
     "packed_bytes",
     "quantize_int4_with",
     "quantize_int8",
+    "read_spec",
+    "save_quantized",
+    "set_module",
     "unpack_int4",
 ]
