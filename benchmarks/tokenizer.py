@@ -170,8 +170,9 @@ def main() -> int:
 
     from lmforge.data.tokenize import TokenizeConfig
     from lmforge.data.tokenize import run as tokenize_run
-    from lmforge.tokenizer import TokenizerTrainConfig, load_tokenizer
-    from lmforge.tokenizer import run as train_run
+    from lmforge.data.tokenizer_train import TokenizerTrainConfig
+    from lmforge.data.tokenizer_train import run as train_run
+    from lmforge.tokenizer import load_tokenizer
 
     docs = corpus()
     texts = [d["text"] for d in docs]

@@ -16,9 +16,8 @@ import openai
 import pytest
 
 from lmforge.errors import ConfigError
-from lmforge.serve.app import BackgroundServer
 from lmforge.serve.app import main as serve_main
-from serve_helpers import close, make_app, tiny_model
+from serve_helpers import BackgroundServer, close, make_app, tiny_model
 
 KEY = "sk-test-0123456789abcdef"
 

@@ -16,8 +16,7 @@ from typing import Any
 import httpx
 import pytest
 
-from lmforge.serve.app import BackgroundServer
-from serve_helpers import close, make_app
+from serve_helpers import BackgroundServer, close, make_app
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMEDRIVER = shutil.which("chromedriver")

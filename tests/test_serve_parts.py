@@ -190,7 +190,7 @@ def test_a_template_that_edits_messages_still_cannot_be_given_special_tokens() -
 
 
 def test_a_template_that_raises_is_a_400_naming_messages() -> None:
-    from lmforge.serve.app import ApiError
+    from lmforge.serve.protocol import ApiError
     from serve_helpers import close, make_app
 
     app = make_app()

@@ -260,7 +260,7 @@ def test_special_token_strings_in_documents_stay_text(inputs: tuple[Path, Path],
 
 def test_demo_configs_load_with_the_make_demo_overrides() -> None:
     from lmforge.config import load_config
-    from lmforge.tokenizer import TokenizerTrainConfig
+    from lmforge.data.tokenizer_train import TokenizerTrainConfig
 
     root = Path(__file__).resolve().parents[1] / "configs" / "demo"
     tc = load_config(

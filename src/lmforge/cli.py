@@ -23,7 +23,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "ingest, clean, deduplicate, mask PII and decontaminate raw text",
     ),
     "data verify": ("lmforge.data.verify:main", "check a stage's output against its SHA-256 manifest"),
-    "tokenizer train": ("lmforge.tokenizer:main", "train a byte-level BPE tokenizer with a chat template"),
+    "tokenizer train": (
+        "lmforge.data.tokenizer_train:main",
+        "train a byte-level BPE tokenizer with a chat template",
+    ),
     "tokenize": ("lmforge.data.tokenize:main", "turn curated documents into token shards"),
     "model info": ("lmforge.model.info:main", "parameters, shapes, FLOPs and memory of a model"),
     "pretrain": ("lmforge.train.pretrain:main", "train a model on token shards (CPU, GPU, torchrun)"),

@@ -1,35 +1,42 @@
-"""Byte-level BPE tokenizers: train on curated documents, save/load as a Hugging Face folder, chat template.
+"""Byte-level BPE tokenizers: train, save/load as a Hugging Face folder, chat template, guarded chat encoding.
 
-    lmforge tokenizer train -c configs/demo/tokenizer.yaml input=runs/demo/curated output=runs/demo/tokenizer
+    tok = load_tokenizer("runs/demo/tokenizer")
+    ids = tok.encode_chat([{"role": "user", "content": "Hi"}], add_generation_prompt=True)
 
 Byte-level BPE (GPT-2 style pre-tokenizer, no Unicode normaliser) encodes any string and decodes it back
 exactly. The output folder loads with `transformers.AutoTokenizer.from_pretrained(dir)` and with
 `lmforge.tokenizer.load_tokenizer(dir)`; both give the same ids and render the same chat template.
 
-Training holds out a stable hash-selected share of documents (the same hash as `tokenize`'s validation
-split) and reports bytes per token on them: the number that decides whether a vocabulary size pays off.
+`encode_chat` is the one way lmforge turns a conversation into ids (serve, chat, generate, the SFT and
+DPO data): special tokens come only from the template's own markers, never from message text, so a
+user typing `<|im_end|><|im_start|>system` gets ordinary text tokens. The command that trains a
+tokenizer on curated documents is `lmforge.data.tokenizer_train`.
 """
 
 from __future__ import annotations
 
 import json
-import sys
-import time
-from collections.abc import Iterable, Iterator, Sequence
+import uuid
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from pydantic import Field, field_validator
+import jinja2
+import jinja2.ext
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+from pydantic import Field
+from tokenizers import Tokenizer as Backend
+from tokenizers import decoders, models, pre_tokenizers, trainers
 
-from lmforge.config import Section, parse_command, save_config
+from lmforge.config import Section
 from lmforge.errors import ConfigError, DataError
 from lmforge.io import atomic_write_json, atomic_write_text
 
 TOKENIZER_JSON = "tokenizer.json"
 TOKENIZER_CONFIG = "tokenizer_config.json"
 SPECIAL_TOKENS_MAP = "special_tokens_map.json"
-REPORT = "report.json"
 # The files that make a tokenizer (what `tokenize` copies next to its shards).
 TOKENIZER_FILES = (TOKENIZER_JSON, TOKENIZER_CONFIG, SPECIAL_TOKENS_MAP)
 
@@ -64,47 +71,8 @@ class SpecialTokensConfig(Section):
         return tokens
 
 
-class TokenizerTrainConfig(Section):
-    input: Path = Field(description="curated documents directory (output of `lmforge prepare`)")
-    output: Path = Field(description="tokenizer directory to write (a Hugging Face tokenizer folder)")
-    vocab_size: int = Field(
-        8192,
-        ge=300,
-        le=1 << 20,
-        description="tokens in the vocabulary, special tokens and 256 bytes included",
-    )
-    min_frequency: int = Field(2, ge=1, description="a pair must occur this often to be merged")
-    special_tokens: SpecialTokensConfig = Field(default_factory=SpecialTokensConfig)
-    chat_template: str = Field(CHATML_TEMPLATE, description="Jinja chat template (transformers' dialect)")
-    model_max_length: int = Field(2048, ge=1, description="context length recorded for transformers")
-    heldout_fraction: float = Field(
-        0.02, ge=0.0, lt=1.0, description="share of documents held out of training to measure bytes/token"
-    )
-    seed: int = Field(0, description="salt of the stable document hash that picks held-out documents")
-    max_train_bytes: int = Field(0, ge=0, description="train on at most this many UTF-8 bytes (0 = all)")
-    overwrite: bool = Field(False, description="replace an existing output directory")
-    verify_input: bool = Field(True, description="check the input's SHA-256 manifest first")
-
-    @field_validator("chat_template")
-    @classmethod
-    def _template_compiles(cls, value: str) -> str:
-        import jinja2
-
-        try:
-            _jinja_env().from_string(value)
-        except jinja2.TemplateSyntaxError as e:
-            raise ValueError(f"chat template does not compile: {e.message} (line {e.lineno})") from e
-        return value
-
-
-CONFIG = TokenizerTrainConfig
-
-
 def _jinja_env() -> Any:
     """The sandboxed Jinja environment transformers renders chat templates with (same options, globals)."""
-    import jinja2
-    import jinja2.ext
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
 
     def raise_exception(message: str) -> None:
         raise jinja2.exceptions.TemplateError(message)
@@ -127,6 +95,26 @@ def _jinja_env() -> Any:
     env.globals["raise_exception"] = raise_exception
     env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
     return env
+
+
+def check_chat_template(template: str) -> None:
+    """ValueError (with the line) when a Jinja chat template does not compile."""
+    try:
+        _jinja_env().from_string(template)
+    except jinja2.TemplateSyntaxError as e:
+        raise ValueError(f"chat template does not compile: {e.message} (line {e.lineno})") from e
+
+
+@dataclass(frozen=True)
+class RenderedChat:
+    """A chat template's output and the character span of each message's content in it.
+
+    `content_spans` is None when the template rewrites contents (they cannot be located); the contents
+    were then rendered with their special-token strings removed.
+    """
+
+    text: str
+    content_spans: tuple[tuple[int, int], ...] | None
 
 
 def _token_text(value: Any) -> str | None:
@@ -168,6 +156,12 @@ class Tokenizer:
         self.bos_id = self.special_tokens[self.bos_token]
         self.pad_id = self.special_tokens[self.pad_token]
         self._template: Any = None
+        self._plain_backend: Any = None  # the same vocabulary with special-token parsing off
+        # Every special added token (HF tokenizers reserve more than they list), as message text must not make one.
+        added = backend.get_added_tokens_decoder()
+        self._special_ids = {int(i) for i, t in added.items() if t.special} | set(
+            self.special_tokens.values()
+        )
 
     @property
     def vocab_size(self) -> int:
@@ -190,12 +184,8 @@ class Tokenizer:
         What `tokenize` uses on documents (like tiktoken's `encode_ordinary`): a document that quotes a
         special token cannot inject an EOS or a role marker into the training stream.
         """
-        from tokenizers import Tokenizer as Backend
-
-        backend = Backend.from_str(self.backend.to_str())
-        backend.encode_special_tokens = True
         return Tokenizer(
-            backend,
+            self._plain(),
             eos_token=self.eos_token,
             bos_token=self.bos_token,
             pad_token=self.pad_token,
@@ -203,6 +193,12 @@ class Tokenizer:
             chat_template=self.chat_template,
             model_max_length=self.model_max_length,
         )
+
+    def _plain(self) -> Any:
+        if self._plain_backend is None:
+            self._plain_backend = Backend.from_str(self.backend.to_str())
+            self._plain_backend.encode_special_tokens = True
+        return self._plain_backend
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
         return str(self.backend.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens))
@@ -222,6 +218,92 @@ class Tokenizer:
                 pad_token=self.pad_token,
             )
         )
+
+    def strip_special_tokens(self, text: str) -> str:
+        """`text` without special-token strings, until stable: "<|im_<|im_end|>end|>" rebuilds one."""
+        while any(s in text for s in self.special_tokens):
+            for special in self.special_tokens:
+                text = text.replace(special, "")
+        return text
+
+    def render_chat(
+        self, messages: list[dict[str, str]], add_generation_prompt: bool = False
+    ) -> RenderedChat:
+        """The template applied to `messages`, with where each message's content landed.
+
+        The template is rendered once around unique placeholders to find the contents; if putting the
+        contents back does not give the real rendering (a template that trims or edits contents), the
+        spans are unknown and the contents are rendered with special-token strings removed instead.
+        """
+        real = self.apply_chat_template(messages, add_generation_prompt)
+        marks = [f"\x00{uuid.uuid4().hex}\x00" for _ in messages]
+        shell = self.apply_chat_template(
+            [{**m, "content": mark} for m, mark in zip(messages, marks, strict=True)], add_generation_prompt
+        )
+        if all(shell.count(mark) == 1 for mark in marks):
+            parts: list[str] = []
+            spans: list[tuple[int, int]] = [(0, 0)] * len(messages)
+            pos = size = 0
+            for at, i in sorted((shell.index(mark), i) for i, mark in enumerate(marks)):
+                content = messages[i]["content"]
+                parts += [shell[pos:at], content]
+                size += at - pos
+                spans[i] = (size, size + len(content))
+                size += len(content)
+                pos = at + len(marks[i])
+            if "".join(parts) + shell[pos:] == real:
+                return RenderedChat(real, tuple(spans))
+        clean = [{**m, "content": self.strip_special_tokens(m["content"])} for m in messages]
+        return RenderedChat(self.apply_chat_template(clean, add_generation_prompt), None)
+
+    def encode_rendered(
+        self, chat: RenderedChat, start: int = 0, end: int | None = None
+    ) -> tuple[list[int], list[tuple[int, int]]]:
+        """(ids, character offsets into the piece) of `chat.text[start:end]`, specials only from the template.
+
+        The piece is encoded whole, as transformers would; only if a special token in that encoding
+        overlaps a message's content is it re-encoded in pieces, the contents as plain text. So ordinary
+        conversations get exactly the ids of the rendered string.
+        """
+        end = len(chat.text) if end is None else end
+        text = chat.text[start:end]
+        spans = [
+            (max(a - start, 0), min(b, end) - start)
+            for a, b in chat.content_spans or ()
+            if a < end and b > start
+        ]
+        enc = self.backend.encode(text, add_special_tokens=False)
+        forged = any(
+            tid in self._special_ids and s < b and e > a
+            for tid, (s, e) in zip(enc.ids, enc.offsets, strict=True)
+            for a, b in spans
+        )
+        if not forged:
+            return list(enc.ids), [(int(s), int(e)) for s, e in enc.offsets]
+        return self._encode_pieces(text, spans)
+
+    def _encode_pieces(
+        self, text: str, spans: list[tuple[int, int]]
+    ) -> tuple[list[int], list[tuple[int, int]]]:
+        """Template text with special tokens live, each content span as plain text; offsets into `text`."""
+        ids: list[int] = []
+        offsets: list[tuple[int, int]] = []
+        pos = 0
+        for a, b in [*sorted(spans), (len(text), len(text))]:
+            for backend, lo, hi in ((self.backend, pos, a), (self._plain(), a, b)):
+                if hi > lo:
+                    enc = backend.encode(text[lo:hi], add_special_tokens=False)
+                    ids += enc.ids
+                    offsets += [(lo + s, lo + e) for s, e in enc.offsets]
+            pos = max(pos, b)
+        return ids, offsets
+
+    def encode_chat(
+        self, messages: list[dict[str, str]], add_generation_prompt: bool = False, add_bos: bool = False
+    ) -> list[int]:
+        """Token ids of the rendered conversation; message text can never become a special token."""
+        ids, _ = self.encode_rendered(self.render_chat(messages, add_generation_prompt))
+        return [self.bos_id, *ids] if add_bos else ids
 
     def hf_config(self) -> dict[str, Any]:
         """tokenizer_config.json as `transformers.AutoTokenizer` reads it."""
@@ -261,8 +343,6 @@ class Tokenizer:
 
 def load_tokenizer(path: Path | str) -> Tokenizer:
     """Load a tokenizer folder (ours or a Hugging Face one with tokenizer.json + tokenizer_config.json)."""
-    from tokenizers import Tokenizer as Backend
-
     directory = Path(path)
     tj, tc = directory / TOKENIZER_JSON, directory / TOKENIZER_CONFIG
     for f in (tj, tc):
@@ -305,9 +385,6 @@ def train_tokenizer(
     show_progress: bool = False,
 ) -> Tokenizer:
     """Train byte-level BPE on `texts`: special tokens get ids 0.., the 256 byte symbols next, merges after."""
-    from tokenizers import Tokenizer as Backend
-    from tokenizers import decoders, models, pre_tokenizers, trainers
-
     special = special_tokens or SpecialTokensConfig()
     ordered = special.ordered()
     if vocab_size < len(ordered) + 256:
@@ -344,124 +421,14 @@ def bytes_per_token(tok: Tokenizer, texts: Sequence[str], batch: int = 256) -> t
     return nbytes, ntok
 
 
-class _Splitter:
-    """Feeds training documents to the trainer and keeps held-out ones aside.
-
-    The last training document is held back one step, so that when hashing picked no held-out document
-    (tiny corpora) it becomes the held-out one instead: >= 2 documents always give a measurable report.
-    """
-
-    def __init__(self, docs: Iterable[dict[str, Any]], fraction: float, seed: int, max_bytes: int) -> None:
-        self.docs, self.fraction, self.seed, self.max_bytes = docs, fraction, seed, max_bytes
-        self.heldout: list[str] = []
-        self.train_docs = self.train_bytes = self.total_docs = 0
-
-    def __iter__(self) -> Iterator[str]:
-        from lmforge.data.shards import doc_fraction
-
-        pending: str | None = None
-        for i, doc in enumerate(self.docs):
-            self.total_docs += 1
-            text = doc["text"]
-            if doc_fraction(str(doc.get("id", i)), self.seed) < self.fraction:
-                self.heldout.append(text)
-                continue
-            if self.max_bytes and self.train_bytes >= self.max_bytes:
-                continue
-            if pending is not None:
-                yield pending
-            pending = text
-            self.train_docs += 1
-            self.train_bytes += len(text.encode("utf-8"))
-        if pending is not None:
-            if not self.heldout and self.fraction > 0 and self.total_docs >= 2:
-                self.heldout.append(pending)
-                self.train_docs -= 1
-                self.train_bytes -= len(pending.encode("utf-8"))
-            else:
-                yield pending
-
-
-def run(cfg: TokenizerTrainConfig) -> dict[str, Any]:
-    """Train, measure, save; returns the report."""
-    from rich.console import Console
-
-    from lmforge.data.curated import curated_shards, iter_curated
-    from lmforge.data.manifest import ensure_verified, write_manifest
-    from lmforge.io import check_output, staged_output
-
-    console = Console(stderr=True)
-    check_output(cfg.output, cfg.overwrite)
-    ensure_verified(cfg.input, skip=not cfg.verify_input)
-    curated_shards(cfg.input)  # a clear DataError when the directory holds no documents
-    splitter = _Splitter(iter_curated(cfg.input), cfg.heldout_fraction, cfg.seed, cfg.max_train_bytes)
-    t0 = time.perf_counter()
-    tok = train_tokenizer(
-        splitter,
-        vocab_size=cfg.vocab_size,
-        min_frequency=cfg.min_frequency,
-        special_tokens=cfg.special_tokens,
-        chat_template=cfg.chat_template,
-        model_max_length=cfg.model_max_length,
-        show_progress=sys.stderr.isatty(),
-    )
-    train_seconds = time.perf_counter() - t0
-    if splitter.train_docs == 0:
-        raise DataError(
-            f"{cfg.input}: no documents left to train on (heldout_fraction={cfg.heldout_fraction})"
-        )
-    hb, ht = bytes_per_token(tok, splitter.heldout)
-    report = {
-        "vocab_size": tok.vocab_size,
-        "requested_vocab_size": cfg.vocab_size,
-        "special_tokens": tok.special_tokens,
-        "train_seconds": round(train_seconds, 3),
-        "train_documents": splitter.train_docs,
-        "train_bytes": splitter.train_bytes,
-        "train_mb_per_s": round(splitter.train_bytes / 1e6 / max(train_seconds, 1e-9), 3),
-        "heldout_documents": len(splitter.heldout),
-        "heldout_bytes": hb,
-        "heldout_tokens": ht,
-        "bytes_per_token": round(hb / ht, 4) if ht else None,
-        "utf8_bytes_per_token": 1.0,  # the baseline: a byte-level model without merges
-    }
-    with staged_output(cfg.output, overwrite=cfg.overwrite, resume=False) as stage:
-        tok.save(stage)
-        atomic_write_json(stage / REPORT, report)
-        save_config(cfg, stage, "tokenizer train")
-        write_manifest(stage, stage="tokenizer train")
-    bpt = report["bytes_per_token"]
-    console.print(
-        f"tokenizer: {tok.vocab_size} tokens, trained on {splitter.train_docs:,} docs "
-        f"({splitter.train_bytes / 1e6:.1f} MB) in {train_seconds:.1f} s; held-out {len(splitter.heldout):,} docs "
-        f"({hb / 1e6:.2f} MB): {bpt if bpt is not None else 'n/a'} bytes/token (UTF-8 bytes: 1.0) -> {cfg.output}"
-    )
-    return report
-
-
-def main(argv: list[str]) -> int:
-    cfg = parse_command(
-        argv,
-        CONFIG,
-        "tokenizer train",
-        "Train a byte-level BPE tokenizer on curated documents and save it as a Hugging Face tokenizer folder "
-        "(tokenizer.json, tokenizer_config.json with the chat template), with a bytes-per-token report "
-        "on held-out documents.",
-        "lmforge tokenizer train -c configs/demo/tokenizer.yaml input=runs/demo/curated output=runs/demo/tokenizer",
-    )
-    run(cfg)
-    return 0
-
-
 __all__ = [
     "CHATML_TEMPLATE",
-    "CONFIG",
     "TOKENIZER_FILES",
+    "RenderedChat",
     "SpecialTokensConfig",
     "Tokenizer",
-    "TokenizerTrainConfig",
     "bytes_per_token",
+    "check_chat_template",
     "load_tokenizer",
-    "main",
     "train_tokenizer",
 ]

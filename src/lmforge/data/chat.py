@@ -40,6 +40,7 @@ from lmforge.config import Section
 from lmforge.data.batch import IGNORE_INDEX
 from lmforge.errors import DataError
 from lmforge.io import iter_jsonl
+from lmforge.tokenizer import CHATML_TEMPLATE
 
 Format = Literal["chat", "prompt_completion", "alpaca"]
 ROLES = ("system", "user", "assistant")
@@ -198,17 +199,10 @@ def encode_messages(tok: Any, messages: list[dict[str, str]], loss_on: str, wher
     _check_no_special(tok, messages, where)
     if loss_on == "assistant" and not any(m["role"] == "assistant" for m in messages):
         raise DataError(f"{where}: no assistant message to learn from (or set data.loss_on=all)")
-    full, spans = (
-        assistant_spans(tok, messages, where)
-        if loss_on == "assistant"
-        else (
-            tok.apply_chat_template(messages),
-            [],
-        )
-    )
-    enc = tok.backend.encode(full, add_special_tokens=False)
-    mask = [True] * len(enc.ids) if loss_on == "all" else _mask_from_offsets(enc.offsets, spans)
-    return Example(list(enc.ids), mask, where)
+    spans = assistant_spans(tok, messages, where)[1] if loss_on == "assistant" else []
+    ids, offsets = tok.encode_rendered(tok.render_chat(messages))
+    mask = [True] * len(ids) if loss_on == "all" else _mask_from_offsets(offsets, spans)
+    return Example(ids, mask, where)
 
 
 def encode_plain(tok: Any, prompt: str, completion: str, loss_on: str, where: str) -> Example:
@@ -270,8 +264,6 @@ def read_examples(
 def check_template(tok: Any, cfg: SFTDataConfig) -> None:
     """A tokenizer folder without a chat template gets lmforge's ChatML default on load; if its vocabulary
     lacks the ChatML markers, they would be spelled out in pieces: refuse rather than train on that."""
-    from lmforge.tokenizer import CHATML_TEMPLATE
-
     if cfg.template == "chat" and tok.chat_template == CHATML_TEMPLATE:
         missing = [t for t in ("<|im_start|>", "<|im_end|>") if t not in tok.special_tokens]
         if missing:

@@ -106,22 +106,22 @@ class PairEncoder:
             p = rec["prompt"]
             msgs = [{"role": "user", "content": p}] if isinstance(p, str) else _messages(p, where, "prompt")
             self._check_special(msgs, where, "prompt")
-            head = self.tok.apply_chat_template(msgs, add_generation_prompt=True)
-            prompt = self.tok.encode(head, add_bos=self.add_bos)
+            head = self.tok.render_chat(msgs, add_generation_prompt=True).text
+            prompt = self.tok.encode_chat(msgs, add_generation_prompt=True, add_bos=self.add_bos)
             responses = []
             for k in ("chosen", "rejected"):
                 r = rec[k]
                 turn = [{"role": "assistant", "content": r}] if isinstance(r, str) else _messages(r, where, k)
                 self._check_special(turn, where, k)
-                full = self.tok.apply_chat_template(msgs + turn)
-                if not full.startswith(head):
+                full = self.tok.render_chat(msgs + turn)
+                if not full.text.startswith(head):
                     raise DataError(
                         f"{where}: the chat template does not render the prompt with a generation prompt as "
                         f"a prefix of prompt + {k}; use plain-text records for this tokenizer"
                     )
                 # Encoded apart from the prompt, as at generation time; the reply and its end-of-turn
                 # marker are targets, the newline after the marker is not (as in SFT, data/chat.py).
-                responses.append(self.tok.encode(full[len(head) :].rstrip()))
+                responses.append(self.tok.encode_rendered(full, len(head), len(full.text.rstrip()))[0])
         for k, r in zip(("chosen", "rejected"), responses, strict=True):
             if not r:
                 raise DataError(f"{where}: key {k!r} is an empty response (nothing to compare)")

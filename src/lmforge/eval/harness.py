@@ -25,6 +25,7 @@ import torch
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 
+from lmforge.device import pick_device
 from lmforge.errors import ConfigError
 from lmforge.model.source import load_model
 
@@ -46,7 +47,6 @@ class LmforgeLM(TemplateLM):
     def __init__(self, path: str | None = None, **kwargs: Any) -> None:
         super().__init__()
         from lmforge.infer.engine import Engine
-        from lmforge.infer.generate import resolve_device
 
         if path is None:
             path = kwargs.pop("pretrained", None)
@@ -56,9 +56,7 @@ class LmforgeLM(TemplateLM):
         device = str(kwargs.pop("device", None) or "auto")
         if device.startswith("cuda") and not torch.cuda.is_available():
             device = "cpu"  # lm_eval's --device defaults to cuda; follow the machine rather than fail
-        self.model, self.tok = load_model(
-            str(path), device=resolve_device(device) if device in ("auto", "cuda", "cpu") else device
-        )
+        self.model, self.tok = load_model(str(path), device=pick_device(device, key="model_args: device"))
         self.max_length = _int(kwargs, "max_length", None) or self.model.cfg.max_seq_len
         self.max_gen_toks = _int(kwargs, "max_gen_toks", 256) or 256
         kwargs.pop("dtype", None)

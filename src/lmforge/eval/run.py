@@ -24,6 +24,7 @@ import torch
 from pydantic import Field
 
 from lmforge.config import Section, parse_command, save_config
+from lmforge.device import pick_device
 from lmforge.errors import DataError
 from lmforge.io import atomic_write_json, atomic_write_text, check_output, staged_output
 from lmforge.model.source import load_model
@@ -182,7 +183,6 @@ def run(cfg: EvalConfig) -> dict[str, Any]:
 
     from lmforge.data.manifest import write_manifest
     from lmforge.infer.engine import Engine
-    from lmforge.infer.generate import resolve_device
 
     console = Console(stderr=True)
     check_output(Path(cfg.output), cfg.overwrite)
@@ -192,7 +192,7 @@ def run(cfg: EvalConfig) -> dict[str, Any]:
     names = [_task_name(t) for t in cfg.tasks]
     if len(set(names)) != len(names):
         raise DataError(f"tasks: two tasks share a name ({names}); give them distinct `name`s")
-    model, tok = load_model(cfg.model, device=resolve_device(cfg.device))
+    model, tok = load_model(cfg.model, device=pick_device(cfg.device))
     engine = Engine(model, tok, max_batch_size=cfg.batch_size)
     t0 = time.perf_counter()
     results = []

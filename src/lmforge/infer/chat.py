@@ -17,12 +17,13 @@ import torch
 from pydantic import Field
 
 from lmforge.config import Section, parse_command
+from lmforge.device import pick_device
+from lmforge.infer.engine import Engine, GenerationRequest
+from lmforge.infer.prompting import stop_at_turn_end
 from lmforge.infer.sampling import SamplingParams
 from lmforge.model.source import load_model
 
 COMMAND = "chat"
-# Special tokens that end an assistant turn in common templates (ChatML, Llama 3, Phi, Gemma, Llama 2).
-TURN_ENDS = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "</s>", "<|endoftext|>")
 
 
 def _default_sampling() -> SamplingParams:
@@ -43,18 +44,12 @@ DESCRIPTION = "Chat with a model in the terminal; replies stream token by token 
 EXAMPLE = 'lmforge chat model=runs/demo/sft system="You are terse."'
 
 
-def turn_end_ids(tok: Any) -> list[int]:
-    return sorted({tid for text, tid in tok.special_tokens.items() if text in TURN_ENDS} | {tok.eos_id})
-
-
 class ChatSession:
     """The conversation state and one reply at a time; separate from the terminal for testing."""
 
     def __init__(self, engine: Any, tok: Any, system: str | None, params: SamplingParams) -> None:
         self.engine, self.tok, self.system = engine, tok, system
-        self.params = params.model_copy(
-            update={"stop_token_ids": [*params.stop_token_ids, *turn_end_ids(tok)]}
-        )
+        self.params = stop_at_turn_end(tok, params)
         self.messages: list[dict[str, str]] = []
 
     def reset(self, system: str | None = None) -> None:
@@ -63,20 +58,17 @@ class ChatSession:
             self.system = system
 
     def prompt_ids(self) -> list[int]:
-        """The template applied to the conversation, oldest turns dropped until a reply fits."""
+        """The guarded chat encoding of the conversation, oldest turns dropped until a reply fits."""
         head = [{"role": "system", "content": self.system}] if self.system else []
         budget = self.engine.max_seq_len - min(self.params.max_tokens, self.engine.max_seq_len // 2)
         msgs = list(self.messages)
         while True:
-            text = self.tok.apply_chat_template(head + msgs, add_generation_prompt=True)
-            ids: list[int] = self.tok.encode(text)
+            ids: list[int] = self.tok.encode_chat(head + msgs, add_generation_prompt=True)
             if len(ids) <= budget or len(msgs) <= 1:
                 return ids[-budget:]
             msgs = msgs[2:] if len(msgs) > 2 else msgs[1:]  # drop the oldest user + assistant pair
 
     def reply(self, user: str, out: TextIO) -> str:
-        from lmforge.infer.engine import GenerationRequest
-
         self.messages.append({"role": "user", "content": user})
         parts = []
         for ev in self.engine.stream(GenerationRequest(self.prompt_ids(), self.params)):
@@ -115,13 +107,11 @@ def loop(session: ChatSession, inp: TextIO, out: TextIO) -> int:
 
 
 def main(argv: list[str]) -> int:
-    from lmforge.infer.engine import Engine
-    from lmforge.infer.generate import resolve_device
 
     cfg = parse_command(argv, CONFIG, COMMAND, DESCRIPTION, EXAMPLE)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    model, tok = load_model(cfg.model, device=resolve_device(cfg.device))
+    model, tok = load_model(cfg.model, device=pick_device(cfg.device))
     engine = Engine(model, tok, max_batch_size=1, max_seq_len=cfg.max_seq_len)
     session = ChatSession(engine, tok, cfg.system, cfg.sampling)
     if sys.stdin.isatty():
@@ -129,4 +119,4 @@ def main(argv: list[str]) -> int:
     return loop(session, sys.stdin, sys.stdout)
 
 
-__all__ = ["CONFIG", "TURN_ENDS", "ChatConfig", "ChatSession", "loop", "main", "turn_end_ids"]
+__all__ = ["CONFIG", "ChatConfig", "ChatSession", "loop", "main"]

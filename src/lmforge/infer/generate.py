@@ -20,7 +20,10 @@ import torch
 from pydantic import Field
 
 from lmforge.config import Section, parse_command
+from lmforge.device import pick_device
 from lmforge.errors import ConfigError, DataError
+from lmforge.infer.engine import Engine, GenerationRequest
+from lmforge.infer.prompting import encode_prompt, stop_at_turn_end
 from lmforge.infer.sampling import SamplingParams
 from lmforge.io import atomic_write_text, iter_jsonl, read_lines
 from lmforge.model.source import load_model
@@ -58,14 +61,6 @@ DESCRIPTION = (
 EXAMPLE = 'lmforge generate model=runs/demo/pretrain prompt="To be, or not" sampling.max_tokens=64'
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("device: 'cuda' requested but no CUDA device is available")
-    return torch.device(name)
-
-
 def read_prompt_file(path: Path) -> list[str]:
     if path.suffix == ".jsonl":
         out = []
@@ -88,28 +83,19 @@ def collect_prompts(cfg: GenerateConfig) -> list[str]:
     return prompts
 
 
-def encode_prompt(tok: Any, text: str, chat: bool, add_bos: bool) -> list[int]:
-    if chat:
-        text = tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True)
-    return list(tok.encode(text, add_bos=add_bos))
-
-
 def run(cfg: GenerateConfig, out: Any = None) -> list[dict[str, Any]]:
-    from lmforge.infer.engine import Engine, GenerationRequest
 
     out = out or sys.stdout
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     prompts = collect_prompts(cfg)
-    model, tok = load_model(cfg.model, device=resolve_device(cfg.device), dtype=getattr(torch, cfg.dtype))
+    model, tok = load_model(cfg.model, device=pick_device(cfg.device), dtype=getattr(torch, cfg.dtype))
     engine = Engine(
         model, tok, max_batch_size=cfg.batch_size, max_seq_len=cfg.max_seq_len, compile=cfg.compile
     )
     params = cfg.sampling
     if cfg.chat:  # the reply ends at the template's end-of-turn token, as in `lmforge chat`
-        from lmforge.infer.chat import turn_end_ids
-
-        params = params.model_copy(update={"stop_token_ids": [*params.stop_token_ids, *turn_end_ids(tok)]})
+        params = stop_at_turn_end(tok, params)
     requests = [GenerationRequest(encode_prompt(tok, p, cfg.chat, cfg.add_bos), params) for p in prompts]
     t0 = time.perf_counter()
     results: list[dict[str, Any]] = []
@@ -158,4 +144,4 @@ def main(argv: list[str]) -> int:
     return 0
 
 
-__all__ = ["CONFIG", "GenerateConfig", "collect_prompts", "encode_prompt", "main", "resolve_device", "run"]
+__all__ = ["CONFIG", "GenerateConfig", "collect_prompts", "main", "run"]

@@ -69,9 +69,12 @@ def apply_repetition_penalty(logits: Tensor, seen: Tensor, penalty: float) -> Te
 def filter_logits(logits: Tensor, params: SamplingParams) -> Tensor:
     """Temperature, top-k, top-p and min-p on (..., vocab) logits; removed tokens get -inf."""
     # Shift by the max before dividing: the softmax is unchanged, and a tiny temperature cannot overflow
-    # fp32 into inf - inf = NaN (the top token goes to 0, the rest towards -inf).
+    # fp32 into inf - inf = NaN (the top token goes to 0, the rest towards -inf). A temperature below fp32's
+    # smallest normal (1e-320 is valid JSON) would round to 0 and give 0 / 0: divide by that smallest instead.
     logits = logits.float()
-    logits = (logits - logits.amax(-1, keepdim=True)) / params.temperature
+    logits = (logits - logits.amax(-1, keepdim=True)) / max(
+        params.temperature, torch.finfo(torch.float32).tiny
+    )
     neg_inf = float("-inf")
     if params.top_k and params.top_k < logits.size(-1):
         kth = torch.topk(logits, params.top_k, dim=-1).values[..., -1:]  # (..., 1)

@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from lmforge.config import Section, parse_command, save_config
 from lmforge.data.manifest import ensure_verified, write_manifest
 from lmforge.data.shards import read_index
+from lmforge.device import pick_device
 from lmforge.errors import ConfigError, DataError
 from lmforge.eval.perplexity import shards_perplexity
 from lmforge.io import atomic_write_json, staged_output
@@ -123,13 +124,12 @@ def measure(model: Any, tok: Any, cfg: QuantizeConfig) -> dict[str, Any]:
 
 
 def run(cfg: QuantizeConfig) -> dict[str, Any]:
-    from lmforge.infer.generate import resolve_device
 
     console = Console(stderr=True)
     group = check_inputs(cfg)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    device = resolve_device(cfg.device)
+    device = pick_device(cfg.device)
     model, tok = load_model(cfg.model, device=device)
     if getattr(model, "quant_spec", None) is not None:
         raise ConfigError(f"model: {cfg.model} is already quantized; start from a full-precision model")

@@ -2,6 +2,9 @@
 
     lmforge serve runs/demo/pretrain port=8000
 
-Modules: `app` (routes, the CLI, the server), `auth` (API keys), `limits` (rate limits, body cap),
-`filters` (output wordlist), `batcher` (the engine's worker thread), `static/` (the chat page).
+Modules: `app` (the app factory and the CLI), `protocol` (request/response schemas, error bodies),
+`state` (the config and the request -> prompts + sampling checks), `edge` (keys, error shape, headers,
+logs, the chat page), `routes` (the endpoints and a completion's life), `auth` (API keys), `limits`
+(rate limits, body cap), `filters` (output wordlist), `batcher` (the engine's worker thread),
+`static/` (the chat page).
 """

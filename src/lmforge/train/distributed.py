@@ -21,6 +21,7 @@ import torch.distributed as dist
 from pydantic import Field
 from torch import nn
 
+import lmforge.device as lmdevice
 from lmforge.config import Section
 
 
@@ -62,13 +63,8 @@ def from_env() -> DistInfo:
 
 
 def pick_device(name: str, info: DistInfo) -> torch.device:
-    """'auto' = this rank's GPU when there is one, else the CPU."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda":
-        torch.cuda.set_device(info.local_rank)
-        return torch.device("cuda", info.local_rank)
-    return torch.device(name)
+    """'auto' = this rank's GPU when there is one, else the CPU (a missing device is a ConfigError)."""
+    return lmdevice.pick_device(name, local_rank=info.local_rank)
 
 
 def init(info: DistInfo, device: torch.device, timeout_s: int) -> None:

@@ -1,0 +1,216 @@
+"""The server's configuration and its shared state: a request -> prompt ids and the engine's sampling.
+
+`ServerState` holds what every route shares (engine worker, tokenizer, limits, filter) and turns a
+validated request into prompts and `SamplingParams`, refusing what this server cannot honour.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+import jinja2
+from pydantic import Field
+
+from lmforge.config import Section
+from lmforge.infer.sampling import SamplingParams
+from lmforge.serve.batcher import Batcher
+from lmforge.serve.filters import OutputFilter
+from lmforge.serve.limits import RateLimiter
+from lmforge.serve.protocol import ApiError, ApiRequest, ChatRequest, CompletionRequest
+from lmforge.tokenizer import Tokenizer
+
+
+class ServeConfig(Section):
+    model: str = Field(
+        description="model to serve: HF folder, lmforge run dir, model folder or checkpoint dir"
+    )
+    host: str = Field("127.0.0.1", description="address to bind; a non-loopback one requires API keys")
+    port: int = Field(8000, ge=0, le=65535, description="TCP port")
+    model_name: str | None = Field(None, description="model id in the API (default: the folder's name)")
+    device: str = Field("cpu", description="torch device: cpu, cuda, cuda:1, mps")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="weights' dtype")
+    compile: bool = Field(False, description="torch.compile the model's forward (slow first request)")
+    threads: int = Field(
+        0, ge=0, description="torch CPU threads (0 = torch's default; 1 is best on a busy machine)"
+    )
+    api_keys_env: str = Field("LMFORGE_API_KEYS", description="env var holding comma-separated API keys")
+    api_keys_file: str | None = Field(None, description="file with one API key per line (# comments)")
+    max_batch_size: int = Field(8, ge=1, description="most requests decoded together in one batch")
+    batch_wait_ms: float = Field(5.0, ge=0, description="how long a batch waits for more requests to join")
+    max_running_batches: int = Field(
+        4, ge=1, description="batches decoded in turn, so new requests need not wait (1 = static batching)"
+    )
+    interleave_min_steps: int = Field(
+        64, ge=0, description="start a batch beside running ones only if they have more steps than this to go"
+    )
+    max_queue: int = Field(64, ge=1, description="most requests waiting for the engine; more get 503")
+    max_body_bytes: int = Field(1_000_000, ge=1024, description="largest request body accepted (413 beyond)")
+    max_prompt_tokens: int | None = Field(
+        None, ge=1, description="longest prompt (default: the model's context)"
+    )
+    max_tokens_cap: int = Field(
+        1024, ge=1, description="largest max_tokens a request may ask for (400 beyond)"
+    )
+    default_max_tokens: int = Field(256, ge=1, description="max_tokens when a request does not set it")
+    max_n: int = Field(4, ge=1, description="most choices per request (n x prompts)")
+    requests_per_minute: int = Field(120, ge=0, description="per-key request limit (0 = none)")
+    tokens_per_minute: int = Field(
+        200_000, ge=0, description="per-key prompt + generated tokens limit (0 = none)"
+    )
+    request_timeout_s: float = Field(
+        300.0, gt=0, description="a request still running after this is cancelled"
+    )
+    output_wordlist: str | None = Field(None, description="file of words that end an answer (content_filter)")
+    log_prompts: bool = Field(False, description="log prompt text (off: logs never hold prompts or outputs)")
+    log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="server log level")
+
+
+def check_text(text: str, param: str) -> None:
+    try:
+        text.encode("utf-8")  # lone surrogates ("\ud800" in JSON) are not text
+    except UnicodeEncodeError:
+        raise ApiError(400, f"{param}: not valid Unicode (lone surrogate)", param=param) from None
+
+
+def stop_strings(req: ApiRequest) -> list[str]:
+    stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+    if len(stop) > 4 or any(not s or len(s) > 256 for s in stop):
+        raise ApiError(400, "stop: at most 4 non-empty strings of at most 256 characters", param="stop")
+    return stop
+
+
+def refuse_unsupported(req: ApiRequest) -> None:
+    if isinstance(req, CompletionRequest) and (req.echo or req.logprobs or req.suffix):
+        raise ApiError(400, "echo, logprobs and suffix are not supported", param="echo")
+    if isinstance(req, ChatRequest) and (req.logprobs or req.tools):
+        raise ApiError(400, "logprobs and tools are not supported", param="tools")
+
+
+class ServerState:
+    """Everything the routes share: engine worker, tokenizer, limits, filter. One per app."""
+
+    def __init__(self, engine: Any, tokenizer: Tokenizer, cfg: ServeConfig, keys: list[str]) -> None:
+        self.engine, self.tok, self.cfg, self.keys = engine, tokenizer, cfg, keys
+        self.model_id = cfg.model_name or Path(cfg.model).name or "lmforge"
+        self.context = int(getattr(engine, "max_seq_len", 0) or engine.model.cfg.max_seq_len)
+        self.vocab = int(engine.model.cfg.vocab_size)
+        self.max_prompt = min(cfg.max_prompt_tokens or self.context, self.context - 1)
+        self.limiter = RateLimiter(cfg.requests_per_minute, cfg.tokens_per_minute)
+        self.filter = OutputFilter.from_file(cfg.output_wordlist) if cfg.output_wordlist else None
+        self.batcher = Batcher(
+            engine,
+            max_batch_size=cfg.max_batch_size,
+            max_queue=cfg.max_queue,
+            batch_wait_s=cfg.batch_wait_ms / 1e3,
+            max_running_batches=cfg.max_running_batches,
+            interleave_min_steps=cfg.interleave_min_steps,
+        )
+        # A chat turn ends at any special token (ChatML's <|im_end|>, EOS): stop there, as chat clients expect.
+        self.chat_stop_ids = sorted({int(i) for i in tokenizer.special_tokens.values()})
+        self.created = int(time.time())
+        self.batcher.start()
+
+    def close(self) -> None:
+        self.batcher.close()
+
+    # -- request -> prompts + sampling params ----------------------------------------------------------
+    def _encode(self, text: str, param: str) -> list[int]:
+        check_text(text, param)
+        return list(self.tok.encode(text))
+
+    def chat_ids(self, msgs: list[dict[str, str]]) -> list[int]:
+        """Token ids of the chat prompt, where message text can never become a special token
+        (`Tokenizer.encode_chat`: a user's "<|im_end|><|im_start|>system" stays ordinary text)."""
+        for m in msgs:
+            check_text(m["content"], "messages")
+        try:
+            return self.tok.encode_chat(msgs, add_generation_prompt=True)
+        except jinja2.TemplateError as e:  # e.g. the template's raise_exception("roles must alternate")
+            raise ApiError(
+                400, f"messages: rejected by the model's chat template: {e}", param="messages"
+            ) from None
+
+    def prompts_of(self, req: ApiRequest) -> list[list[int]]:
+        if isinstance(req, ChatRequest):
+            msgs = []
+            for m in req.messages:
+                content = (
+                    m.content if isinstance(m.content, str) else "".join(p.text for p in m.content or [])
+                )
+                msgs.append({"role": "system" if m.role == "developer" else m.role, "content": content})
+            return [self.chat_ids(msgs)]
+        p = req.prompt
+        if isinstance(p, str):
+            return [self._encode(p, "prompt") or [int(self.tok.bos_id)]]
+        if not p:
+            raise ApiError(400, "prompt: empty list", param="prompt")
+        if isinstance(p[0], int):
+            ids = [int(t) for t in p]
+            bad = [t for t in ids if not 0 <= t < self.vocab]
+            if bad:
+                raise ApiError(400, f"prompt: token id {bad[0]} outside [0, {self.vocab})", param="prompt")
+            return [ids]
+        return [self._encode(s, "prompt") or [int(self.tok.bos_id)] for s in p]
+
+    def max_tokens_of(self, req: ApiRequest, longest: int) -> int:
+        """The request's max_tokens, checked against the cap and the context left after its prompt."""
+        cfg = self.cfg
+        if longest > self.max_prompt:
+            raise ApiError(
+                400,
+                f"prompt is {longest} tokens; this server accepts at most {self.max_prompt}",
+                param="prompt" if isinstance(req, CompletionRequest) else "messages",
+                code="context_length_exceeded",
+            )
+        asked = req.max_completion_tokens if isinstance(req, ChatRequest) else None
+        asked = asked or req.max_tokens
+        room = self.context - longest
+        if asked is None:
+            return min(cfg.default_max_tokens, cfg.max_tokens_cap, room)
+        if asked > cfg.max_tokens_cap:
+            raise ApiError(
+                400,
+                f"max_tokens is {asked}; this server allows at most {cfg.max_tokens_cap}",
+                param="max_tokens",
+            )
+        if asked > room:
+            raise ApiError(
+                400,
+                f"prompt ({longest} tokens) + max_tokens ({asked}) exceeds the model's context of "
+                f"{self.context} tokens",
+                param="max_tokens",
+                code="context_length_exceeded",
+            )
+        return asked
+
+    def params_of(self, req: ApiRequest, prompts: list[list[int]]) -> tuple[SamplingParams, int]:
+        """The engine's SamplingParams and the worst-case token count (for the tokens/minute limit)."""
+        refuse_unsupported(req)
+        choices = req.n * len(prompts)
+        if choices > self.cfg.max_n:
+            raise ApiError(
+                400, f"n x prompts = {choices}; this server allows at most {self.cfg.max_n}", param="n"
+            )
+        max_tokens = self.max_tokens_of(req, max(len(p) for p in prompts))
+        stop_ids = [  # ignore_eos: the end-of-text token does not end a chat reply either
+            i for i in self.chat_stop_ids if not (req.ignore_eos and i == self.tok.eos_id)
+        ]
+        params = SamplingParams(
+            max_tokens=max_tokens,
+            temperature=req.temperature,
+            top_k=req.top_k,
+            top_p=req.top_p,
+            min_p=req.min_p,
+            repetition_penalty=req.repetition_penalty,
+            stop=stop_strings(req),
+            stop_token_ids=stop_ids if isinstance(req, ChatRequest) else [],
+            seed=req.seed,
+            ignore_eos=req.ignore_eos,
+        )
+        worst = sum(len(p) for p in prompts) + choices * max_tokens
+        return params, worst
+
+
+__all__ = ["ServeConfig", "ServerState", "check_text", "refuse_unsupported", "stop_strings"]
