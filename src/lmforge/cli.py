@@ -9,6 +9,7 @@ Commands are imported only when run, so `lmforge --help` is instant and a stage'
 
 from __future__ import annotations
 
+import difflib
 import importlib
 import sys
 from collections.abc import Callable
@@ -81,8 +82,6 @@ def main(argv: list[str] | None = None) -> int:
     try:
         _, func, rest = resolve(argv)
     except KeyError:
-        import difflib
-
         close = difflib.get_close_matches(" ".join(argv[:2]), COMMANDS, n=1) or difflib.get_close_matches(
             argv[0], COMMANDS, n=1
         )

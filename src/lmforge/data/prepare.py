@@ -31,6 +31,7 @@ from typing import Any, Literal
 
 import zstandard
 from pydantic import Field
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from lmforge import __version__
 from lmforge.config import Section, parse_command, save_config
@@ -278,7 +279,6 @@ class _Progress:
     """A rich progress line with docs/s and MB/s (silent when stderr is not a terminal)."""
 
     def __init__(self, total_bytes: int | None) -> None:
-        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
         self.t0 = time.perf_counter()
         self.progress = Progress(

@@ -27,6 +27,10 @@ from lm_eval.api.registry import register_model
 
 from lmforge.device import pick_device
 from lmforge.errors import ConfigError
+from lmforge.eval.perplexity import stream_nll
+from lmforge.eval.tasks import score_continuations
+from lmforge.infer.engine import Engine, GenerationRequest
+from lmforge.infer.sampling import SamplingParams
 from lmforge.model.source import load_model
 
 
@@ -46,7 +50,6 @@ class LmforgeLM(TemplateLM):
 
     def __init__(self, path: str | None = None, **kwargs: Any) -> None:
         super().__init__()
-        from lmforge.infer.engine import Engine
 
         if path is None:
             path = kwargs.pop("pretrained", None)
@@ -85,7 +88,6 @@ class LmforgeLM(TemplateLM):
     def _loglikelihood_tokens(
         self, requests: list[Any], disable_tqdm: bool = False, **kwargs: Any
     ) -> list[Any]:
-        from lmforge.eval.tasks import score_continuations
 
         pairs = [(ctx, cont) for _, ctx, cont in requests]
         results = score_continuations(
@@ -97,7 +99,6 @@ class LmforgeLM(TemplateLM):
         return results
 
     def loglikelihood_rolling(self, requests: list[Any], disable_tqdm: bool = False) -> list[float]:
-        from lmforge.eval.perplexity import stream_nll
 
         out = []
         for req in requests:
@@ -109,8 +110,6 @@ class LmforgeLM(TemplateLM):
         return out
 
     def generate_until(self, requests: list[Any], disable_tqdm: bool = False) -> list[str]:
-        from lmforge.infer.engine import GenerationRequest
-        from lmforge.infer.sampling import SamplingParams
 
         reqs = []
         for req in requests:

@@ -22,10 +22,14 @@ from typing import Annotated, Any, Literal
 
 import torch
 from pydantic import Field
+from rich.console import Console
 
 from lmforge.config import Section, parse_command, save_config
+from lmforge.data.manifest import ensure_verified, write_manifest
 from lmforge.device import pick_device
 from lmforge.errors import DataError
+from lmforge.eval import perplexity, tasks
+from lmforge.infer.engine import Engine
 from lmforge.io import atomic_write_json, atomic_write_text, check_output, staged_output
 from lmforge.model.source import load_model
 
@@ -98,15 +102,12 @@ def _task_name(task: Any) -> str:
 
 
 def run_task(task: Any, model: Any, tok: Any, engine: Any, cfg: EvalConfig) -> dict[str, Any]:
-    from lmforge.eval import perplexity, tasks
 
     max_len = model.cfg.max_seq_len
     if task.type == "perplexity":
         seq_len = min(task.seq_len or max_len, max_len)
         files = [task.data] if isinstance(task.data, str) else task.data
         if len(files) == 1 and Path(files[0]).is_dir():
-            from lmforge.data.manifest import ensure_verified
-
             if cfg.verify_input:
                 ensure_verified(Path(files[0]))
             return perplexity.shards_perplexity(
@@ -179,10 +180,6 @@ def report_markdown(report: dict[str, Any]) -> str:
 
 
 def run(cfg: EvalConfig) -> dict[str, Any]:
-    from rich.console import Console
-
-    from lmforge.data.manifest import write_manifest
-    from lmforge.infer.engine import Engine
 
     console = Console(stderr=True)
     check_output(Path(cfg.output), cfg.overwrite)

@@ -19,6 +19,8 @@ from typing import Any
 
 import numpy as np
 import torch
+from rich.console import Console
+from rich.table import Table
 
 from lmforge.model.transformer import Transformer
 
@@ -137,8 +139,6 @@ def parity(
 
 
 def print_table(report: dict[str, Any], title: str) -> None:
-    from rich.console import Console
-    from rich.table import Table
 
     table = Table(title=title)
     table.add_column("check")

@@ -21,6 +21,8 @@ from typing import Any, Literal
 
 import yaml
 from pydantic import Field, field_validator
+from rich.console import Console
+from rich.table import Table
 
 from lmforge.config import Section, parse_command, valid_keys
 from lmforge.errors import ConfigError, LmforgeError
@@ -29,7 +31,9 @@ from lmforge.model.config import ModelConfig, num_params
 from lmforge.model.source import model_config
 from lmforge.plan.hardware import GIB, Hardware, get_hardware
 from lmforge.plan.memory import LORA_TARGETS, Setup, zero_memory
+from lmforge.plan.probe import probe
 from lmforge.plan.strategy import Choice, Infeasible, search
+from lmforge.train.configs import FinetuneConfig, PretrainConfig
 
 EXIT_DOES_NOT_FIT = 5
 
@@ -292,15 +296,7 @@ def overlay(c: Choice, cfg: PlanConfig) -> dict[str, Any]:
 
 def _split_supported(out: dict[str, Any], command: str) -> dict[str, Any]:
     """Keep the keys the command's schema has; the others go under `unsupported` for the reader."""
-    import importlib
-
-    from lmforge.cli import COMMANDS
-
-    module = COMMANDS[command][0].split(":")[0]
-    try:
-        keys = set(valid_keys(importlib.import_module(module).CONFIG))
-    except ImportError:
-        return {"config": out, "unsupported": {}}
+    keys = set(valid_keys(FinetuneConfig if command == "finetune" else PretrainConfig))
     kept: dict[str, Any] = {}
     dropped: dict[str, Any] = {}
     for k, v in out.items():
@@ -341,8 +337,6 @@ def _gib(x: float) -> str:
 
 
 def print_plan(p: dict[str, Any], probe_result: dict[str, Any] | None = None) -> None:
-    from rich.console import Console
-    from rich.table import Table
 
     con = Console()
     hw = p["hardware"]
@@ -429,7 +423,6 @@ def _flags(argv: list[str]) -> list[str]:
 
 
 def run_probe(p: dict[str, Any], cfg: PlanConfig) -> dict[str, Any]:
-    from lmforge.plan.probe import probe
 
     s = setup_of(p, cfg)
     if s.world > 1 and s.device == "gpu":

@@ -20,6 +20,8 @@ import torch
 import torch.distributed as dist
 from pydantic import Field
 from torch import nn
+from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
+from torch.nn.parallel import DistributedDataParallel
 
 import lmforge.device as lmdevice
 from lmforge.config import Section
@@ -114,11 +116,8 @@ def wrap(
     if not info.enabled:
         return model
     if cfg.strategy == "ddp":
-        from torch.nn.parallel import DistributedDataParallel
-
         ids = [device.index] if device.type == "cuda" else None
         return DistributedDataParallel(model, device_ids=ids)
-    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
     kw: dict[str, Any] = {"mp_policy": mp, "reshard_after_forward": cfg.reshard_after_forward}

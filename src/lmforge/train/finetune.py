@@ -18,24 +18,23 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field
 from torch import nn
 
-from lmforge.config import Section, save_config
+from lmforge.config import save_config
 from lmforge.data.batch import IGNORE_INDEX
-from lmforge.data.chat import Example, SFTData, SFTDataConfig, collate, load_sft, pack
+from lmforge.data.chat import Example, SFTData, collate, load_sft, pack
 from lmforge.data.order import EpochOrder
 from lmforge.io import atomic_write_json
-from lmforge.model.lora import LoraConfig
 from lmforge.model.source import load_base
 from lmforge.model.transformer import Transformer
 from lmforge.plan.auto import auto_micro_batch, install_oom_backoff
 from lmforge.train import distributed as D
-from lmforge.train.common import TrainConfig, parse_single_process, precision_setup
+from lmforge.train.common import parse_single_process, precision_setup
+from lmforge.train.configs import FinetuneConfig
 from lmforge.train.loop import LoopState, Trainer, settings_from
 from lmforge.train.metrics import MetricsLogger, read_metrics
 from lmforge.train.objectives import Batch, causal_lm
@@ -45,43 +44,6 @@ from lmforge.train.rundir import export_result, finish_run_dir, prepare_run_dir
 
 COMMAND = "finetune"
 SUMMARY = "summary.json"
-
-
-class FinetuneEvalConfig(Section):
-    every: int = Field(
-        50, ge=0, description="validation loss + exact match every N steps (0 = only at the end)"
-    )
-    batch_size: int = Field(8, ge=1, description="validation examples per forward pass")
-    max_examples: int = Field(
-        256, ge=0, description="evaluate on at most this many validation examples (0 = all)"
-    )
-
-
-class FinetuneConfig(TrainConfig):
-    base: str = Field(
-        ...,
-        description="base model: HF folder, lmforge model folder / run dir / checkpoint, or a preset (random init)",
-    )
-    tokenizer: str | None = Field(
-        None,
-        description="tokenizer folder (null = the one that comes with the base model; needed for presets)",
-    )
-    model_overrides: dict[str, Any] = Field(
-        default_factory=dict,
-        description="preset bases only: ModelConfig fields to change, e.g. {n_layers: 2}",
-    )
-    data: SFTDataConfig
-    method: Literal["full", "lora", "qlora"] = Field(
-        "lora",
-        description="full = every weight; lora = low-rank adapters on a frozen base; qlora = on an NF4 base",
-    )
-    lora: LoraConfig = Field(default_factory=LoraConfig, description="adapter shape (method lora/qlora)")
-    seq_len: int = Field(512, ge=8, description="tokens per training row; longer examples are truncated")
-    eval: FinetuneEvalConfig = Field(default_factory=FinetuneEvalConfig, description="validation")
-    activation_checkpointing: bool = Field(
-        False, description="recompute each block in backward: less activation memory, ~30% more compute"
-    )
-    seed: int = Field(0, description="seeds data order, adapter init and dropout")
 
 
 CONFIG = FinetuneConfig

@@ -23,6 +23,7 @@ import contextlib
 import math
 import signal
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -31,6 +32,7 @@ from typing import Any, Protocol, cast
 
 import torch
 from pydantic import BaseModel
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from torch import nn
 
 from lmforge.errors import ConfigError, LmforgeError
@@ -203,7 +205,6 @@ class Evaluator(Protocol):
 @contextlib.contextmanager
 def stop_signals(flag: list[bool]) -> Iterator[None]:
     """Turn SIGTERM/SIGINT into a flag the loop polls (only possible in the main thread)."""
-    import threading
 
     if threading.current_thread() is not threading.main_thread():
         yield
@@ -488,7 +489,6 @@ class Trainer:
         return s
 
     def _progress(self) -> Any:
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
         live = self.info.is_main and self.settings.progress and sys.stderr.isatty()
         return Progress(

@@ -18,13 +18,12 @@ import math
 import os
 import sys
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any
 
 import torch
-from pydantic import Field
 from torch import nn
 
-from lmforge.config import Section, parse_command, save_config
+from lmforge.config import parse_command, save_config
 from lmforge.data.manifest import ensure_verified
 from lmforge.data.shards import ShardSet
 from lmforge.errors import ConfigError, DataError
@@ -35,68 +34,22 @@ from lmforge.plan.auto import auto_micro_batch, install_oom_backoff
 from lmforge.tokenizer import load_tokenizer
 from lmforge.train import distributed as D
 from lmforge.train.common import (
-    TrainConfig,
     launch_torchrun,
     model_config,
     on_rank0,
     precision_setup,
     split_flags,
 )
-from lmforge.train.distributed import DistConfig
+from lmforge.train.configs import PretrainConfig
 from lmforge.train.loop import LoopState, Trainer, settings_from
 from lmforge.train.metrics import MetricsLogger, peak_flops
 from lmforge.train.objectives import causal_lm
-from lmforge.train.optim import OptimConfig, build_optimizer
+from lmforge.train.optim import build_optimizer
 from lmforge.train.prepare import prepare_model
 from lmforge.train.rundir import export_final, finish_run_dir, prepare_run_dir
 from lmforge.train.sampler import BatchSampler, TokenWindows, eval_batches
-from lmforge.train.schedule import ScheduleConfig
 
 COMMAND = "pretrain"
-
-
-class EvalConfig(Section):
-    every: int = Field(100, ge=0, description="evaluate every N steps (0 = only at the end)")
-    batches: int = Field(16, ge=1, description="validation batches per evaluation (fixed windows)")
-    batch_size: int = Field(8, ge=1, description="sequences per validation batch")
-    prompts: list[str] = Field(
-        default_factory=lambda: ["The ", "And "], description="prompts for sampled generations"
-    )
-    sample_tokens: int = Field(48, ge=0, description="tokens to generate per prompt (0 = no samples)")
-    temperature: float = Field(0.8, ge=0, description="sampling temperature (0 = greedy)")
-    top_k: int = Field(40, ge=0, description="sample from the k most likely tokens (0 = all)")
-
-
-class PretrainConfig(TrainConfig):
-    data: str = Field(..., description="tokens directory written by `lmforge tokenize`")
-    output: str = Field(..., description="run directory (checkpoints, metrics, final model)")
-    model: str = Field(
-        "tiny", description="a preset name (tiny, small, gpt2-124m, ...), a model YAML, or an HF folder"
-    )
-    model_overrides: dict[str, Any] = Field(
-        default_factory=dict, description="ModelConfig fields to change, e.g. {n_layers: 4}"
-    )
-    seq_len: int = Field(256, ge=8, description="tokens per training sequence")
-    global_batch: int = Field(32, ge=1, description="sequences per optimizer step, all processes together")
-    micro_batch: Annotated[int, Field(ge=1)] | Literal["auto"] = Field(
-        8,
-        description="sequences per forward pass on one process; auto = the largest that `lmforge plan` "
-        "predicts to fit, halved on a GPU out-of-memory error (global batch unchanged)",
-    )
-    max_steps: int = Field(1000, ge=1, description="optimizer steps to train")
-    optim: OptimConfig = OptimConfig()
-    schedule: ScheduleConfig = ScheduleConfig()
-    eval: EvalConfig = EvalConfig()
-    dist: DistConfig = DistConfig()
-    activation_checkpointing: bool = Field(False, description="recompute each block in backward")
-    compile: bool = Field(False, description="torch.compile the model (slow first step)")
-    threads: int | None = Field(
-        None, ge=1, description="torch CPU threads per process (null = torch default)"
-    )
-    seed: int = Field(0, description="seeds weights, data order and dropout")
-    nproc: int = Field(1, ge=1, description="processes on this machine; >1 launches torchrun")
-    wandb_project: str | None = Field(None, description="log to this W&B project (needs wandb installed)")
-    verify_input: bool = Field(True, description="check the tokens directory against its manifest")
 
 
 CONFIG = PretrainConfig
