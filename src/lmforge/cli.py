@@ -15,7 +15,7 @@ import sys
 from collections.abc import Callable
 
 from lmforge import __version__
-from lmforge.errors import LmforgeError
+from lmforge.errors import LmforgeError, report
 
 # command -> ("module:function", one-line help). The function takes argv and returns an exit code.
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(func(rest) or 0)
     except LmforgeError as e:
-        print(f"error: {e}", file=sys.stderr)
+        report(e)
         return e.exit_code
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -1,5 +1,12 @@
 """User-facing errors: the CLI prints their message on one line (no traceback) and exits with `exit_code`."""
 
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
 
 class LmforgeError(Exception):
     """A mistake the user can fix (bad config, bad input path, corrupt data). Internal invariants use assert."""
@@ -19,3 +26,32 @@ class IntegrityError(LmforgeError):
     """A manifest check failed: a file is missing, truncated or has changed since it was written."""
 
     exit_code = 3
+
+
+# Under torchrun every rank hits the same user error. A rank writes it here (one JSON file per rank) when
+# `lmforge ... --nproc N` launched it, so the launcher reports it once; else only rank 0 prints it.
+ERROR_DIR_ENV = "LMFORGE_ERROR_DIR"
+
+
+def report(e: LmforgeError) -> None:
+    """Print a user error on one line, once per job: see ERROR_DIR_ENV."""
+    rank = os.environ.get("RANK", "0")
+    folder = os.environ.get(ERROR_DIR_ENV)
+    if folder:
+        path = Path(folder) / f"rank-{int(rank):05d}.json"
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"message": str(e), "exit_code": e.exit_code}), encoding="utf-8")
+        tmp.replace(path)
+    elif rank == "0":
+        print(f"error: {e}", file=sys.stderr)
+
+
+def first_rank_error(folder: Path) -> tuple[str, int] | None:
+    """(message, exit code) of the lowest rank that reported a user error, or None."""
+    for path in sorted(folder.glob("rank-*.json")):
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+            return str(data["message"]), int(data["exit_code"])
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+    return None

@@ -11,18 +11,22 @@ train/rundir.py (run directory and final outputs) and train/prepare.py (the one 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
-import subprocess
 import sys
+import tempfile
 from collections.abc import Callable
+from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import torch
+import torch.distributed.run as torchrun
 from pydantic import Field, model_validator
 from torch import nn
+from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
 from lmforge.config import Section, parse_command
-from lmforge.errors import ConfigError, LmforgeError
+from lmforge.errors import ERROR_DIR_ENV, ConfigError, LmforgeError, first_rank_error
 from lmforge.train import distributed as D
 from lmforge.train.optim import OptimConfig
 from lmforge.train.schedule import ScheduleConfig
@@ -134,21 +138,32 @@ def parse_single_process(
 
 
 def launch_torchrun(command: str, argv: list[str], nproc: int) -> int:
-    """Re-run `lmforge <command> argv` under torchrun with `nproc` processes on this machine."""
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        f"--nproc_per_node={nproc}",
-        "-m",
-        "lmforge",
-        command,
-        *argv,
-        "nproc=1",
-    ]
-    print("launching: " + " ".join(cmd), file=sys.stderr)
-    return subprocess.call(cmd)
+    """Run `lmforge <command> argv` under torchrun with `nproc` processes on this machine.
+
+    This process is torchrun's agent (its own `run`), so a user error that every rank hits is reported once,
+    on one line with its exit code, instead of once per rank under torchrun's ChildFailedError dump."""
+    args = ["--standalone", f"--nproc_per_node={nproc}", "-m", "lmforge", command, *argv, "nproc=1"]
+    print("launching: torchrun " + " ".join(args), file=sys.stderr)
+    with tempfile.TemporaryDirectory(prefix="lmforge-errors-") as folder:
+        os.environ[ERROR_DIR_ENV] = folder  # inherited by the ranks
+        agent_log = logging.getLogger("torch.distributed.elastic.multiprocessing.api")
+        level = agent_log.level
+        agent_log.setLevel(logging.CRITICAL)  # its "failed (exitcode: N)" line would repeat the error
+        try:
+            torchrun.run(torchrun.parse_args(args))
+        except ChildFailedError as e:
+            found = first_rank_error(Path(folder))
+            if found is None:  # not a user error: the rank printed its own traceback
+                rank, failure = min(e.failures.items())
+                print(f"error: rank {rank} exited with code {failure.exitcode} (see above)", file=sys.stderr)
+                return 1
+            message, code = found
+            print(f"error: {message}", file=sys.stderr)
+            return code
+        finally:
+            os.environ.pop(ERROR_DIR_ENV, None)
+            agent_log.setLevel(level)
+    return 0
 
 
 # -- processes and precision ------------------------------------------------------------------------
