@@ -22,6 +22,7 @@ from typing import Any, Literal
 from pydantic import Field
 
 from lmforge.config import Section, parse_command, save_config
+from lmforge.data.manifest import write_manifest
 from lmforge.errors import ConfigError, DataError
 from lmforge.export.parity import DEFAULT_PROMPTS
 from lmforge.io import atomic_write_json, staged_output
@@ -202,6 +203,7 @@ def run_export(cfg: ExportConfig) -> dict[str, Any]:
             report |= verify(cfg, model, tok, artefact)
         save_config(cfg, stage, "export")
         atomic_write_json(stage / "parity.json", report)
+        write_manifest(stage, stage="export")  # what `load_model` checks an exported HF folder against
     return report
 
 
