@@ -203,7 +203,8 @@ def run_export(cfg: ExportConfig) -> dict[str, Any]:
             report |= verify(cfg, model, tok, artefact)
         save_config(cfg, stage, "export")
         atomic_write_json(stage / "parity.json", report)
-        write_manifest(stage, stage="export")  # what `load_model` checks an exported HF folder against
+        if cfg.format == "hf":  # a model folder lmforge loads again: `load_model` checks it against this
+            write_manifest(stage, stage="export")
     return report
 
 
