@@ -90,6 +90,7 @@ KINDS = {
     "checkpoint optimizer json": ("run", f"{CKPT}/optimizer.json"),
     "adapter weights": ("sft", "adapter/adapter_model.safetensors"),
     "adapter config": ("sft", "adapter/adapter_config.json"),
+    "adapter tokenizer": ("sft", "adapter/tokenizer.json"),
     "quantized weights": ("int8", "model.safetensors"),
     "quant config": ("int8", "quant_config.json"),
     "token shard": ("tokens", "train-00000.bin"),
@@ -114,6 +115,7 @@ CASES = {
     "checkpoint optimizer json": [("pretrain --resume", "")],
     "adapter weights": [("generate", ""), ("eval", ""), ("lora merge", ""), ("align dpo", "")],
     "adapter config": [("generate", ""), ("lora merge", "")],
+    "adapter tokenizer": [("generate", ""), ("lora merge", "")],  # lora merge copies it into its output
     "quantized weights": [("generate", ""), ("eval", ""), ("serve", "")],
     "quant config": [("generate", "")],
     "token shard": [("pretrain", "")],

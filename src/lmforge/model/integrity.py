@@ -37,7 +37,8 @@ NO_VERIFY = "LMFORGE_NO_VERIFY"
 MAX_DEPTH = 2  # <run>/checkpoints/step-N is the deepest folder a stage's manifest covers
 _UNREADABLE = (OSError, ValueError, KeyError, TypeError, SafetensorError)  # what a damaged file raises
 
-# The folders (and the skip warning) already reported on in the current load; None outside `load_scope`.
+# What the current load already reported on (folders, the skip warning) or verified ("ok:<file>");
+# None outside `load_scope`.
 _TOLD: ContextVar[set[str] | None] = ContextVar("lmforge_integrity_told", default=None)
 
 
@@ -179,8 +180,12 @@ def verify_files(folder: Path, names: Iterable[str]) -> None:
     record covering the folder: its files.json, else the nearest manifest.json listing it. A named file
     the record does not list is refused too (it was added afterwards). No record: one notice, no check."""
     folder = Path(folder)
-    present = sorted({n for n in names if (folder / n).is_file()})
-    if skipped():
+    told = _TOLD.get()
+    done = told if told is not None else set()  # files already checked in this load are not hashed again
+    present = sorted(
+        {n for n in names if (folder / n).is_file() and f"ok:{(folder / n).absolute()}" not in done}
+    )
+    if skipped() or not present:
         return
     if (folder / FILE_LIST).is_file():
         verify_checkpoint(folder, names=present)
@@ -199,6 +204,7 @@ def verify_files(folder: Path, names: Iterable[str]) -> None:
         problem = file_problem(folder / name, entry)
         if problem is not None:
             raise IntegrityError(f"{problem} ({manifest})")
+    done.update(f"ok:{(folder / name).absolute()}" for name in present)
 
 
 __all__ = [

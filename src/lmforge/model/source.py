@@ -237,8 +237,11 @@ def adapter_dir(path: Path) -> Path | None:
 
 
 def verify_adapter(adapter: Path) -> None:
-    """Check an adapter folder's files (config, weights, base record) against its manifest."""
-    verify_files(adapter, [ADAPTER_CONFIG, ADAPTER_WEIGHTS, BASE_INFO])
+    """Check an adapter folder's files (config, weights, base record, the tokenizer that `lora merge` copies)
+    against its manifest."""
+    verify_files(
+        adapter, [ADAPTER_CONFIG, ADAPTER_WEIGHTS, BASE_INFO, "tokenizer.json", "tokenizer_config.json"]
+    )
 
 
 def find_adapter(path: Path) -> Path:
