@@ -20,6 +20,7 @@ import torch
 from lmforge.cli import main
 from lmforge.config import load_config
 from lmforge.errors import IntegrityError, LmforgeError
+from lmforge.model import integrity
 from lmforge.train import checkpoint as C
 from lmforge.train.finetune import train as finetune
 from lmforge.train.pretrain import CONFIG, train
@@ -187,13 +188,13 @@ def test_an_old_checkpoint_with_bad_json_is_one_line(
 def test_verification_streams_each_file_once(unfinished: tuple[Path, list[str]], monkeypatch) -> None:  # type: ignore[no-untyped-def]
     ckpt = unfinished[0] / "checkpoints" / "step-000003"
     seen: list[str] = []
-    real = C.sha256_file
+    real = integrity.sha256_file
 
     def counting(path: Path) -> str:
         seen.append(Path(path).name)
         return real(path)
 
-    monkeypatch.setattr(C, "sha256_file", counting)
+    monkeypatch.setattr(integrity, "sha256_file", counting)
     model = torch.nn.Module()
     with pytest.raises(Exception):  # noqa: B017 - the bare module has no parameters to load into
         C.load_checkpoint(ckpt, model, None)

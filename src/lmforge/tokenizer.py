@@ -33,6 +33,7 @@ from tokenizers import decoders, models, pre_tokenizers, trainers
 from lmforge.config import Section
 from lmforge.errors import ConfigError, DataError
 from lmforge.io import atomic_write_json, atomic_write_text
+from lmforge.model.integrity import verify_files
 
 TOKENIZER_JSON = "tokenizer.json"
 TOKENIZER_CONFIG = "tokenizer_config.json"
@@ -348,6 +349,8 @@ def load_tokenizer(path: Path | str) -> Tokenizer:
     for f in (tj, tc):
         if not f.is_file():
             raise DataError(f"{f}: not found; is {directory} a tokenizer folder (`lmforge tokenizer train`)?")
+    # Checked against the folder's (or its run's / tokens dir's) manifest before anything is parsed.
+    verify_files(directory, [TOKENIZER_JSON, TOKENIZER_CONFIG, "chat_template.jinja"])
     try:
         backend = Backend.from_file(str(tj))
     except Exception as e:  # the Rust library raises a bare Exception on malformed files

@@ -5,14 +5,14 @@ The library every stage imports; the `lmforge data verify` command is data/verif
 
 from __future__ import annotations
 
-import json
+import sys
 from pathlib import Path
 from typing import Any
 
 from lmforge.errors import IntegrityError
 from lmforge.io import atomic_write_json, sha256_file
+from lmforge.model.integrity import MANIFEST, file_problem, read_manifest
 
-MANIFEST = "manifest.json"
 VERSION = 1
 
 
@@ -33,52 +33,24 @@ def write_manifest(root: Path, *, stage: str, extra: dict[str, Any] | None = Non
     return manifest
 
 
-def read_manifest(root: Path) -> dict[str, Any]:
-    path = Path(root) / MANIFEST
-    if not path.is_file():
-        raise IntegrityError(f"{path}: no manifest; was this directory written by a finished lmforge stage?")
-    try:
-        manifest: dict[str, Any] = json.loads(path.read_text("utf-8"))
-    except (OSError, ValueError) as e:
-        raise IntegrityError(f"{path}: unreadable manifest ({e})") from e
-    if not isinstance(manifest.get("files"), dict):
-        raise IntegrityError(f"{path}: key 'files' missing or not an object")
-    for rel, meta in manifest["files"].items():
-        if not (
-            isinstance(meta, dict)
-            and isinstance(meta.get("bytes"), int)
-            and isinstance(meta.get("sha256"), str)
-        ):
-            raise IntegrityError(f"{path}: files[{rel!r}] needs 'bytes' (an integer) and 'sha256' (a string)")
-    return manifest
-
-
 def verify_manifest(root: Path) -> dict[str, Any]:
-    """Check size and SHA-256 of every listed file; raise IntegrityError naming each bad file."""
+    """Check size and SHA-256 of every listed file; raise IntegrityError naming each bad file (one line,
+    as the CLI prints it)."""
     root = Path(root)
     manifest = read_manifest(root)
-    problems: list[str] = []
-    for rel, meta in sorted(manifest["files"].items()):
-        path = root / rel
-        if not path.is_file():
-            problems.append(f"{path}: missing")
-            continue
-        size = path.stat().st_size
-        if size != meta["bytes"]:
-            problems.append(f"{path}: {size} bytes, manifest says {meta['bytes']} (truncated or extended)")
-        elif sha256_file(path) != meta["sha256"]:
-            problems.append(f"{path}: SHA-256 differs from the manifest (file changed or corrupted)")
+    problems = [p for rel, meta in sorted(manifest["files"].items()) if (p := file_problem(root / rel, meta))]
     if problems:
-        raise IntegrityError("manifest check failed:\n  " + "\n  ".join(problems))
+        raise IntegrityError("manifest check failed: " + "; ".join(problems))
     return manifest
 
 
 def ensure_verified(root: Path, *, skip: bool = False) -> dict[str, Any]:
     """What every stage calls on its input directory; `skip` (config `verify_input=false`) trusts it, and
-    then a directory without a manifest (e.g. an HF tokenizer folder) is fine too."""
+    then a directory without a manifest (e.g. an HF tokenizer folder) is fine too, with a warning."""
     if not skip:
         return verify_manifest(root)
+    print(f"warning: verify_input=false: {root} is used without checking its manifest", file=sys.stderr)
     return read_manifest(root) if (Path(root) / MANIFEST).is_file() else {}
 
 
-__all__ = ["MANIFEST", "ensure_verified", "read_manifest", "verify_manifest", "write_manifest"]
+__all__ = ["ensure_verified", "verify_manifest", "write_manifest"]

@@ -24,6 +24,7 @@ import torch
 from pydantic import Field
 
 from lmforge.config import Section, parse_command, save_config
+from lmforge.data.manifest import write_manifest
 from lmforge.errors import ConfigError, DataError
 from lmforge.export import gguf, hf, onnx
 from lmforge.export.parity import DEFAULT_PROMPTS, DEFAULT_TEXT, greedy, parity, print_table, torch_runner
@@ -206,6 +207,8 @@ def run_export(cfg: ExportConfig) -> dict[str, Any]:
             report |= verify(cfg, model, tok, artefact)
         save_config(cfg, stage, "export")
         atomic_write_json(stage / "parity.json", report)
+        if cfg.format == "hf":  # a model folder lmforge loads again: `load_model` checks it against this
+            write_manifest(stage, stage="export")
     return report
 
 

@@ -21,6 +21,10 @@ Folders `load_model` accepts, tried in this order:
   <run>/config.yaml (model + overrides, as pretraining built it).
 The tokenizer is the first folder among (the model folder, the run dir) holding tokenizer.json +
 tokenizer_config.json, else `<data>/tokenizer` of the run's config.yaml (what `lmforge tokenize` copies).
+
+Every file a load reads (weights, configs, adapter; the tokenizer loader checks its own) is verified
+against the manifest its writer recorded before it is parsed (model/integrity.py): a changed byte is an
+IntegrityError (exit 3) naming the file; a folder with no manifest (an HF download) loads with one notice.
 """
 
 from __future__ import annotations
@@ -39,7 +43,8 @@ from lmforge.errors import ConfigError, DataError
 from lmforge.io import read_json_object
 from lmforge.model.config import PRESETS, ModelConfig, get_preset
 from lmforge.model.hf import config_from_hf, load_hf, read_hf_config
-from lmforge.model.lora import ADAPTER_CONFIG, load_adapter, merge_lora, read_adapter_config
+from lmforge.model.integrity import load_scope, verify_files
+from lmforge.model.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, load_adapter, merge_lora, read_adapter_config
 from lmforge.model.quant import QUANT_CONFIG, load_quantized
 from lmforge.model.transformer import Transformer, build_model
 from lmforge.tokenizer import Tokenizer, load_tokenizer
@@ -51,6 +56,9 @@ BASE_INFO = "lmforge_base.json"  # written next to the adapter by `lmforge finet
 # The checkpoint layout train/checkpoint.py writes (model/ cannot import train/): step-N/ with state.json.
 CHECKPOINT_NAME = re.compile(r"^step-(\d{6,})$")
 CHECKPOINT_STATE = "state.json"
+# What each kind of folder's loader reads, verified before it is parsed.
+HF_FILES = ("config.json", "model.safetensors.index.json", "pytorch_model.bin.index.json")
+HF_WEIGHTS = ("*.safetensors", "*.bin", "*.pt", "*.pth")
 _EXPECTED = (
     "an HF model folder (config.json + safetensors), an lmforge model folder (model_config.json + "
     "model.safetensors), a pretraining run directory, or a checkpoint directory (model.safetensors + state.json)"
@@ -228,10 +236,19 @@ def adapter_dir(path: Path) -> Path | None:
     return None
 
 
+def verify_adapter(adapter: Path) -> None:
+    """Check an adapter folder's files (config, weights, base record, the tokenizer that `lora merge` copies)
+    against its manifest."""
+    verify_files(
+        adapter, [ADAPTER_CONFIG, ADAPTER_WEIGHTS, BASE_INFO, "tokenizer.json", "tokenizer_config.json"]
+    )
+
+
 def find_adapter(path: Path) -> Path:
-    """The adapter folder of `path` (itself or its adapter/), else a DataError saying what is there."""
+    """The adapter folder of `path` (itself or its adapter/), verified; else a DataError saying what is there."""
     for cand in (path, path / "adapter"):
         if (cand / ADAPTER_CONFIG).is_file():
+            verify_adapter(cand)
             return cand
     if (path / "model").is_dir():
         raise DataError(f"{path}: a full fine-tune (model/), not an adapter: there is nothing to merge")
@@ -269,6 +286,7 @@ def _load_adapted(
     adapter: Path, device: str | torch.device, dtype: torch.dtype
 ) -> tuple[Transformer, Tokenizer]:
     """Base + adapter applied (not merged), in eval mode; a QLoRA base is rounded to NF4 as in training."""
+    verify_adapter(adapter)
     base = adapter_base(adapter)
     model, base_tok = load_model(base, device=device, dtype=dtype)
     load_adapter(model, adapter, quantize_base=is_qlora(adapter))
@@ -309,6 +327,17 @@ def _build(mcfg: ModelConfig, weights: Path, device: str | torch.device, dtype: 
     return model.eval()
 
 
+def _load_folder(folder: Path, device: str | torch.device, dtype: torch.dtype) -> Transformer:
+    """An lmforge model folder (model_config.json + model.safetensors), verified first."""
+    verify_files(folder, [MODEL_CONFIG, WEIGHTS])
+    return _build(read_model_config(folder / MODEL_CONFIG), folder / WEIGHTS, device, dtype)
+
+
+def hf_files(folder: Path) -> list[str]:
+    """The files `load_hf` may read in an HF folder: config.json, weight indexes and weight files."""
+    return [*HF_FILES, *sorted({f.name for pattern in HF_WEIGHTS for f in folder.glob(pattern)})]
+
+
 def _load_checkpoint(
     p: Path, device: str | torch.device, dtype: torch.dtype
 ) -> tuple[Transformer, Tokenizer]:
@@ -321,6 +350,7 @@ def _load_checkpoint(
     if ckpt is None:
         raise DataError(f"{p}: not a model folder; expected {_EXPECTED}")
     run = ckpt.parent.parent
+    verify_files(ckpt, [WEIGHTS, MODEL_CONFIG])  # not the optimizer state: only a resume reads that
     model = _build(checkpoint_config(ckpt, run), ckpt / WEIGHTS, device, dtype)
     return model, find_tokenizer([ckpt, run / "model", run], run)
 
@@ -328,26 +358,30 @@ def _load_checkpoint(
 def load_model(
     path: str | Path, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
 ) -> tuple[Transformer, Tokenizer]:
-    """(model in eval mode, tokenizer) from any folder listed in the module docstring."""
+    """(model in eval mode, tokenizer) from any folder listed in the module docstring, each file verified."""
     p = Path(path)
     if not p.is_dir():
         raise DataError(f"{p}: not a directory; expected {_EXPECTED}")
+    with load_scope():
+        return _resolve(p, device, dtype)
+
+
+def _resolve(p: Path, device: str | torch.device, dtype: torch.dtype) -> tuple[Transformer, Tokenizer]:
     if (p / "config.json").is_file():
+        verify_files(p, hf_files(p))
         model, _ = load_hf(p, dtype=dtype, device=device)
         return model.eval(), find_tokenizer([p], None)
     adapter = adapter_dir(p)
     if adapter is not None:
         return _load_adapted(adapter, device, dtype)
     if (p / QUANT_CONFIG).is_file():  # an `lmforge quantize` output folder
+        verify_files(p, [QUANT_CONFIG, MODEL_CONFIG, WEIGHTS])
         return load_quantized(p, device=device, dtype=dtype), find_tokenizer([p], None)
     if (p / MODEL_CONFIG).is_file() and not (p / CHECKPOINT_STATE).is_file():
         run = p.parent if (p.parent / RUN_CONFIG).is_file() else None
-        return _build(read_model_config(p / MODEL_CONFIG), p / WEIGHTS, device, dtype), find_tokenizer(
-            [p, p.parent], run
-        )
+        return _load_folder(p, device, dtype), find_tokenizer([p, p.parent], run)
     if (p / "model" / MODEL_CONFIG).is_file():
-        model = _build(read_model_config(p / "model" / MODEL_CONFIG), p / "model" / WEIGHTS, device, dtype)
-        return model, find_tokenizer([p / "model", p], p)
+        return _load_folder(p / "model", device, dtype), find_tokenizer([p / "model", p], p)
     return _load_checkpoint(p, device, dtype)
 
 
@@ -371,7 +405,9 @@ def pretrain_model(
             )
         if overrides:
             raise ConfigError("model_overrides: cannot change the shape of a pretrained HF model")
-        model, mcfg = load_hf(path, device=device)
+        with load_scope():
+            verify_files(path, hf_files(path))
+            model, mcfg = load_hf(path, device=device)
         if mcfg.vocab_size < vocab_size:
             raise ConfigError(
                 f"model: {path} has vocab_size {mcfg.vocab_size} but the data uses ids up to {vocab_size - 1}"
@@ -393,6 +429,18 @@ def load_base(
     seed: int = 0,
 ) -> tuple[Transformer, Tokenizer]:
     """(model in train mode, tokenizer) from a model folder / run / checkpoint / HF folder, or a preset."""
+    with load_scope():
+        return _load_base(base, tokenizer, model_overrides, seq_len, device, seed)
+
+
+def _load_base(
+    base: str,
+    tokenizer: str | None,
+    model_overrides: dict[str, Any] | None,
+    seq_len: int,
+    device: torch.device | str,
+    seed: int,
+) -> tuple[Transformer, Tokenizer]:
     tok = load_tokenizer(tokenizer) if tokenizer is not None else None
     path = Path(base)
     if path.is_dir():
@@ -435,6 +483,7 @@ def load_merged_base(
     adapter = adapter_dir(Path(spec))
     if adapter is None:
         return (*load_base(spec, tokenizer=tokenizer, device=device, seed=seed), None)
+    verify_adapter(adapter)
     base = str(read_adapter_config(adapter).get("base_model_name_or_path") or "")
     if not Path(base).is_dir():
         raise ConfigError(
@@ -458,6 +507,7 @@ __all__ = [
     "checkpoint_config",
     "find_adapter",
     "find_tokenizer",
+    "hf_files",
     "is_qlora",
     "load_base",
     "load_merged_base",
@@ -469,4 +519,5 @@ __all__ = [
     "run_config",
     "sized_config",
     "tokenizer_dir",
+    "verify_adapter",
 ]

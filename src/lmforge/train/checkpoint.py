@@ -12,8 +12,9 @@
 A checkpoint is written into `step-000100.tmp`, every file fsynced, then renamed; a directory named
 `step-NNNNNN` holding `state.json` is complete by construction, and `latest_checkpoint` picks the newest
 one. A process killed mid-save leaves only a `.tmp` directory, which is ignored and cleaned up later.
-Loading verifies every file against files.json before reading any of it: a flipped byte anywhere is an
-IntegrityError naming the file, never weights trained on silently. Pruning renames an old checkpoint to
+Loading verifies every file against files.json before reading any of it (model/integrity.py, which
+`lmforge generate` & co. share): a flipped byte anywhere is an IntegrityError naming the file, never weights
+trained on silently. Pruning renames an old checkpoint to
 `pruned-step-NNNNNN` before deleting it, so a kill mid-delete leaves nothing `latest_checkpoint` could pick.
 With FSDP the weights and optimizer state are gathered into full tensors on save (collective on all ranks)
 and re-sharded on load, so a checkpoint does not depend on the number of processes that wrote it.
@@ -22,13 +23,11 @@ and re-sharded on load, so a checkpoint does not depend on the number of process
 from __future__ import annotations
 
 import base64
-import hashlib
 import json
 import os
 import random
 import re
 import shutil
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -49,10 +48,10 @@ from torch.distributed.checkpoint.state_dict import (
 
 from lmforge.errors import IntegrityError
 from lmforge.io import atomic_write_json, fsync_dir, publish_dir, sha256_file
+from lmforge.model.integrity import FILE_LIST, list_digest, verify_checkpoint
 
 CHECKPOINTS = "checkpoints"
 STATE = "state.json"
-MANIFEST = "files.json"
 MODEL_CONFIG = "model_config.json"
 PRUNED = "pruned-"  # prefix of a checkpoint being deleted: never matches _NAME
 _NAME = re.compile(r"^step-(\d{6,})$")
@@ -200,10 +199,6 @@ def write_model_config(directory: Path, model_config: BaseModel) -> Path:
     return path
 
 
-def _digest(body: dict[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(body, sort_keys=True).encode("utf-8")).hexdigest()
-
-
 def write_file_manifest(directory: Path) -> Path:
     """files.json: SHA-256 and size of every file of a checkpoint, plus the hash of that list itself
     (so a damaged manifest is told apart from damaged data)."""
@@ -211,53 +206,12 @@ def write_file_manifest(directory: Path) -> Path:
     files = {
         f.name: {"sha256": sha256_file(f), "bytes": f.stat().st_size}
         for f in sorted(directory.iterdir())
-        if f.is_file() and f.name != MANIFEST
+        if f.is_file() and f.name != FILE_LIST
     }
     body: dict[str, Any] = {"version": 1, "files": files}
-    path = directory / MANIFEST
-    atomic_write_json(path, {**body, "manifest_sha256": _digest(body)})
+    path = directory / FILE_LIST
+    atomic_write_json(path, {**body, "manifest_sha256": list_digest(body)})
     return path
-
-
-def _read_manifest(path: Path) -> dict[str, dict[str, Any]]:
-    file = path / MANIFEST
-    try:
-        data = json.loads(file.read_text("utf-8"))
-        body = {"version": data["version"], "files": data["files"]}
-        ok = data["manifest_sha256"] == _digest(body)
-        files: dict[str, dict[str, Any]] = dict(data["files"])
-        for entry in files.values():
-            ok = ok and isinstance(entry["sha256"], str) and isinstance(entry["bytes"], int)
-    except (*_UNREADABLE, AttributeError) as e:
-        raise IntegrityError(f"{file}: unreadable checkpoint manifest ({type(e).__name__})") from None
-    if not ok:
-        raise IntegrityError(f"{file}: checksum mismatch; the manifest changed after it was written")
-    return files
-
-
-def verify_checkpoint(path: Path, *, rank: int = 0) -> None:
-    """Check every file of checkpoint `path` against its files.json (streamed, bounded memory).
-
-    Any changed, missing, extra or unreadable file is an IntegrityError naming it. A checkpoint saved
-    before lmforge wrote manifests loads unverified, with a note on stderr (rank 0 only)."""
-    path = Path(path)
-    if not (path / MANIFEST).is_file():
-        if rank == 0:
-            print(
-                f"note: {path} has no {MANIFEST} (saved by an older lmforge); loading it unverified",
-                file=sys.stderr,
-            )
-        return
-    files = _read_manifest(path)
-    for name, entry in sorted(files.items()):
-        file = path / name
-        if Path(name).name != name or not file.is_file():
-            raise IntegrityError(f"{file}: missing; listed in {path / MANIFEST}")
-        if file.stat().st_size != entry["bytes"] or sha256_file(file) != entry["sha256"]:
-            raise IntegrityError(f"{file}: SHA-256 mismatch; the file changed after the checkpoint was saved")
-    for file in sorted(path.iterdir()):
-        if file.name != MANIFEST and file.name not in files:
-            raise IntegrityError(f"{file}: not listed in {path / MANIFEST}; the checkpoint was altered")
 
 
 def save_checkpoint(
