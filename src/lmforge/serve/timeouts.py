@@ -38,7 +38,8 @@ def timed_h11(header_s: float, body_s: float) -> type[asyncio.Protocol]:
 
         def on_response_complete(self) -> None:
             super().on_response_complete()  # arms uvicorn's keep-alive timer for an idle connection
-            self.watch("body" if self.conn.their_state is h11.SEND_BODY else "")
+            # The rest of a body the route did not read, or a pipelined partial head, is still timed.
+            self.watch("body" if self.conn.their_state is h11.SEND_BODY else self.waiting_for())
 
         def connection_lost(self, exc: Exception | None) -> None:
             self.watch("")
