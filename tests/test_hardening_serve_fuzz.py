@@ -43,7 +43,7 @@ def _body(rng: random.Random, chat: bool) -> bytes:
     if chat:
         base["messages"] = [{"role": "user", "content": rng.choice(["hi", "", "\u0000", "x" * 50])}]
     else:
-        base["prompt"] = rng.choice(["To be", "", [1, 2, 3], ["a", "b"], [], [0], "\ud800"[:0] + "é"])
+        base["prompt"] = rng.choice(["To be", "", [1, 2, 3], ["a", "b"], [], [0], "é"])
     text = json.dumps(base)[:-1]
     for field in rng.sample(FIELDS, rng.randint(1, 3)):
         text += f', "{field}": {_literal(rng.choice(FLOATS))}'
@@ -85,7 +85,12 @@ def _case(rng: random.Random) -> tuple[str, str, dict[str, str], bytes, bool]:
         body = rng.choice([b"[" * depth + b"]" * depth, b'{"prompt": ' + b"[" * depth + b"]" * depth + b"}"])
         return "POST", path, json_h, rng.choice([body, b"null", b"[]", b'"x"', b"1e999"]), False
     # kind 9: a well-formed request at the edges of the limits
-    body = {"prompt": "a", "max_tokens": rng.choice([1, 2, 3]), "n": rng.choice([1, 2, 3]), "stream": rng.random() < 0.3}
+    body = {
+        "prompt": "a",
+        "max_tokens": rng.choice([1, 2, 3]),
+        "n": rng.choice([1, 2, 3]),
+        "stream": rng.random() < 0.3,
+    }
     return "POST", "/v1/completions", json_h, json.dumps(body).encode(), False
 
 

@@ -21,8 +21,10 @@ from typing import Any
 
 def timed_h11(header_s: float, body_s: float) -> type[asyncio.Protocol]:
     """uvicorn's H11Protocol with a request-head deadline and a request-body deadline (seconds)."""
-    import h11
+    from uvicorn.protocols.http import h11_impl
     from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    h11 = h11_impl.h11  # the h11 uvicorn runs on (its states: IDLE, SEND_BODY, ...)
 
     class TimedH11Protocol(H11Protocol):
         timer: asyncio.TimerHandle | None = None
