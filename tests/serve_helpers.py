@@ -14,6 +14,7 @@ from lmforge.model.config import get_preset
 from lmforge.model.transformer import build_model
 from lmforge.serve.app import create_app
 from lmforge.serve.state import ServeConfig
+from lmforge.serve.timeouts import timed_h11
 from lmforge.tokenizer import Tokenizer, train_tokenizer
 from tokenizer_corpus import shakespeare_docs
 
@@ -53,7 +54,14 @@ class BackgroundServer:
         self.sock.bind((host, port))
         self.port = self.sock.getsockname()[1]
         self.url = f"http://{host}:{self.port}"
-        config = uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=2)
+        cfg = app.state.cfg  # the read timeouts, as `lmforge serve` runs uvicorn
+        config = uvicorn.Config(
+            app,
+            http=timed_h11(cfg.header_timeout_s, cfg.body_timeout_s),
+            log_level="warning",
+            access_log=False,
+            timeout_graceful_shutdown=2,
+        )
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
 

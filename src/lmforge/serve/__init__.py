@@ -6,5 +6,6 @@ Modules: `app` (the app factory and the CLI), `protocol` (request/response schem
 `state` (the config and the request -> prompts + sampling checks), `edge` (keys, error shape, headers,
 logs, the chat page), `routes` (the endpoints and a completion's life), `auth` (API keys), `limits`
 (rate limits, body cap), `filters` (output wordlist), `batcher` (the engine's worker thread),
-`static/` (the chat page).
+`guard` (Host allowlist, Origin check, JSON content type), `timeouts` (request head/body read
+deadlines in uvicorn's h11 protocol), `static/` (the chat page).
 """

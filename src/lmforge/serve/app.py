@@ -9,7 +9,10 @@ Routes: `GET /health` (no key), `GET /v1/models`, `POST /v1/completions`, `POST 
 
 What a request goes through, in order (each refusal is an OpenAI-style `{"error": {...}}`):
 
-    key (401) -> body size (413) -> JSON + schema (400) -> prompt tokens, max_tokens cap, n cap, context (400)
+    head within header_timeout_s (else closed) -> Host (421) -> Origin (403) -> key (401)
+      -> body size (413), body within body_timeout_s (408) -> JSON content type (415) -> JSON + schema (400)
+      -> n x prompts, prompt sizes (400, before tokenizing) -> tokenize (in a thread)
+      -> prompt tokens, max_tokens cap, context (400)
       -> per-key requests/min and tokens/min (429 + Retry-After) -> bounded queue (503 + Retry-After)
       -> the engine's worker thread (batches of queued requests) -> response / SSE stream
       -> timeout or client gone: the row is cancelled at the engine's next step
@@ -38,6 +41,7 @@ from lmforge.serve.edge import Edge, log
 from lmforge.serve.filters import OutputFilter
 from lmforge.serve.routes import add_error_handlers, add_routes
 from lmforge.serve.state import ServeConfig, ServerState
+from lmforge.serve.timeouts import timed_h11
 
 CONFIG = ServeConfig
 
@@ -102,7 +106,8 @@ def main(argv: list[str]) -> int:
     app = create_app(engine, tok, cfg, keys)
     where = "with API keys" if keys else "without API keys (loopback only)"
     log.info("serving %s on http://%s:%d %s", cfg.model, cfg.host, cfg.port, where)
-    uvicorn.run(app, host=cfg.host, port=cfg.port, log_level="warning", access_log=False)
+    http = timed_h11(cfg.header_timeout_s, cfg.body_timeout_s)  # uvicorn itself never times out a head
+    uvicorn.run(app, host=cfg.host, port=cfg.port, http=http, log_level="warning", access_log=False)
     return 0
 
 

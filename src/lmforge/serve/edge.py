@@ -1,18 +1,23 @@
-"""The server's edge: API keys, the JSON error shape, security headers, one log line per request, the page.
+"""The server's edge: Host/Origin checks, API keys, the body deadline, the JSON error shape, security
+headers, one log line per request, the page.
 
-Wraps every route, including unknown paths: a request without a valid key gets 401 (the chat page asks
-for the key instead), a bug answers 500 JSON and the server lives on. Logs name the method, route,
+Wraps every route, including unknown paths: a foreign Host gets 421 and a foreign Origin 403 (see
+`serve.guard`), a request without a valid key gets 401 (the chat page asks for the key instead), a body
+still arriving after `body_timeout_s` gets 408, a bug answers 500 JSON and the server lives on. Logs name the method, route,
 status, latency, token counts and a key fingerprint; never a prompt, an output or a key.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from importlib import resources
 from typing import Any
 
 from lmforge.serve.auth import fingerprint, match_key
+from lmforge.serve.guard import allowed_host_names, host_allowed, origin_allowed
+from lmforge.serve.limits import BodyTimeout
 from lmforge.serve.protocol import ApiError
 from lmforge.serve.state import ServerState
 
@@ -38,18 +43,17 @@ CSP = "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'
 
 
 class Edge:
-    """Pure ASGI middleware: API keys on every route but /health, JSON errors, one log line per request."""
+    """Pure ASGI middleware: Host and Origin checks and API keys on every route (keys: all but /health),
+    a deadline on reading the body, JSON errors, one log line per request."""
 
     def __init__(self, app: Any, state: ServerState) -> None:
         self.app, self.state = app, state
+        self.hosts = allowed_host_names(state.cfg.host, state.cfg.allowed_hosts)
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        from starlette.datastructures import Headers
-        from starlette.responses import HTMLResponse
-
         t0 = time.perf_counter()
         status = [0]
 
@@ -59,31 +63,12 @@ class Edge:
             await send(message)
 
         path = scope.get("path", "")
-        keys = self.state.keys
+        receive = body_deadline(receive, self.state.cfg.body_timeout_s)
         try:
-            if keys and path != "/health":
-                headers = Headers(scope=scope)
-                key = match_key(headers.get("authorization"), keys)
-                if key is None:
-                    if (
-                        path == "/"
-                        and scope.get("method") == "GET"
-                        and "text/html" in headers.get("accept", "")
-                    ):
-                        page = HTMLResponse(
-                            LOGIN_PAGE, status_code=401, headers={"Content-Security-Policy": CSP}
-                        )
-                        await page(scope, receive, send_logged)
-                    else:
-                        err = ApiError(
-                            401,
-                            "missing or invalid API key (send `Authorization: Bearer <key>`)",
-                            code="invalid_api_key",
-                            headers={"WWW-Authenticate": "Bearer"},
-                        )
-                        await err.response()(scope, receive, send_logged)
-                    return
-                scope["lmforge.key"] = fingerprint(key)
+            refusal = self.refusal(scope)
+            if refusal is not None:
+                await refusal(scope, receive, send_logged)
+                return
             await self.app(scope, receive, send_logged)
         except Exception as e:  # the last line of defence: a bug answers 500 JSON, the server lives on
             log.error("unhandled %s on %s %s: %s", type(e).__name__, scope.get("method"), path, e)
@@ -104,6 +89,70 @@ class Edge:
                 u.get("completion_tokens", "-"),
             )
 
+    def refusal(self, scope: Any) -> Any:
+        """The response refusing this request (foreign Host 421, foreign Origin 403, no key 401), or None;
+        records the key's fingerprint in the scope."""
+        from starlette.datastructures import Headers
+        from starlette.responses import HTMLResponse
+
+        headers = Headers(scope=scope)
+        host = headers.get("host")
+        if not host_allowed(host, self.hosts):
+            return ApiError(
+                421,
+                "this server does not answer for that Host (allowed_hosts)",
+                type="forbidden",
+                code="host_not_allowed",
+            ).response()
+        if not origin_allowed(
+            headers.get("origin"), host, scope.get("scheme", "http"), self.state.cfg.allowed_origins
+        ):
+            return ApiError(
+                403,
+                "requests from other web origins are refused (allowed_origins)",
+                type="forbidden",
+                code="origin_not_allowed",
+            ).response()
+        keys = self.state.keys
+        if not keys or scope.get("path", "") == "/health":
+            return None
+        key = match_key(headers.get("authorization"), keys)
+        if key is not None:
+            scope["lmforge.key"] = fingerprint(key)
+            return None
+        if (
+            scope.get("path") == "/"
+            and scope.get("method") == "GET"
+            and "text/html" in headers.get("accept", "")
+        ):
+            return HTMLResponse(LOGIN_PAGE, status_code=401, headers={"Content-Security-Policy": CSP})
+        return ApiError(
+            401,
+            "missing or invalid API key (send `Authorization: Bearer <key>`)",
+            code="invalid_api_key",
+            headers={"WWW-Authenticate": "Bearer"},
+        ).response()
+
+
+def body_deadline(receive: Any, seconds: float) -> Any:
+    """`receive` that raises BodyTimeout if the request body is not all in `seconds` from now; once it is
+    (or the client left), later calls (waiting for a disconnect while streaming) pass straight through."""
+    deadline = time.monotonic() + seconds
+    done = False
+
+    async def receive_body() -> Any:
+        nonlocal done
+        if done:
+            return await receive()
+        try:
+            message = await asyncio.wait_for(receive(), max(deadline - time.monotonic(), 0.0))
+        except asyncio.TimeoutError:
+            raise BodyTimeout(f"the request body did not arrive within {seconds:g} s") from None
+        done = message.get("type") != "http.request" or not message.get("more_body", False)
+        return message
+
+    return receive_body
+
 
 def chat_page() -> str:
     """The chat page (static/index.html), served at GET /."""
@@ -114,4 +163,4 @@ def page_headers() -> dict[str, str]:
     return {"Content-Security-Policy": CSP, "Cache-Control": "no-store"}
 
 
-__all__ = ["CSP", "LOGIN_PAGE", "Edge", "chat_page", "log", "page_headers"]
+__all__ = ["CSP", "LOGIN_PAGE", "Edge", "body_deadline", "chat_page", "log", "page_headers"]

@@ -125,6 +125,10 @@ class BodyTooLarge(Exception):
     """The request body is over the cap: answer 413."""
 
 
+class BodyTimeout(Exception):
+    """The request body did not arrive in time: answer 408 and close the connection."""
+
+
 async def read_capped(chunks: AsyncIterator[bytes], limit: int, content_length: str | None) -> bytes:
     """Read a request body, refusing it (BodyTooLarge) past `limit` bytes without buffering more.
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 
 class _Lenient(BaseModel):
@@ -21,14 +21,22 @@ class StreamOptions(_Lenient):
     include_usage: bool = False
 
 
+# Where the sampling math (infer.sampling) is defined for every weight dtype; outside: 400 naming the field.
+# temperature: logits / T after a max shift; below MIN_TEMPERATURE it is argmax anyway (send 0: greedy).
+# repetition_penalty: seen tokens' positive logits / p; below 0.1, fp16 logits can overflow to inf and
+# the draw sees inf - inf = NaN (1e-300 rounds to 0 in fp32: a division by zero).
+MIN_TEMPERATURE = 1e-5
+MIN_REPETITION_PENALTY = 0.1
+
+
 class SamplingFields(_Lenient):
     model: str | None = None
     max_tokens: int | None = Field(None, ge=1)
-    temperature: float = Field(1.0, ge=0, le=2)
+    temperature: float = Field(1.0, ge=0, le=2)  # 0 or [MIN_TEMPERATURE, 2]
     top_p: float = Field(1.0, gt=0, le=1)
-    top_k: int = Field(0, ge=0)
+    top_k: int = Field(0, ge=0)  # 0 or >= the vocabulary = off
     min_p: float = Field(0.0, ge=0, le=1)
-    repetition_penalty: float = Field(1.0, gt=0, le=10)
+    repetition_penalty: float = Field(1.0, ge=MIN_REPETITION_PENALTY, le=10)
     presence_penalty: float = Field(0.0, ge=-2, le=2)  # accepted for compatibility, not applied
     frequency_penalty: float = Field(0.0, ge=-2, le=2)  # accepted for compatibility, not applied
     n: int = Field(1, ge=1)
@@ -38,6 +46,13 @@ class SamplingFields(_Lenient):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
+
+    @field_validator("temperature")
+    @classmethod
+    def _greedy_or_positive(cls, v: float) -> float:
+        if 0 < v < MIN_TEMPERATURE:
+            raise ValueError(f"0 (greedy) or at least {MIN_TEMPERATURE:g}")
+        return v
 
 
 class CompletionRequest(SamplingFields):
@@ -150,6 +165,8 @@ def delta_body(chat: bool, index: int, text: str | None, reason: str | None, rol
 
 
 __all__ = [
+    "MIN_REPETITION_PENALTY",
+    "MIN_TEMPERATURE",
     "ApiError",
     "ApiRequest",
     "ChatMessage",

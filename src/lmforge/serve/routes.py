@@ -21,7 +21,8 @@ from lmforge.infer.sampling import SamplingParams
 from lmforge.serve.batcher import DONE, EngineFailure, Job, QueueFull
 from lmforge.serve.edge import chat_page, log, page_headers
 from lmforge.serve.filters import OutputFilter
-from lmforge.serve.limits import BodyTooLarge, RateLimited, TooLarge, read_capped
+from lmforge.serve.guard import is_json_type
+from lmforge.serve.limits import BodyTimeout, BodyTooLarge, RateLimited, TooLarge, read_capped
 from lmforge.serve.protocol import (
     ApiError,
     ApiRequest,
@@ -83,7 +84,8 @@ class Admitted:
 
 
 async def admit(state: ServerState, request: Any, chat: bool) -> Admitted:
-    """Rate limit (before reading or tokenizing anything), body cap, schema, prompts, sampling, budget."""
+    """Rate limit (before reading or tokenizing anything), body cap, JSON content type, schema, counts and
+    sizes, prompts (tokenized in a thread), sampling, budget."""
     started = time.monotonic()
     key_id = request.scope.get("lmforge.key") or f"ip:{request.client.host if request.client else '?'}"
     try:
@@ -91,8 +93,15 @@ async def admit(state: ServerState, request: Any, chat: bool) -> Admitted:
         body = await read_capped(
             request.stream(), state.cfg.max_body_bytes, request.headers.get("content-length")
         )
+        if not is_json_type(request.headers.get("content-type")):
+            raise ApiError(
+                415,
+                "send the body as JSON (Content-Type: application/json)",
+                code="unsupported_media_type",
+            )
         req = parse_request(body, ChatRequest if chat else CompletionRequest)
-        prompts = state.prompts_of(req)
+        state.check_shape(req)  # counts and sizes before any tokenization
+        prompts = await asyncio.to_thread(state.prompts_of, req)  # off the event loop: /health stays quick
         params, worst = state.params_of(req, prompts)
         state.limiter.charge(ticket, worst)
     except RateLimited as e:
@@ -288,6 +297,7 @@ def add_error_handlers(app: Any) -> None:
     """Every error, ours or the framework's, answered in OpenAI's error shape."""
     from fastapi.exceptions import RequestValidationError
     from starlette.exceptions import HTTPException
+    from starlette.requests import ClientDisconnect
     from starlette.responses import JSONResponse
 
     @app.exception_handler(ApiError)
@@ -298,11 +308,17 @@ def add_error_handlers(app: Any) -> None:
     async def _too_large(_: Request, e: BodyTooLarge) -> Any:
         return ApiError(413, str(e), code="request_too_large").response()
 
-    @app.exception_handler(ClientGone)
-    async def _gone(_: Request, e: ClientGone) -> Any:
+    @app.exception_handler(BodyTimeout)
+    async def _slow_body(_: Request, e: BodyTimeout) -> Any:
+        return ApiError(408, str(e), type="timeout", headers={"Connection": "close"}).response()
+
+    async def _gone(_: Request, e: Exception) -> Any:
         return JSONResponse(
             {"error": {"message": "client closed the request", "type": "cancelled"}}, status_code=499
         )
+
+    app.add_exception_handler(ClientGone, _gone)
+    app.add_exception_handler(ClientDisconnect, _gone)  # the client left while its body was being read
 
     @app.exception_handler(HTTPException)
     async def _http(_: Request, e: HTTPException) -> Any:

@@ -62,6 +62,22 @@ class ServeConfig(Section):
     request_timeout_s: float = Field(
         300.0, gt=0, description="a request still running after this is cancelled"
     )
+    allowed_hosts: list[str] = Field(
+        default_factory=list,
+        description="Host names a request may carry besides localhost, 127.0.0.1, [::1] and the bound host "
+        "(421 otherwise; '*' = any, e.g. behind a proxy that checks Host)",
+    )
+    allowed_origins: list[str] = Field(
+        default_factory=list,
+        description="browser origins (scheme://host[:port]) allowed besides this server's own (403 otherwise; "
+        "'*' = any)",
+    )
+    header_timeout_s: float = Field(
+        10.0, gt=0, description="a connection whose request head is not in after this is closed"
+    )
+    body_timeout_s: float = Field(
+        30.0, gt=0, description="a request body not fully received after this is refused (408) and closed"
+    )
     output_wordlist: str | None = Field(None, description="file of words that end an answer (content_filter)")
     log_prompts: bool = Field(False, description="log prompt text (off: logs never hold prompts or outputs)")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="server log level")
@@ -97,6 +113,10 @@ class ServerState:
         self.context = int(getattr(engine, "max_seq_len", 0) or engine.model.cfg.max_seq_len)
         self.vocab = int(engine.model.cfg.vocab_size)
         self.max_prompt = min(cfg.max_prompt_tokens or self.context, self.context - 1)
+        # A token covers at most `longest` characters, so a longer text cannot fit and is refused before
+        # tokenizing it (2x: a tokenizer's normalizer may merge characters).
+        longest = max((len(t) for t in tokenizer.backend.get_vocab(with_added_tokens=True)), default=1)
+        self.max_prompt_chars = 2 * self.max_prompt * max(longest, 1)
         self.limiter = RateLimiter(cfg.requests_per_minute, cfg.tokens_per_minute)
         self.filter = OutputFilter.from_file(cfg.output_wordlist) if cfg.output_wordlist else None
         self.batcher = Batcher(
@@ -132,6 +152,54 @@ class ServerState:
                 400, f"messages: rejected by the model's chat template: {e}", param="messages"
             ) from None
 
+    def check_shape(self, req: ApiRequest) -> None:
+        """The checks that need no tokenizer, done first: choices (n x prompts), prompt sizes, stop,
+        unsupported fields. A request refused here costs no tokenization (a 190,000-prompt list is one len)."""
+        refuse_unsupported(req)
+        stop_strings(req)
+        param = "messages" if isinstance(req, ChatRequest) else "prompt"
+        count = len(req.prompt) if isinstance(req, CompletionRequest) and isinstance(req.prompt, list) else 1
+        if isinstance(req, CompletionRequest) and req.prompt and isinstance(req.prompt[0], int):
+            count = 1  # a list of token ids is one prompt
+            self.check_prompt_length(len(req.prompt), param)
+        choices = req.n * count
+        if choices > self.cfg.max_n:
+            raise ApiError(
+                400, f"n x prompts = {choices}; this server allows at most {self.cfg.max_n}", param="n"
+            )
+        if isinstance(req, ChatRequest):
+            if len(req.messages) > self.max_prompt:  # a template gives every message >= 1 token
+                raise ApiError(
+                    400,
+                    f"messages: {len(req.messages)} messages; this server accepts at most {self.max_prompt}",
+                    param=param,
+                    code="context_length_exceeded",
+                )
+            texts = [m.content if isinstance(m.content, str) else "" for m in req.messages]
+            texts += [p.text for m in req.messages if isinstance(m.content, list) for p in m.content]
+            chars = sum(map(len, texts))
+        else:
+            p = req.prompt
+            chars = (
+                len(p) if isinstance(p, str) else max((len(s) for s in p if isinstance(s, str)), default=0)
+            )
+        if chars > self.max_prompt_chars:
+            raise ApiError(
+                400,
+                f"{param} is {chars} characters: more than the {self.max_prompt} tokens this server accepts",
+                param=param,
+                code="context_length_exceeded",
+            )
+
+    def check_prompt_length(self, tokens: int, param: str) -> None:
+        if tokens > self.max_prompt:
+            raise ApiError(
+                400,
+                f"prompt is {tokens} tokens; this server accepts at most {self.max_prompt}",
+                param=param,
+                code="context_length_exceeded",
+            )
+
     def prompts_of(self, req: ApiRequest) -> list[list[int]]:
         if isinstance(req, ChatRequest):
             msgs = []
@@ -157,13 +225,7 @@ class ServerState:
     def max_tokens_of(self, req: ApiRequest, longest: int) -> int:
         """The request's max_tokens, checked against the cap and the context left after its prompt."""
         cfg = self.cfg
-        if longest > self.max_prompt:
-            raise ApiError(
-                400,
-                f"prompt is {longest} tokens; this server accepts at most {self.max_prompt}",
-                param="prompt" if isinstance(req, CompletionRequest) else "messages",
-                code="context_length_exceeded",
-            )
+        self.check_prompt_length(longest, "prompt" if isinstance(req, CompletionRequest) else "messages")
         asked = req.max_completion_tokens if isinstance(req, ChatRequest) else None
         asked = asked or req.max_tokens
         room = self.context - longest
@@ -186,13 +248,9 @@ class ServerState:
         return asked
 
     def params_of(self, req: ApiRequest, prompts: list[list[int]]) -> tuple[SamplingParams, int]:
-        """The engine's SamplingParams and the worst-case token count (for the tokens/minute limit)."""
-        refuse_unsupported(req)
+        """The engine's SamplingParams and the worst-case token count (for the tokens/minute limit);
+        `check_shape(req)` has passed."""
         choices = req.n * len(prompts)
-        if choices > self.cfg.max_n:
-            raise ApiError(
-                400, f"n x prompts = {choices}; this server allows at most {self.cfg.max_n}", param="n"
-            )
         max_tokens = self.max_tokens_of(req, max(len(p) for p in prompts))
         stop_ids = [  # ignore_eos: the end-of-text token does not end a chat reply either
             i for i in self.chat_stop_ids if not (req.ignore_eos and i == self.tok.eos_id)
