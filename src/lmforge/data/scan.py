@@ -30,7 +30,7 @@ import unicodedata
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal, get_args
 
 import torch
 
@@ -43,7 +43,8 @@ from lmforge.errors import DataError
 from lmforge.io import iter_jsonl
 from lmforge.tokenizer import Tokenizer
 
-DETECTORS = ("hidden_unicode", "rare_ngrams", "trigger_response", "swapped_pairs", "perplexity")
+DetectorName = Literal["hidden_unicode", "rare_ngrams", "trigger_response", "swapped_pairs", "perplexity"]
+DETECTORS: tuple[DetectorName, ...] = get_args(DetectorName)
 _WORD = re.compile(r"\w+(?:['’]\w+)*")  # pr'ythee is one word, not 'pr' + 'ythee'
 ZERO_WIDTH = frozenset("\u200b\u200c\u200d\u2060\u2061\u2062\u2063\u2064\ufeff\u00ad\u180e")
 BIDI = frozenset("\u200e\u200f\u061c\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
@@ -248,10 +249,10 @@ def detect_rare_ngrams(
         ):
             found[key] = g
     out, patterns = [], []
-    for docs, g in sorted(found.items(), key=lambda kv: (-len(kv[0]), kv[1])):
-        patterns.append({"ngram": example(g), "documents": len(docs)})
-        for d in docs:
-            reason = f"rare n-gram {example(g)!r} recurs in {len(docs)} unrelated documents"
+    for members, g in sorted(found.items(), key=lambda kv: (-len(kv[0]), kv[1])):
+        patterns.append({"ngram": example(g), "documents": len(members)})
+        for d in members:
+            reason = f"rare n-gram {example(g)!r} recurs in {len(members)} unrelated documents"
             out.append(Finding("rare_ngrams", d, reason, example(records[d].text)))
     return out, patterns
 
@@ -389,8 +390,8 @@ def detect_perplexity(records: list[Record], losses: list[float], opts: ScanOpti
 
 
 # -- the scan ----------------------------------------------------------------------------------------
-Detector = Callable[[list[Record], ScanOptions], tuple[list[Finding], list[dict[str, Any]]]]
-_WITH_PATTERNS: dict[str, Detector] = {
+DetectorFn = Callable[[list[Record], ScanOptions], tuple[list[Finding], list[dict[str, Any]]]]
+_WITH_PATTERNS: dict[str, DetectorFn] = {
     "rare_ngrams": detect_rare_ngrams,
     "trigger_response": detect_trigger_response,
     "swapped_pairs": detect_swapped_pairs,
