@@ -41,6 +41,7 @@ from lmforge.data.pii import mask_pii
 from lmforge.data.preference import KEYS as PREF_KEYS
 from lmforge.errors import DataError
 from lmforge.io import iter_jsonl
+from lmforge.model.transformer import Transformer
 from lmforge.tokenizer import Tokenizer
 
 DetectorName = Literal["hidden_unicode", "rare_ngrams", "trigger_response", "swapped_pairs", "perplexity"]
@@ -190,10 +191,16 @@ def _script(ch: str) -> str:
 
 def hidden_unicode(text: str) -> str | None:
     """Why this text hides characters (counts by kind), or None."""
+    if text.isascii():  # the common case, and nothing to hide in it
+        return None
     zw = sum(ch in ZERO_WIDTH for ch in text)
     bidi = sum(ch in BIDI for ch in text)
     tags = sum(0xE0000 <= ord(ch) <= 0xE007F for ch in text)
-    mixed = [w for w in _WORD.findall(text) if len({_script(c) for c in w if c.isalpha()} - {""}) > 1]
+    mixed = [
+        w
+        for w in _WORD.findall(text)
+        if not w.isascii() and len({_script(c) for c in w if c.isalpha()} - {""}) > 1
+    ]
     parts = [
         f"{n} {what}"
         for n, what in (
@@ -218,6 +225,19 @@ def detect_hidden_unicode(records: list[Record], opts: ScanOptions) -> list[Find
     return out
 
 
+def _runs(ws: list[str], keep: set[str]) -> list[list[str]]:
+    """Maximal runs of consecutive words in `keep`, two words or longer."""
+    out, cur = [], []
+    for w in [*ws, ""]:
+        if w in keep:
+            cur.append(w)
+            continue
+        if len(cur) > 1:
+            out.append(cur)
+        cur = []
+    return out
+
+
 def detect_rare_ngrams(
     records: list[Record], opts: ScanOptions
 ) -> tuple[list[Finding], list[dict[str, Any]]]:
@@ -231,8 +251,9 @@ def detect_rare_ngrams(
     docs_of: dict[str, list[int]] = defaultdict(list)
     for i, t in enumerate(toks):
         grams: set[str] = set()
-        for n in range(2, opts.rare_max_n + 1):
-            grams |= {g for g in ngrams(t, n) if all(w in rare for w in g.split())}
+        for run in _runs(t, rare):  # n-grams of rare words lie inside runs of rare words
+            for n in range(2, min(opts.rare_max_n, len(run)) + 1):
+                grams |= ngrams(run, n)
         for g in grams:
             docs_of[g].append(i)
     found: dict[tuple[int, ...], str] = {}  # doc set -> longest phrase (sub-n-grams share the doc set)
@@ -278,16 +299,16 @@ def detect_trigger_response(
     almost nowhere else is a trigger -> fixed response pattern."""
     idx = [i for i, r in enumerate(records) if r.kind != "document" and r.response.strip()]
     pwords = {i: words(records[i].prompt) for i in idx}
-    df: Counter[str] = Counter()
-    for ws in pwords.values():
-        df.update({g for n in range(1, opts.trigger_max_n + 1) for g in ngrams(ws, n)})
     groups: dict[str, list[int]] = defaultdict(list)
     for i in idx:
         groups[" ".join(words(records[i].response))].append(i)
+    groups = {k: v for k, v in groups.items() if k and len(v) >= opts.trigger_min_support}
+    df: Counter[str] = Counter()
+    if groups:  # prompt n-gram document frequencies, needed only when some response repeats
+        for ws in pwords.values():
+            df.update({g for n in range(1, opts.trigger_max_n + 1) for g in ngrams(ws, n)})
     out, patterns = [], []
     for response, members in groups.items():
-        if len(members) < opts.trigger_min_support or not response:
-            continue
         prompts = [pwords[i] for i in members]
         trigger = _trigger_in(prompts, df, opts)
         if trigger is None:
@@ -350,12 +371,11 @@ def detect_swapped_pairs(
 
 # -- perplexity under a reference model --------------------------------------------------------------
 @torch.no_grad()
-def mean_losses(
-    texts: list[str], model: torch.nn.Module, tok: Tokenizer, max_tokens: int = 256
-) -> list[float]:
+def mean_losses(texts: list[str], model: Transformer, tok: Tokenizer, max_tokens: int = 256) -> list[float]:
     """Mean next-token loss (nats) of each text's first `max_tokens` tokens; NaN for a one-token text."""
     device = next(model.parameters()).device
-    plain = tok.as_plain_text()
+    plain = tok.as_plain_text()  # record text is text: a special-token string in it is not a marker
+    max_tokens = min(max_tokens, model.cfg.max_seq_len)
     out = []
     for text in texts:
         ids = plain.encode(text)[:max_tokens]
