@@ -10,6 +10,8 @@ from typing import Any
 
 import pytest
 
+from export_helpers import llama_cfg, save_model_dir, train_small
+from infer_helpers import make_tokenizer, shakespeare_text
 from lmforge.cli import main as cli
 from lmforge.data.scan import (
     Record,
@@ -250,11 +252,8 @@ def test_cli_needs_input(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
 
 
 def test_cli_perplexity_with_reference_model(tmp_path: Path) -> None:
-    from export_helpers import llama_cfg, save_model_dir, train_small
-    from infer_helpers import make_tokenizer, shakespeare_text
-
     tok = make_tokenizer()
-    model_dir = save_model_dir(train_small(llama_cfg(), tok, steps=80), tok, tmp_path / "ref")
+    model_dir = save_model_dir(train_small(llama_cfg(), tok, steps=12), tok, tmp_path / "ref")
     lines = [x.strip() for x in shakespeare_text(1)[0].splitlines() if len(x.strip()) > 40][200:260]
     rng = random.Random(0)
     junk = ["".join(rng.choices("qxzjkv0123456789#@", k=80)) for _ in range(2)]
@@ -263,6 +262,7 @@ def test_cli_perplexity_with_reference_model(tmp_path: Path) -> None:
     assert cli(["data", "scan", str(src), f"output={out}", f"reference={model_dir}", "device=cpu"]) == 0
     report = json.loads((out / "report.json").read_text())
     assert report["perplexity"] == "on"
+    # 12 training steps already put the two junk lines near robust z 10, every line of verse within 2.5
     sources = {e["source"] for e in report["examples"]["perplexity"]}
-    assert {f"{src}:31", f"{src}:32"} <= sources
-    assert report["flagged_by_detector"]["perplexity"] <= 4
+    assert sources == {f"{src}:31", f"{src}:32"}
+    assert report["flagged_by_detector"]["perplexity"] == 2 and report["flagged"] == 2
