@@ -256,7 +256,8 @@ def detect_rare_ngrams(
                 grams |= ngrams(run, n)
         for g in grams:
             docs_of[g].append(i)
-    found: dict[tuple[int, ...], str] = {}  # doc set -> longest phrase (sub-n-grams share the doc set)
+    found: dict[tuple[int, ...], list[str]] = defaultdict(list)  # doc set -> phrases in all of them
+    related: dict[tuple[int, ...], bool] = {}
     for g, docs in docs_of.items():
         parts = g.split()
         if len(docs) < opts.rare_min_docs or max(word_df[w] for w in parts) > len(docs) * (
@@ -264,16 +265,18 @@ def detect_rare_ngrams(
         ):
             continue
         key = tuple(docs)
-        if (
-            len(g) > len(found.get(key, ""))
-            and mean_similarity([word_sets[d] - set(parts) for d in docs]) < opts.unrelated
-        ):
-            found[key] = g
+        if key not in related:  # the phrase's own words left out, so it cannot make its documents alike
+            related[key] = mean_similarity([word_sets[d] - set(parts) for d in docs]) >= opts.unrelated
+        if not related[key]:
+            found[key].append(g)
     out, patterns = [], []
-    for members, g in sorted(found.items(), key=lambda kv: (-len(kv[0]), kv[1])):
-        patterns.append({"ngram": example(g), "documents": len(members)})
+    for members, grams in sorted(found.items(), key=lambda kv: (-len(kv[0]), kv[1])):
+        # sub-n-grams of a longer phrase share its documents: keep the longest phrases only
+        phrases = sorted(g for g in grams if not any(f" {g} " in f" {h} " for h in grams if h != g))
+        shown = ", ".join(repr(example(g)) for g in phrases)
+        patterns += [{"ngram": example(g), "documents": len(members)} for g in phrases]
         for d in members:
-            reason = f"rare n-gram {example(g)!r} recurs in {len(members)} unrelated documents"
+            reason = f"rare n-gram(s) {shown} recur in {len(members)} unrelated documents"
             out.append(Finding("rare_ngrams", d, reason, example(records[d].text)))
     return out, patterns
 

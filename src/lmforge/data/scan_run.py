@@ -126,7 +126,8 @@ def render_markdown(r: dict[str, Any]) -> str:
     for det, shown in r["examples"].items():
         lines += ["", f"## {det}: examples", ""]
         for e in shown:
-            lines += [f"- `{e['source']}`: {e['reason']}", "", "  ```text", f"  {e['example']}", "  ```"]
+            body = [f"  {line}" for line in e["example"].replace("```", "'''").splitlines()]
+            lines += [f"- `{e['source']}`: {e['reason']}", "", "  ```text", *body, "  ```"]
     return "\n".join(lines) + "\n"
 
 
