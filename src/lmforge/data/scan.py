@@ -270,9 +270,9 @@ def detect_rare_ngrams(
         if not related[key]:
             found[key].append(g)
     out, patterns = [], []
-    for members, grams in sorted(found.items(), key=lambda kv: (-len(kv[0]), kv[1])):
+    for members, candidates in sorted(found.items(), key=lambda kv: (-len(kv[0]), kv[1])):
         # sub-n-grams of a longer phrase share its documents: keep the longest phrases only
-        phrases = sorted(g for g in grams if not any(f" {g} " in f" {h} " for h in grams if h != g))
+        phrases = sorted(g for g in candidates if not any(f" {g} " in f" {h} " for h in candidates if h != g))
         shown = ", ".join(repr(example(g)) for g in phrases)
         patterns += [{"ngram": example(g), "documents": len(members)} for g in phrases]
         for d in members:
