@@ -54,7 +54,9 @@ class ScanConfig(Section):
     unrelated: float = Field(
         0.3, gt=0, le=1, description="records sharing a pattern must have a mean word Jaccard below this"
     )
-    trigger_min_support: int = Field(3, ge=2, description="trigger->response: records with one response")
+    trigger_min_support: int = Field(
+        3, ge=2, description="trigger->response: at least this many records with one response"
+    )
     trigger_purity: float = Field(
         0.8,
         gt=0,
