@@ -66,6 +66,7 @@ check: lint typecheck test
 PEERS := benchmarks/.venvs
 bench: $(STAMP) $(DEMO)/tokens/manifest.json $(DEMO)/pretrain/manifest.json $(PEERS)/litgpt/.installed $(PEERS)/presidio/.installed $(VENV)/.llamacpp
 	$(BIN)/python -m benchmarks.prepare
+	$(BIN)/python -m benchmarks.scan
 	$(BIN)/python -m benchmarks.pii --peer-python $(PEERS)/presidio/bin/python
 	$(BIN)/python -m benchmarks.tokenizer
 	$(BIN)/python -m benchmarks.model

@@ -24,6 +24,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "ingest, clean, deduplicate, mask PII and decontaminate raw text",
     ),
     "data verify": ("lmforge.data.verify:main", "check a stage's output against its SHA-256 manifest"),
+    "data scan": (
+        "lmforge.data.scan_run:main",
+        "flag backdoor-like poisoning in documents, SFT and DPO data",
+    ),
     "tokenizer train": (
         "lmforge.data.tokenizer_train:main",
         "train a byte-level BPE tokenizer with a chat template",
