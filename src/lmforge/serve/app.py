@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 
+from lmforge import audit
 from lmforge.config import parse_command
 from lmforge.device import pick_device
 from lmforge.errors import ConfigError
@@ -102,7 +103,11 @@ def main(argv: list[str]) -> int:
     app = create_app(engine, tok, cfg, keys)
     where = "with API keys" if keys else "without API keys (loopback only)"
     log.info("serving %s on http://%s:%d %s", cfg.model, cfg.host, cfg.port, where)
+    audit.append(
+        "serve.start", {"model": cfg.model, "host": cfg.host, "port": cfg.port, "api_keys": len(keys)}
+    )
     uvicorn.run(app, host=cfg.host, port=cfg.port, log_level="warning", access_log=False)
+    audit.append("serve.stop", {"model": cfg.model, "host": cfg.host, "port": cfg.port})
     return 0
 
 
