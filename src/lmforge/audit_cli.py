@@ -63,6 +63,12 @@ def _producer(records: list[dict[str, Any]], ident: tuple[str, str], before: int
     return None
 
 
+def _leaf(entry: dict[str, Any], ident: tuple[str, str] | None) -> str:
+    if ident is None:
+        return "not hashed: a name (preset, built-in corpus)" if "name" in entry else "not hashed"
+    return "raw file" if ident[0] == "sha256" else "not produced by an audited command"
+
+
 def _walk(
     records: list[dict[str, Any]], entry: dict[str, Any], before: int, depth: int, seen: set[int]
 ) -> list[str]:
@@ -73,8 +79,8 @@ def _walk(
     lines = [f"{pad}{label}{entry.get('path') or entry.get('name')}{what}"]
     made = _producer(records, ident, before) if ident else None
     if made is None:
-        source = "raw file" if ident and ident[0] == "sha256" else "not produced by an audited command"
-        return [*lines, f"{pad}  ({source})"]
+        lines[0] += f"  ({_leaf(entry, ident)})"
+        return lines
     data = made["data"]
     config = f", config {data['config_sha256'][:16]}" if "config_sha256" in data else ""
     lines.append(
