@@ -50,7 +50,7 @@ INPUT_KEYS = ("input", "inputs", "data", "model", "base", "adapter", "tokenizer"
 OUTPUT_KEYS = ("output",)
 # An argument whose last dotted key matches is logged as `key=<redacted>`: secrets, and prompts (never logged).
 SECRET_KEY = re.compile(
-    r"^(.*_)?(key|keys|token|secret|password|passwd|credentials?|prompt|system|messages?)$"
+    r"^(.*_)?(key|keys|token|secret|password|passwd|credentials?|prompts?|system|messages?)$"
 )
 _NOT_HASHED = ("hash", "sig")
 
@@ -281,7 +281,8 @@ def _entries(key: str, value: Any) -> list[dict[str, Any]]:
 def command_data(command: str, args: list[str], exit_code: int, seconds: float) -> dict[str, Any]:
     """The `data` of a command record: arguments (redacted), exit code, config hash, inputs and outputs."""
     values, positional = _settings(args)
-    inputs = [e for p in positional for e in _entries("", p)]
+    # a positional argument is an input only if it names a file or folder (not `hf` or `--nproc`'s `2`)
+    inputs = [e for p in positional if Path(p).expanduser().exists() for e in _entries("", p)]
     for key, value in values.items():
         if key.split(".")[-1] in INPUT_KEYS:
             inputs += _entries(key, value)
