@@ -221,6 +221,7 @@ def test_redaction_keeps_secrets_and_prompts_out_of_the_log() -> None:
         "data.train=[a.jsonl]",
         "password=pw",
         "api_keys_file=k.txt",
+        "eval.prompts=[ROMEO.]",
     ]
     assert audit.redact(args) == [
         "-c", "x.yaml", "api_key=<redacted>", "prompt=<redacted>", "sampling.max_tokens=5", "tokenizer=tok",
