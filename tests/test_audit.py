@@ -256,9 +256,13 @@ def test_the_cli_hook_and_lineage(
     assert cli.main(["tokenize", "input=missing", "tokenizer=tok", "output=bad"]) == 3
     with pytest.raises(SystemExit):
         cli.main(["prepare", "--help"])
+    old = (tmp_path / "tokens/manifest.json").stat().st_mtime - 60
+    os.utime(tmp_path / "tokens/manifest.json", (old, old))  # written a minute before the next command
+    with pytest.raises(SystemExit):
+        cli.main(["tokenize", "input=cur", "tokenizer=tok", "output=tokens", "--print-config"])
     records = audit.verify(log).records
     assert [(r["data"]["command"], r["data"]["exit_code"]) for r in records] == [
-        ("prepare", 0), ("tokenizer train", 0), ("tokenize", 0), ("tokenize", 3), ("prepare", 0)
+        ("prepare", 0), ("tokenizer train", 0), ("tokenize", 0), ("tokenize", 3), ("prepare", 0), ("tokenize", 0)
     ]  # fmt: skip
     sha = lambda p: hashlib.sha256(p.read_bytes()).hexdigest()  # noqa: E731
     prep = records[0]["data"]
@@ -268,12 +272,13 @@ def test_the_cli_hook_and_lineage(
     ]
     assert prep["config_sha256"] == sha(tmp_path / "cur/config.yaml")
     assert records[3]["data"]["outputs"] == []  # a failed command wrote nothing it can be credited with
+    assert records[5]["data"]["outputs"] == []  # nor did --print-config, though output= names a finished one
     assert records[0]["user"] and records[0]["host"] and records[0]["pid"] == os.getpid()
 
     capsys.readouterr()
     assert cli.main(["audit", "verify"]) == 0
-    assert "5 records, chain intact" in capsys.readouterr().out
-    assert len(audit.verify(log).records) == 5  # the audit commands do not write to the log
+    assert "6 records, chain intact" in capsys.readouterr().out
+    assert len(audit.verify(log).records) == 6  # the audit commands do not write to the log
     assert cli.main(["audit", "lineage", "tokens"]) == 0
     out = capsys.readouterr().out.splitlines()
     assert out[0].startswith(f"{tmp_path / 'tokens'}  manifest {sha(tmp_path / 'tokens/manifest.json')[:16]}")

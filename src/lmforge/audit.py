@@ -43,9 +43,8 @@ KEY_ENV = "LMFORGE_AUDIT_KEY"
 GENESIS = "0" * 64  # `prev` of the first record
 MANIFEST = "manifest.json"  # a stage's output manifest (data/manifest.py writes it; that layer is above this)
 MANIFEST_DEPTH = 2  # <run>/checkpoints/step-N: the deepest folder a stage's manifest covers
-MAX_HASHED_FILE = (
-    64 << 20
-)  # a raw input file up to this size is hashed; a bigger one is named by size + mtime
+MAX_HASHED_FILE = 64 << 20  # a raw input up to this size is hashed; a bigger one is named by size + mtime
+MTIME_SLACK = 1.0  # s: an output is this run's if written after it started (for coarse-mtime filesystems)
 INPUT_KEYS = ("input", "inputs", "data", "model", "base", "adapter", "tokenizer")
 OUTPUT_KEYS = ("output",)
 # An argument whose last dotted key matches is logged as `key=<redacted>`: secrets, and prompts (never logged).
@@ -295,13 +294,18 @@ def command_data(command: str, args: list[str], exit_code: int, seconds: float) 
         "inputs": inputs,
         "outputs": [],
     }
+    started = time.time() - seconds - MTIME_SLACK
     for key in OUTPUT_KEYS:
         out = values.get(key)
-        if exit_code == 0 and isinstance(out, str) and out and Path(out).expanduser().exists():
-            data["outputs"] += _entries(key, out)
-            config = Path(out).expanduser() / CONFIG_FILE
-            if config.is_file():
-                data["config_sha256"] = sha256_file(config)
+        if exit_code != 0 or not isinstance(out, str) or not out or not Path(out).expanduser().exists():
+            continue
+        path = Path(out).expanduser()
+        written = find_manifest(path) if path.is_dir() else path
+        if written is None or written.stat().st_mtime < started:
+            continue  # not written by this run (`--print-config`, `--help`): never credit it with an old output
+        data["outputs"] += _entries(key, out)
+        if (path / CONFIG_FILE).is_file():
+            data["config_sha256"] = sha256_file(path / CONFIG_FILE)
     return data
 
 
@@ -376,21 +380,23 @@ def _check_head(log: Path, records: list[dict[str, Any]]) -> None:
 def verify(log: Path, public_key: Path | None = None) -> Verified:
     """Check the whole chain (and every signature, given the public key); IntegrityError at the first fault."""
     log = Path(log)
-    try:
-        lines = log.read_bytes().splitlines(keepends=True)
-    except OSError as e:
-        raise DataError(f"{log}: cannot read the audit log ({e.strerror or e})") from None
     pub = load_public_key(public_key) if public_key is not None else None
     fp = fingerprint(pub) if pub is not None else None
     records: list[dict[str, Any]] = []
     prev = GENESIS
-    for n, line in enumerate(lines, 1):
-        try:
-            records.append(_check_record(n, line, prev, pub, fp))
-        except IntegrityError as e:
-            raise IntegrityError(f"{log}: {e}") from None
-        prev = records[-1]["hash"]
-    _check_head(log, records)
+    try:
+        f = open(log, "rb")  # noqa: SIM115 - closed below, after the head is read under the same lock
+    except OSError as e:
+        raise DataError(f"{log}: cannot read the audit log ({e.strerror or e})") from None
+    with f:
+        fcntl.flock(f.fileno(), fcntl.LOCK_SH)  # no append lands between reading the records and the head
+        for n, line in enumerate(f, 1):
+            try:
+                records.append(_check_record(n, line, prev, pub, fp))
+            except IntegrityError as e:
+                raise IntegrityError(f"{log}: {e}") from None
+            prev = records[-1]["hash"]
+        _check_head(log, records)
     return Verified(records, sum(1 for r in records if "sig" in r), pub is not None)
 
 
