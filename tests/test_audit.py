@@ -288,6 +288,8 @@ def test_the_cli_hook_and_lineage(
     )  # via input= and the tokenizer
     assert sum(line.endswith("(raw file)") for line in out) == 4
     assert "made by record 2: lmforge tokenizer train" in "\n".join(out)
+    assert cli.main(["audit", "lineage", "tokens/tokenizer"]) == 0  # a folder inside a stage's output
+    assert capsys.readouterr().out.splitlines()[1].startswith("  made by record 3: lmforge tokenize at ")
     assert cli.main(["audit", "lineage", "raw0.txt"]) == 2  # no audited command wrote it
 
     lines = log.read_bytes().splitlines(keepends=True)
@@ -339,3 +341,27 @@ def test_serve_records_start_and_stop(
     assert records[0]["data"] == {"model": "runs/m", "host": "127.0.0.1", "port": 8123, "api_keys": 1}
     assert records[2]["data"]["command"] == "serve" and records[2]["data"]["exit_code"] == 0
     assert "sk-" not in log.read_text()  # no key in the chain
+
+
+@pytest.mark.slow
+def test_lineage_of_a_pretrained_model(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv(audit.LOG_ENV, str(tmp_path / "audit.jsonl"))
+    monkeypatch.delenv(audit.KEY_ENV, raising=False)
+    monkeypatch.chdir(tmp_path)
+    inputs = "[" + ",".join(p.name for p in _raw(tmp_path)) + "]"
+    assert cli.main(["prepare", f"input={inputs}", "output=cur", "quality.min_chars=10"]) == 0
+    assert cli.main(["tokenizer", "train", "input=cur", "output=tok", "vocab_size=300"]) == 0
+    assert cli.main(["tokenize", "input=cur", "tokenizer=tok", "output=tokens"]) == 0
+    train = ["seq_len=32", "global_batch=4", "micro_batch=4", "max_steps=2", "nproc=1", "eval.every=2"]
+    train += ["eval.batches=1", "eval.batch_size=2", "eval.prompts=[]", "checkpoint.every=2"]
+    assert cli.main(["pretrain", "data=tokens", "output=pre", "model=tiny", *train]) == 0
+    capsys.readouterr()
+    assert cli.main(["audit", "lineage", "pre/model"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[1].startswith("  made by record 4: lmforge pretrain at ")
+    assert out[2].startswith(f"  data = {tmp_path / 'tokens'}  manifest ")
+    assert out[3].startswith("    made by record 3: lmforge tokenize at ")
+    assert "  model = tiny  (not hashed: a name (preset, built-in corpus))" in out
+    assert sum(line.endswith("(raw file)") for line in out) == 4
