@@ -35,7 +35,7 @@ from typing import Any
 import yaml
 
 from lmforge.config import CONFIG_FILE
-from lmforge.errors import ConfigError, DataError, IntegrityError
+from lmforge.errors import ERROR_DIR_ENV, ConfigError, DataError, IntegrityError
 from lmforge.io import atomic_write_json, sha256_file
 
 LOG_ENV = "LMFORGE_AUDIT_LOG"
@@ -158,6 +158,13 @@ def _previous(f: Any, log: Path) -> tuple[int, str]:
         ) from None
 
 
+def _user() -> str:
+    try:
+        return getpass.getuser()
+    except (OSError, KeyError):  # a container's uid with no passwd entry
+        return f"uid {os.getuid()}"
+
+
 def write_record(log: Path, event: str, data: dict[str, Any], key: Any = None) -> dict[str, Any]:
     """Append one record under an exclusive lock, fsynced, and update `<log>.head`; returns the record."""
     log = Path(log)
@@ -169,7 +176,7 @@ def write_record(log: Path, event: str, data: dict[str, Any], key: Any = None) -
             "seq": seq + 1,
             "prev": prev,
             "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "user": getpass.getuser(),
+            "user": _user(),
             "host": socket.gethostname(),
             "pid": os.getpid(),
             "event": event,
@@ -311,7 +318,7 @@ def command_data(command: str, args: list[str], exit_code: int, seconds: float) 
 
 def record_command(command: str, args: list[str], exit_code: int, seconds: float) -> None:
     """The CLI's hook: one record per command run (by the launcher, or rank 0 of the user's own torchrun)."""
-    if log_path() is None or os.environ.get("RANK", "0") != "0" or os.environ.get("LMFORGE_ERROR_DIR"):
+    if log_path() is None or os.environ.get("RANK", "0") != "0" or os.environ.get(ERROR_DIR_ENV):
         return
     try:
         data = command_data(command, args, exit_code, seconds)
