@@ -79,6 +79,7 @@ bench: $(STAMP) $(DEMO)/tokens/manifest.json $(DEMO)/pretrain/manifest.json $(PE
 	$(BIN)/python -m benchmarks.decode
 	$(BIN)/python -m benchmarks.quantize --model $(DEMO)/pretrain --data $(DEMO)/tokens
 	$(BIN)/python -m benchmarks.plan
+	$(BIN)/python -m benchmarks.audit
 
 # The GPU numbers (MFU, QLoRA memory at 8B scale, decode bandwidth) on a CUDA machine, in one short run.
 bench-gpu: $(STAMP)

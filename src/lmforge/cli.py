@@ -12,9 +12,10 @@ from __future__ import annotations
 import difflib
 import importlib
 import sys
+import time
 from collections.abc import Callable
 
-from lmforge import __version__
+from lmforge import __version__, audit
 from lmforge.errors import LmforgeError, report
 
 # command -> ("module:function", one-line help). The function takes argv and returns an exit code.
@@ -51,6 +52,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "lmforge.plan.run:main",
         "what fits on which hardware, how fast, at what cost; --probe proves it",
     ),
+    "audit verify": ("lmforge.audit_cli:verify_main", "check the audit log's hash chain and signatures"),
+    "audit lineage": ("lmforge.audit_cli:lineage_main", "the audited commands that produced a model"),
 }
 
 
@@ -84,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
         print(__version__)
         return 0
     try:
-        _, func, rest = resolve(argv)
+        name, func, rest = resolve(argv)
     except KeyError:
         close = difflib.get_close_matches(" ".join(argv[:2]), COMMANDS, n=1) or difflib.get_close_matches(
             argv[0], COMMANDS, n=1
@@ -92,6 +95,20 @@ def main(argv: list[str] | None = None) -> int:
         hint = f"; did you mean `lmforge {close[0]}`?" if close else ""
         print(f"error: unknown command {' '.join(argv[:2])!r}{hint} (see `lmforge --help`)", file=sys.stderr)
         return 2
+    if name.startswith("audit "):  # reading the log does not write to it
+        return _run(func, rest)
+    started, code = time.perf_counter(), 1  # 1: an unexpected exception, whose traceback follows
+    try:
+        code = _run(func, rest)
+    except SystemExit as e:  # --help, --print-config, argparse errors
+        code = e.code if isinstance(e.code, int) else int(e.code is not None)
+        raise
+    finally:  # one record per command in $LMFORGE_AUDIT_LOG (if set); never raises
+        audit.record_command(name, rest, code, time.perf_counter() - started)
+    return code
+
+
+def _run(func: Callable[[list[str]], int], rest: list[str]) -> int:
     try:
         return int(func(rest) or 0)
     except LmforgeError as e:

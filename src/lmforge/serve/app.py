@@ -31,6 +31,7 @@ from typing import Any
 
 import torch
 
+from lmforge import audit
 from lmforge.config import parse_command
 from lmforge.device import pick_device
 from lmforge.errors import ConfigError
@@ -107,7 +108,11 @@ def main(argv: list[str]) -> int:
     where = "with API keys" if keys else "without API keys (loopback only)"
     log.info("serving %s on http://%s:%d %s", cfg.model, cfg.host, cfg.port, where)
     http = timed_h11(cfg.header_timeout_s, cfg.body_timeout_s)  # uvicorn itself never times out a head
+    audit.append(
+        "serve.start", {"model": cfg.model, "host": cfg.host, "port": cfg.port, "api_keys": len(keys)}
+    )
     uvicorn.run(app, host=cfg.host, port=cfg.port, http=http, log_level="warning", access_log=False)
+    audit.append("serve.stop", {"model": cfg.model, "host": cfg.host, "port": cfg.port})
     return 0
 
 
