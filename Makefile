@@ -75,6 +75,7 @@ bench: $(STAMP) $(DEMO)/tokens/manifest.json $(DEMO)/pretrain/manifest.json $(PE
 	$(BIN)/python -m benchmarks.finetune
 	$(BIN)/python -m benchmarks.dpo
 	$(BIN)/python -m benchmarks.generate
+	$(BIN)/python -m benchmarks.watermark
 	$(BIN)/python -m benchmarks.serve
 	$(BIN)/python -m benchmarks.decode
 	$(BIN)/python -m benchmarks.quantize --model $(DEMO)/pretrain --data $(DEMO)/tokens

@@ -37,6 +37,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "model info": ("lmforge.model.info:main", "parameters, shapes, FLOPs and memory of a model"),
     "pretrain": ("lmforge.train.pretrain:main", "train a model on token shards (CPU, GPU, torchrun)"),
     "generate": ("lmforge.infer.generate:main", "generate text from prompts (sampling, streaming)"),
+    "watermark detect": (
+        "lmforge.infer.watermark_detect:main",
+        "z-score and p-value of the keyed green-list watermark in a text",
+    ),
     "chat": ("lmforge.infer.chat:main", "chat with a model in the terminal through its chat template"),
     "eval": ("lmforge.eval.run:main", "perplexity, bits per byte, BLEU and multiple-choice tasks"),
     "serve": (

@@ -26,7 +26,7 @@ emitted once it is whole UTF-8 and cannot be the start of a stop string.
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -46,6 +46,8 @@ class GenerationRequest:
     prompt_ids: list[int]
     params: SamplingParams = field(default_factory=SamplingParams)
     cancelled: threading.Event | None = None
+    # (row logits (vocab,), previous token id) -> logits, before sampling: e.g. infer.watermark.Watermark
+    logits_hook: Callable[[Tensor, int], Tensor] | None = None
 
 
 @dataclass
@@ -287,7 +289,10 @@ class Engine:
         plain_greedy = [
             i
             for i, row in enumerate(rows)
-            if not row.done and row.params.greedy and row.params.repetition_penalty == 1
+            if not row.done
+            and row.params.greedy
+            and row.params.repetition_penalty == 1
+            and row.req.logits_hook is None
         ]
         greedy_ids = logits[plain_greedy].argmax(-1).tolist() if plain_greedy else []
         chosen = dict(zip(plain_greedy, greedy_ids, strict=True))
@@ -300,7 +305,11 @@ class Engine:
                 continue
             tid = chosen.get(i)
             if tid is None:
-                tid = sample(logits[i], row.params, row.generator, None if seen is None else seen[i])
+                row_logits = logits[i]
+                if row.req.logits_hook is not None:
+                    prev = row.out[-1] if row.out else row.req.prompt_ids[-1]
+                    row_logits = row.req.logits_hook(row_logits, prev)
+                tid = sample(row_logits, row.params, row.generator, None if seen is None else seen[i])
             if tid in row.stop_ids:
                 row.done = True
                 events.append(TokenEvent(offset + i, None, row.detok.delta(final=True), "stop"))

@@ -25,6 +25,7 @@ from lmforge.errors import ConfigError, DataError
 from lmforge.infer.engine import Engine, GenerationRequest
 from lmforge.infer.prompting import encode_prompt, stop_at_turn_end
 from lmforge.infer.sampling import SamplingParams
+from lmforge.infer.watermark import Watermark, WatermarkConfig
 from lmforge.io import atomic_write_text, iter_jsonl, read_lines
 from lmforge.model.source import load_model
 
@@ -43,6 +44,7 @@ class GenerateConfig(Section):
     )
     add_bos: bool = Field(False, description="prepend the tokenizer's BOS token to each prompt")
     sampling: SamplingParams = SamplingParams()
+    watermark: WatermarkConfig = WatermarkConfig()
     batch_size: int = Field(8, ge=1, description="prompts per batch")
     max_seq_len: int | None = Field(None, ge=1, description="cap on prompt + output tokens (null = model's)")
     stream: bool = Field(True, description="print tokens as they come when there is a single prompt")
@@ -56,7 +58,7 @@ class GenerateConfig(Section):
 CONFIG = GenerateConfig
 DESCRIPTION = (
     "Generate text from prompts with the lmforge engine: batched, KV-cached, with temperature, top-k, top-p, "
-    "min-p, repetition penalty, stop strings/tokens and seeds."
+    "min-p, repetition penalty, stop strings/tokens and seeds; optionally watermarked (docs/watermark.md)."
 )
 EXAMPLE = 'lmforge generate model=runs/demo/pretrain prompt="To be, or not" sampling.max_tokens=64'
 
@@ -89,6 +91,7 @@ def run(cfg: GenerateConfig, out: Any = None) -> list[dict[str, Any]]:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     prompts = collect_prompts(cfg)
+    hook = Watermark.from_config(cfg.watermark) if cfg.watermark.enabled else None  # key checked first
     model, tok = load_model(cfg.model, device=pick_device(cfg.device), dtype=getattr(torch, cfg.dtype))
     engine = Engine(
         model, tok, max_batch_size=cfg.batch_size, max_seq_len=cfg.max_seq_len, compile=cfg.compile
@@ -96,7 +99,10 @@ def run(cfg: GenerateConfig, out: Any = None) -> list[dict[str, Any]]:
     params = cfg.sampling
     if cfg.chat:  # the reply ends at the template's end-of-turn token, as in `lmforge chat`
         params = stop_at_turn_end(tok, params)
-    requests = [GenerationRequest(encode_prompt(tok, p, cfg.chat, cfg.add_bos), params) for p in prompts]
+    requests = [
+        GenerationRequest(encode_prompt(tok, p, cfg.chat, cfg.add_bos), params, logits_hook=hook)
+        for p in prompts
+    ]
     t0 = time.perf_counter()
     results: list[dict[str, Any]] = []
     if len(requests) == 1 and cfg.stream:
