@@ -72,7 +72,7 @@ def rotate_half(x: Tensor) -> Tensor:
 
 
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """x: (B, T, heads, hd); cos/sin: (T, 1, hd) or (B, T, 1, hd), cast to x's dtype here (autocast)."""
+    """x: (B, heads, T, hd); cos/sin: (T, hd) or (B, 1, T, hd), cast to x's dtype here (autocast)."""
     if cos.dtype != x.dtype:  # fp32 tables, bf16/fp16 activations
         cos, sin = cos.to(x.dtype), sin.to(x.dtype)
     return x * cos + rotate_half(x) * sin
@@ -272,8 +272,7 @@ class Attention(nn.Module):
     ) -> Tensor:
         """`fused`: run q;k;v as one matmul (the model's `FusionCheck` found it valid for this forward)."""
         B, T, _ = x.shape
-        q, k, v = self._heads(x, cos, sin, fused)
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, hd)
+        q, k, v = self._heads(x, cos, sin, fused)  # (B, heads, T, hd)
         if cache is not None:
             assert slots is not None
             k, v = cache.update(layer, k, v, slots)  # (B, Hkv, S, hd)
@@ -287,19 +286,19 @@ class Attention(nn.Module):
     def _heads(
         self, x: Tensor, cos: Tensor | None, sin: Tensor | None, fused: bool
     ) -> tuple[Tensor, Tensor, Tensor]:
-        """q (B, T, H, hd), k and v (B, T, Hkv, hd), RoPE applied to q and k."""
+        """q (B, H, T, hd), k and v (B, Hkv, T, hd), RoPE applied to q and k."""
         B, T, _ = x.shape
         H, Hkv, hd = self.n_heads, self.n_kv, self.hd
         if fused and self.fused is not None:  # the Linears are not even looked up (slow module getattr)
-            heads = self.fused(x).view(B, T, H + 2 * Hkv, hd)  # q;k;v heads
-            qk, v = heads.narrow(2, 0, H + Hkv), heads.narrow(2, H + Hkv, Hkv)
+            heads = self.fused(x).view(B, T, H + 2 * Hkv, hd).transpose(1, 2)  # (B, H + 2 Hkv, T, hd)
+            qk, v = heads.narrow(1, 0, H + Hkv), heads.narrow(1, H + Hkv, Hkv)
             if self.rope:  # q and k rotated together: half the elementwise ops of a decode step's RoPE
                 assert cos is not None and sin is not None
                 qk = apply_rope(qk, cos, sin)
-            return qk.narrow(2, 0, H), qk.narrow(2, H, Hkv), v
-        q = self.q(x).view(B, T, H, hd)
-        k = self.k(x).view(B, T, Hkv, hd)
-        v = self.v(x).view(B, T, Hkv, hd)
+            return qk.narrow(1, 0, H), qk.narrow(1, H, Hkv), v
+        q = self.q(x).view(B, T, H, hd).transpose(1, 2)
+        k = self.k(x).view(B, T, Hkv, hd).transpose(1, 2)
+        v = self.v(x).view(B, T, Hkv, hd).transpose(1, 2)
         if self.rope:
             assert cos is not None and sin is not None
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
@@ -489,12 +488,12 @@ class Transformer(nn.Module):
             pos = self.pos_embeddings.weight[start:end] if position_ids is None else None
             return x + (self.pos_embeddings(position_ids) if pos is None else pos), None, None
         if position_ids is None:
-            return x, self.rope_cos[start:end, None], self.rope_sin[start:end, None]  # (T, 1, hd)
+            return x, self.rope_cos[start:end], self.rope_sin[start:end]  # (T, hd)
         return (
             x,
-            self.rope_cos[position_ids].unsqueeze(2),
-            self.rope_sin[position_ids].unsqueeze(2),
-        )  # (B, T, 1, hd)
+            self.rope_cos[position_ids].unsqueeze(1),
+            self.rope_sin[position_ids].unsqueeze(1),
+        )  # (B, 1, T, hd)
 
     def _mask(
         self, T: int, start: int, cache: Cache | None, slots: Tensor | None, device: torch.device
