@@ -138,9 +138,8 @@ class KVCache:
 
     def update(self, layer: int, k: Tensor, v: Tensor, slots: Tensor) -> tuple[Tensor, Tensor]:
         """Write k, v (B, Hkv, T, hd) at `slots` (T,); return the keys/values to attend to (B, Hkv, S, hd)."""
-        self.k[layer].index_copy_(
-            2, slots, k
-        )  # one op: cheaper than a slice assignment, even with the arange
+        # index_copy_: one op, cheaper per decode step than a slice assignment (measured, arange included)
+        self.k[layer].index_copy_(2, slots, k)
         self.v[layer].index_copy_(2, slots, v)
         if self.static:
             return self.k[layer], self.v[layer]
