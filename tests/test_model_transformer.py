@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 from typing import Any
 
@@ -161,3 +162,17 @@ def test_fused_projections_give_the_same_logits_and_stay_out_of_training() -> No
     assert attn.q.weight.grad is not None and attn.v.weight.grad is not None
     attn.k = torch.nn.Linear(LLAMA.dim, attn.k.out_features, bias=False)  # as quantization / LoRA do
     assert not attn.fused.holds((attn.q, attn.k, attn.v))
+
+
+def test_a_linear_swapped_in_any_block_turns_the_fusion_off_for_the_next_forward() -> None:
+    """The fusion is checked once per forward, for every block: a Linear swapped in the last block (as
+    quantization / LoRA do) is what that forward multiplies by, as in an unfused copy of the model."""
+    model = build_model(LLAMA, seed=1)
+    assert model.fuse_projections()
+    mlp: Any = model.layers[-1].mlp
+    mlp.up = torch.nn.Linear(LLAMA.dim, LLAMA.hidden_dim, bias=False)
+    ids = _ids(LLAMA)
+    unfused = copy.deepcopy(model)
+    assert unfused.fusion is None and unfused.layers[-1].attn.fused is None
+    with torch.no_grad():
+        assert torch.equal(model(ids), unfused(ids))

@@ -71,11 +71,11 @@ def rotate_half(x: Tensor) -> Tensor:
     return torch.cat([-x2, x1], dim=-1)
 
 
-def apply_rope(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
-    """q: (B, H, T, hd), k: (B, Hkv, T, hd); cos/sin: (T, hd) or (B, 1, T, hd), cast to q's dtype here."""
-    if cos.dtype != q.dtype:  # fp32 tables, bf16/fp16 activations
-        cos, sin = cos.to(q.dtype), sin.to(q.dtype)
-    return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """x: (B, heads, T, hd); cos/sin: (T, hd) or (B, 1, T, hd), cast to x's dtype here (autocast)."""
+    if cos.dtype != x.dtype:  # fp32 tables, bf16/fp16 activations
+        cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    return x * cos + rotate_half(x) * sin
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -138,12 +138,13 @@ class KVCache:
 
     def update(self, layer: int, k: Tensor, v: Tensor, slots: Tensor) -> tuple[Tensor, Tensor]:
         """Write k, v (B, Hkv, T, hd) at `slots` (T,); return the keys/values to attend to (B, Hkv, S, hd)."""
+        # index_copy_: one op, cheaper per decode step than a slice assignment (measured, arange included)
         self.k[layer].index_copy_(2, slots, k)
         self.v[layer].index_copy_(2, slots, v)
         if self.static:
             return self.k[layer], self.v[layer]
         end = self.length + k.shape[2]  # slots are [length, end) here
-        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+        return self.k[layer].narrow(2, 0, end), self.v[layer].narrow(2, 0, end)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -156,14 +157,18 @@ class Fused:
     Their Parameters are re-pointed at row slices of one merged tensor, so nothing is stored twice and
     `load_state_dict` still writes through. It serves only without autograd (the slices are leaves of their
     own: no gradient would reach them) and while the Linears still hold those slices (quantization and LoRA
-    swap the Linears out; `.to()` is caught by `Transformer._apply`).
+    swap the Linears out; `.to()` is caught by `Transformer._apply`); `FusionCheck` decides both once per
+    forward.
     """
 
     def __init__(self, linears: Sequence[nn.Linear]) -> None:
-        self.sizes = [m.out_features for m in linears]
         self.weight = _merge(linears, "weight")
         self.bias = _merge(linears, "bias") if linears[0].bias is not None else None
         self.slices = tuple(m.weight for m in linears)
+
+    def __call__(self, x: Tensor) -> Tensor:
+        """The Linears' outputs side by side, from one matmul (the caller checked that the slices hold)."""
+        return F.linear(x, self.weight, self.bias)
 
     def holds(self, linears: Sequence[nn.Module]) -> bool:
         """The Linears still hold the slices (not swapped out, no new weight assigned)."""
@@ -185,11 +190,29 @@ def _merge(linears: Sequence[nn.Linear], name: str) -> Tensor:
     return merged
 
 
-def _project(fused: Fused | None, x: Tensor, *linears: nn.Module) -> Sequence[Tensor]:
-    """Each Linear applied to x: as one matmul when `fused` holds them and autograd is off, else one by one."""
-    if fused is not None and not torch.is_grad_enabled() and fused.holds(linears):
-        return F.linear(x, fused.weight, fused.bias).split_with_sizes(fused.sizes, dim=-1)
-    return tuple(m(x) for m in linears)
+class FusionCheck:
+    """Whether a model's `Fused` groups serve this forward, decided once per forward instead of per block:
+    autograd is off and every fused Linear, looked up through its owner as a swap would replace it, still
+    holds its slice. One flat tuple of identity tests: a decode step of a small model is ~3 ms, and one
+    check per group was ~2% of it."""
+
+    def __init__(self, owners: Sequence[Attention | MLP]) -> None:
+        entries: list[tuple[dict[str, Any], str, Tensor]] = []
+        for owner in owners:
+            assert owner.fused is not None
+            mods, slices = owner._modules, owner.fused.slices
+            entries += [(mods, n, w) for n, w in zip(owner.projections, slices, strict=True)]
+        self.entries = tuple(entries)
+
+    def active(self) -> bool:
+        if torch.is_grad_enabled():
+            return False
+        # `_parameters`, not `.weight`: a quantized or LoRA layer has no weight Parameter. An owner whose
+        # `fused` was dropped on its own falls back by itself (Attention/MLP check `fused is not None`).
+        return all(mods[n]._parameters.get("weight") is w for mods, n, w in self.entries)
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> None:
+        return None  # a copy is unfused (see Fused.__deepcopy__)
 
 
 def unfuse_projections(model: nn.Module) -> None:
@@ -197,6 +220,8 @@ def unfuse_projections(model: nn.Module) -> None:
     for m in model.modules():
         if isinstance(m, (Attention, MLP)):
             m.fused = None
+        elif isinstance(m, Transformer):
+            m.fusion = None
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -212,7 +237,9 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
+        if x.dtype == torch.float32:  # the casts would be no-ops that still cost a dispatch each (~1 us)
+            return self.weight * torch.rms_norm(x, (x.shape[-1],), eps=self.eps)
+        return self.weight * torch.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
 
 
 def _norm(cfg: ModelConfig) -> nn.Module:
@@ -231,6 +258,7 @@ class Attention(nn.Module):
         self.v = nn.Linear(cfg.dim, self.n_kv * self.hd, bias=qkv_bias)
         self.o = nn.Linear(self.n_heads * self.hd, cfg.dim, bias=cfg.arch == "gpt2")
         self.fused: Fused | None = None  # q;k;v, set by Transformer.fuse_projections
+        self.projections = ("q", "k", "v")  # what `fused` merges
 
     def forward(
         self,
@@ -241,15 +269,11 @@ class Attention(nn.Module):
         cache: Cache | None,
         layer: int,
         slots: Tensor | None = None,
+        fused: bool = False,
     ) -> Tensor:
+        """`fused`: run q;k;v as one matmul (the model's `FusionCheck` found it valid for this forward)."""
         B, T, _ = x.shape
-        q, k, v = _project(self.fused, x, self.q, self.k, self.v)
-        q = q.view(B, T, self.n_heads, self.hd).transpose(1, 2)  # (B, H, T, hd)
-        k = k.view(B, T, self.n_kv, self.hd).transpose(1, 2)  # (B, Hkv, T, hd)
-        v = v.view(B, T, self.n_kv, self.hd).transpose(1, 2)  # (B, Hkv, T, hd)
-        if self.rope:
-            assert cos is not None and sin is not None
-            q, k = apply_rope(q, k, cos, sin)
+        q, k, v = self._heads(x, cos, sin, fused)  # (B, heads, T, hd)
         if cache is not None:
             assert slots is not None
             k, v = cache.update(layer, k, v, slots)  # (B, Hkv, S, hd)
@@ -260,6 +284,27 @@ class Attention(nn.Module):
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1, **gqa)
         return self.o(y.transpose(1, 2).reshape(B, T, self.n_heads * self.hd))  # (B, T, dim)
 
+    def _heads(
+        self, x: Tensor, cos: Tensor | None, sin: Tensor | None, fused: bool
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """q (B, H, T, hd), k and v (B, Hkv, T, hd), RoPE applied to q and k."""
+        B, T, _ = x.shape
+        H, Hkv, hd = self.n_heads, self.n_kv, self.hd
+        if fused and self.fused is not None:  # the Linears are not even looked up (slow module getattr)
+            heads = self.fused(x).view(B, T, H + 2 * Hkv, hd).transpose(1, 2)  # (B, H + 2 Hkv, T, hd)
+            qk, v = heads.narrow(1, 0, H + Hkv), heads.narrow(1, H + Hkv, Hkv)
+            if self.rope:  # q and k rotated together: half the elementwise ops of a decode step's RoPE
+                assert cos is not None and sin is not None
+                qk = apply_rope(qk, cos, sin)
+            return qk.narrow(1, 0, H), qk.narrow(1, H, Hkv), v
+        q = self.q(x).view(B, T, H, hd).transpose(1, 2)
+        k = self.k(x).view(B, T, Hkv, hd).transpose(1, 2)
+        v = self.v(x).view(B, T, Hkv, hd).transpose(1, 2)
+        if self.rope:
+            assert cos is not None and sin is not None
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        return q, k, v
+
 
 class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
@@ -269,11 +314,16 @@ class MLP(nn.Module):
         self.up = nn.Linear(cfg.dim, cfg.hidden_dim, bias=self.gpt2)
         self.down = nn.Linear(cfg.hidden_dim, cfg.dim, bias=self.gpt2)
         self.fused: Fused | None = None  # gate;up, set by Transformer.fuse_projections
+        self.projections = ("gate", "up")  # what `fused` merges
 
-    def forward(self, x: Tensor) -> Tensor:
-        if self.gate is None:
+    def forward(self, x: Tensor, fused: bool = False) -> Tensor:
+        if self.gpt2:
             return self.down(F.gelu(self.up(x), approximate="tanh"))
-        g, u = _project(self.fused, x, self.gate, self.up)
+        if fused and self.fused is not None:
+            g, u = self.fused(x).chunk(2, dim=-1)
+        else:
+            assert self.gate is not None
+            g, u = self.gate(x), self.up(x)
         return self.down(F.silu(g) * u)
 
 
@@ -294,9 +344,10 @@ class Block(nn.Module):
         cache: Cache | None = None,
         layer: int = 0,
         slots: Tensor | None = None,
+        fused: bool = False,
     ) -> Tensor:
-        x = x + self.attn(self.attn_norm(x), cos, sin, mask, cache, layer, slots)
-        return x + self.mlp(self.mlp_norm(x))
+        x = x + self.attn(self.attn_norm(x), cos, sin, mask, cache, layer, slots, fused)
+        return x + self.mlp(self.mlp_norm(x), fused)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -311,6 +362,7 @@ class Transformer(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.cfg = cfg
+        self.fusion: FusionCheck | None = None  # set by fuse_projections
         self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
         self.pos_embeddings = nn.Embedding(cfg.max_seq_len, cfg.dim) if cfg.arch == "gpt2" else None
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
@@ -374,6 +426,7 @@ class Transformer(nn.Module):
         for owner, mods in groups:
             if owner.fused is None or not owner.fused.holds(mods):
                 owner.fused = Fused(mods)
+        self.fusion = FusionCheck([owner for owner, _ in groups])
         return True
 
     def _apply(self, fn: Any, recurse: bool = True) -> Transformer:
@@ -404,12 +457,15 @@ class Transformer(nn.Module):
         end = start + T
         self._check_length(end, kv_cache, position_ids)
         x, cos, sin = self._embed(input_ids, position_ids, start, end)  # (B, T, dim)
+        if cos is not None and sin is not None and cos.dtype != x.dtype:
+            cos, sin = cos.to(x.dtype), sin.to(x.dtype)  # fp32 tables: cast once, not in every block
         slots = None
         if kv_cache is not None:
             slots = cache_pos if cache_pos is not None else torch.arange(start, end, device=x.device)
         mask = attn_mask if attn_mask is not None else self._mask(T, start, kv_cache, slots, x.device)
+        fused = self.fusion is not None and self.fusion.active()
         for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, mask, kv_cache, i, slots)
+            x = layer(x, cos, sin, mask, kv_cache, i, slots, fused)
         if kv_cache is not None:
             kv_cache.length = end
         x = self.norm(x[:, -1:] if last_only else x)
