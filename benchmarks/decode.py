@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from lmforge.export.gguf import write_gguf
+from lmforge.export.gguf import LlamaCppRunner, write_gguf
 from lmforge.export.onnx import OnnxDecoder, OnnxRunner, write_onnx, write_onnx_decode
 from lmforge.infer.engine import Engine, GenerationRequest
 from lmforge.infer.sampling import SamplingParams
@@ -78,10 +78,10 @@ def lmforge_decoder(model: Transformer, tok: Tokenizer) -> Decoder:
 
 
 def llama_cpp_decoder(path: Path, n_ctx: int, threads: int) -> tuple[Decoder, Any]:
-    from llama_cpp import Llama
-
-    llm = Llama(
-        model_path=str(path),
+    # Through LlamaCppRunner.load: llama.cpp's plain CPU kernels, since the AMX q8_0 matmul of the vendored
+    # llama.cpp crashes on AMX CPUs (see its docstring).
+    llm = LlamaCppRunner.load(
+        path,
         n_ctx=n_ctx,
         n_batch=n_ctx,
         n_threads=threads,

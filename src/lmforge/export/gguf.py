@@ -352,10 +352,8 @@ class LlamaCppRunner:
     """llama.cpp on a GGUF file: ids -> (T, vocab) logits of every position, and its own tokenizer."""
 
     def __init__(self, path: Path | str, n_ctx: int, threads: int = 0) -> None:
-        from llama_cpp import Llama
-
-        self.llm = Llama(
-            model_path=str(path),
+        self.llm = self.load(
+            path,
             n_ctx=n_ctx,
             n_batch=n_ctx,
             n_ubatch=n_ctx,
@@ -365,6 +363,32 @@ class LlamaCppRunner:
             n_threads=threads or os.cpu_count() or 1,
             verbose=False,
         )
+
+    @staticmethod
+    def load(path: Path | str, **kwargs: Any) -> Any:
+        """`llama_cpp.Llama(path, **kwargs)` without llama.cpp's extra weight buffer types (CPU_REPACK, AMX).
+
+        Its plain CPU kernels are the ones checked, and on AMX CPUs (Sapphire Rapids and later) the AMX
+        quantized matmul of the llama.cpp vendored by llama-cpp-python 0.3.36 loads a half-initialised tile
+        config (`ldtilecfg` on stack garbage): a SIGSEGV or not, depending on what the stack held. `Llama()`
+        takes no `use_extra_bufts`, so the default model params are adjusted while it loads.
+        """
+        import llama_cpp.llama_cpp as lib
+        from llama_cpp import Llama
+
+        default_params = lib.llama_model_default_params
+
+        def model_params() -> Any:
+            params = default_params()
+            if hasattr(params, "use_extra_bufts"):
+                params.use_extra_bufts = False
+            return params
+
+        lib.llama_model_default_params = model_params
+        try:
+            return Llama(model_path=str(path), **kwargs)
+        finally:
+            lib.llama_model_default_params = default_params
 
     def __call__(self, ids: Any) -> np.ndarray:
         ids = [int(i) for i in ids]
