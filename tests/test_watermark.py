@@ -200,3 +200,40 @@ def test_split_argv() -> None:
     assert split_argv(["some text", "model=m", "--json"]) == ("some text", True, ["model=m"])
     assert split_argv(["-c", "cfg.yaml", "f.jsonl"]) == ("f.jsonl", False, ["-c", "cfg.yaml"])
     assert split_argv(["input=a=b"]) == (None, False, ["input=a=b"])
+
+
+def test_served_answers_are_watermarked(model_dir: Path, tmp_path: Path) -> None:
+    """`lmforge serve watermark.enabled=true`: the answers of the real server, read through the openai client and
+    re-tokenized as `watermark detect` does, are all detected at z >= 4; the same server without it, none."""
+    from openai import OpenAI
+
+    from lmforge.serve.app import create_app
+    from lmforge.serve.state import ServeConfig
+    from serve_helpers import BackgroundServer
+
+    key_file = tmp_path / "wm.key"
+    key_file.write_bytes(KEY)
+    model, t = load_model(model_dir)
+    zs: dict[bool, list[float]] = {}
+    for enabled in (True, False):
+        cfg = ServeConfig(model=str(model_dir), watermark={"enabled": enabled, "key_file": str(key_file)})
+        app = create_app(Engine(model, t, max_batch_size=8), t, cfg, None)
+        with BackgroundServer(app) as srv:
+            client = OpenAI(base_url=srv.url + "/v1", api_key="none")
+            texts = [
+                client.completions.create(
+                    model=cfg.model_name or model_dir.name,
+                    prompt="To be",
+                    max_tokens=N_TOKENS,
+                    temperature=1.0,
+                    seed=i,
+                    extra_body={"ignore_eos": True},
+                )
+                .choices[0]
+                .text
+                for i in range(12)
+            ]
+        app.state.close()
+        zs[enabled] = [Watermark(KEY).detect(t.encode(text)).z for text in texts]
+    assert min(zs[True]) >= 4.0, zs[True]
+    assert max(zs[False]) < 4.0, zs[False]

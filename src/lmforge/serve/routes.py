@@ -140,7 +140,12 @@ class Generation:
                 seed = (
                     None if got.params.seed is None else (got.params.seed + k) % 2**63
                 )  # n distinct samples
-                row = GenerationRequest(ids, got.params.model_copy(update={"seed": seed}), cancel)
+                row = GenerationRequest(
+                    ids,
+                    got.params.model_copy(update={"seed": seed}),
+                    cancel,
+                    logits_hook=self.state.watermark,
+                )
                 index = p_i * got.req.n + k
                 self.choices.append(Choice(index, self.state.filter, cancel))
                 jobs.append(Job(row, index, self._sink))

@@ -15,6 +15,7 @@ from pydantic import Field
 
 from lmforge.config import Section
 from lmforge.infer.sampling import SamplingParams
+from lmforge.infer.watermark import Watermark, WatermarkConfig
 from lmforge.serve.batcher import Batcher
 from lmforge.serve.filters import OutputFilter
 from lmforge.serve.limits import RateLimiter
@@ -55,6 +56,10 @@ class ServeConfig(Section):
     )
     default_max_tokens: int = Field(256, ge=1, description="max_tokens when a request does not set it")
     max_n: int = Field(4, ge=1, description="most choices per request (n x prompts)")
+    watermark: WatermarkConfig = Field(
+        default_factory=WatermarkConfig,
+        description="watermark every sampled answer with a keyed green list (docs/watermark.md)",
+    )
     requests_per_minute: int = Field(120, ge=0, description="per-key request limit (0 = none)")
     tokens_per_minute: int = Field(
         200_000, ge=0, description="per-key prompt + generated tokens limit (0 = none)"
@@ -119,6 +124,8 @@ class ServerState:
         self.max_prompt_chars = 2 * self.max_prompt * max(longest, 1)
         self.limiter = RateLimiter(cfg.requests_per_minute, cfg.tokens_per_minute)
         self.filter = OutputFilter.from_file(cfg.output_wordlist) if cfg.output_wordlist else None
+        # The key is read (and a missing one refused) at start-up; the engine thread alone calls the hook.
+        self.watermark = Watermark.from_config(cfg.watermark) if cfg.watermark.enabled else None
         self.batcher = Batcher(
             engine,
             max_batch_size=cfg.max_batch_size,
