@@ -219,7 +219,7 @@ def test_a_kill_while_pruning_leaves_nothing_resumable_behind(tmp_path: Path, mo
         t.run()  # dies pruning step 2 after saving step 4
     root = tmp_path / "cut" / "checkpoints"
     assert sorted(p.name for p in root.iterdir()) == ["pruned-step-000002", "step-000004"]
-    assert C.latest_checkpoint(root) == root / "step-000004"
+    assert integrity.latest_checkpoint(root) == root / "step-000004"
     monkeypatch.setattr(C.shutil, "rmtree", real)
 
     again = make_trainer(tmp_path / "cut", steps=6, checkpoint_every=2, keep=1)

@@ -14,8 +14,8 @@ from torch import nn
 from lmforge.cli import main as cli_main
 from lmforge.config import load_config
 from lmforge.errors import ConfigError
+from lmforge.model.integrity import latest_checkpoint
 from lmforge.plan.run import main as plan_main
-from lmforge.train.checkpoint import latest_checkpoint
 from lmforge.train.distributed import DistInfo
 from lmforge.train.finetune import FinetuneConfig
 from lmforge.train.loop import EXIT_INTERRUPTED, Interrupted, LoopSettings, Trainer

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from lmforge.errors import ConfigError
-from lmforge.train.checkpoint import latest_checkpoint, list_checkpoints
+from lmforge.model.integrity import latest_checkpoint, list_checkpoints
 from lmforge.train.loop import EXIT_INTERRUPTED, EXIT_NONFINITE, Interrupted, NonFiniteError
 from lmforge.train.objectives import causal_lm
 from train_helpers import make_trainer

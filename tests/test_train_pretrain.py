@@ -16,7 +16,7 @@ import pytest
 
 from lmforge.cli import main
 from lmforge.data.manifest import verify_manifest
-from lmforge.train.checkpoint import latest_checkpoint
+from lmforge.model.integrity import latest_checkpoint
 from lmforge.train.metrics import read_metrics
 from train_helpers import make_tokens_dir, shakespeare_text
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import sys
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -35,6 +36,8 @@ MANIFEST = "manifest.json"  # a stage's output root (data/manifest.py writes it)
 FILE_LIST = "files.json"  # a checkpoint's own list (train/checkpoint.py writes it)
 NO_VERIFY = "LMFORGE_NO_VERIFY"
 MAX_DEPTH = 2  # <run>/checkpoints/step-N is the deepest folder a stage's manifest covers
+CHECKPOINT_STATE = "state.json"  # written last into a checkpoint's temp dir: its presence means complete
+CHECKPOINT_NAME = re.compile(r"^step-(\d{6,})$")
 _UNREADABLE = (OSError, ValueError, KeyError, TypeError, SafetensorError)  # what a damaged file raises
 
 # What the current load already reported on (folders, the skip warning) or verified ("ok:<file>");
@@ -141,6 +144,25 @@ def read_file_list(path: Path) -> dict[str, dict[str, Any]]:
     if not ok:
         raise IntegrityError(f"{file}: checksum mismatch; the manifest changed after it was written")
     return files
+
+
+def list_checkpoints(root: Path) -> list[tuple[int, Path]]:
+    """Complete checkpoints under `root` (a run's `checkpoints/` dir), oldest first: the one rule that the
+    trainer (resume, pruning) and the model resolver share."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    found = []
+    for p in root.iterdir():
+        m = CHECKPOINT_NAME.match(p.name)
+        if m and p.is_dir() and (p / CHECKPOINT_STATE).is_file():
+            found.append((int(m.group(1)), p))
+    return sorted(found)
+
+
+def latest_checkpoint(root: Path) -> Path | None:
+    found = list_checkpoints(root)
+    return found[-1][1] if found else None
 
 
 def verify_checkpoint(path: Path, *, names: Iterable[str] | None = None, rank: int = 0) -> None:

@@ -30,7 +30,6 @@ IntegrityError (exit 3) naming the file; a folder with no manifest (an HF downlo
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +42,7 @@ from lmforge.errors import ConfigError, DataError
 from lmforge.io import read_json_object
 from lmforge.model.config import PRESETS, ModelConfig, get_preset
 from lmforge.model.hf import config_from_hf, load_hf, read_hf_config
-from lmforge.model.integrity import load_scope, verify_files
+from lmforge.model.integrity import CHECKPOINT_STATE, latest_checkpoint, load_scope, verify_files
 from lmforge.model.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, load_adapter, merge_lora, read_adapter_config
 from lmforge.model.quant import QUANT_CONFIG, load_quantized
 from lmforge.model.transformer import Transformer, build_model
@@ -54,8 +53,6 @@ WEIGHTS = "model.safetensors"
 RUN_CONFIG = "config.yaml"
 BASE_INFO = "lmforge_base.json"  # written next to the adapter by `lmforge finetune`: {"base", "method"}
 # The checkpoint layout train/checkpoint.py writes (model/ cannot import train/): step-N/ with state.json.
-CHECKPOINT_NAME = re.compile(r"^step-(\d{6,})$")
-CHECKPOINT_STATE = "state.json"
 # What each kind of folder's loader reads, verified before it is parsed.
 HF_FILES = ("config.json", "model.safetensors.index.json", "pytorch_model.bin.index.json")
 HF_WEIGHTS = ("*.safetensors", "*.bin", "*.pt", "*.pth")
@@ -296,18 +293,6 @@ def _load_adapted(
 
 
 # -- loading -----------------------------------------------------------------------------------------
-def newest_checkpoint(root: Path) -> Path | None:
-    """The complete checkpoint with the highest step under a run's checkpoints/ folder."""
-    if not root.is_dir():
-        return None
-    found = [
-        (int(m.group(1)), p)
-        for p in root.iterdir()
-        if (m := CHECKPOINT_NAME.match(p.name)) and p.is_dir() and (p / CHECKPOINT_STATE).is_file()
-    ]
-    return max(found)[1] if found else None
-
-
 def _load_weights(model: Transformer, file: Path) -> None:
     if not file.is_file():
         raise DataError(f"{file}: not found")
@@ -346,7 +331,7 @@ def _load_checkpoint(
     if (p / WEIGHTS).is_file() and (p / CHECKPOINT_STATE).is_file():
         ckpt = p
     elif (p / "checkpoints").is_dir():
-        ckpt = newest_checkpoint(p / "checkpoints")
+        ckpt = latest_checkpoint(p / "checkpoints")
     if ckpt is None:
         raise DataError(f"{p}: not a model folder; expected {_EXPECTED}")
     run = ckpt.parent.parent
@@ -513,7 +498,6 @@ __all__ = [
     "load_merged_base",
     "load_model",
     "model_config",
-    "newest_checkpoint",
     "pretrain_model",
     "read_model_config",
     "run_config",

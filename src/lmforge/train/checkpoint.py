@@ -26,7 +26,6 @@ import base64
 import json
 import os
 import random
-import re
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -48,13 +47,18 @@ from torch.distributed.checkpoint.state_dict import (
 
 from lmforge.errors import IntegrityError
 from lmforge.io import atomic_write_json, fsync_dir, publish_dir, sha256_file
-from lmforge.model.integrity import FILE_LIST, list_digest, verify_checkpoint
+from lmforge.model.integrity import (
+    CHECKPOINT_STATE,
+    FILE_LIST,
+    list_checkpoints,
+    list_digest,
+    verify_checkpoint,
+)
 
 CHECKPOINTS = "checkpoints"
-STATE = "state.json"
+STATE = CHECKPOINT_STATE
 MODEL_CONFIG = "model_config.json"
-PRUNED = "pruned-"  # prefix of a checkpoint being deleted: never matches _NAME
-_NAME = re.compile(r"^step-(\d{6,})$")
+PRUNED = "pruned-"  # prefix of a checkpoint being deleted: never matches CHECKPOINT_NAME
 _UNREADABLE = (OSError, ValueError, KeyError, TypeError, SafetensorError)  # what a damaged file raises
 
 
@@ -151,24 +155,6 @@ def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict[str, Any])
             g["betas"] = tuple(g["betas"])
         groups.append(g)
     return {"state": state, "param_groups": groups}
-
-
-def list_checkpoints(root: Path) -> list[tuple[int, Path]]:
-    """Complete checkpoints under `root` (a run's `checkpoints/` dir), oldest first."""
-    root = Path(root)
-    if not root.is_dir():
-        return []
-    found = []
-    for p in root.iterdir():
-        m = _NAME.match(p.name)
-        if m and p.is_dir() and (p / STATE).is_file():
-            found.append((int(m.group(1)), p))
-    return sorted(found)
-
-
-def latest_checkpoint(root: Path) -> Path | None:
-    found = list_checkpoints(root)
-    return found[-1][1] if found else None
 
 
 def remove_stale(root: Path) -> None:

@@ -36,9 +36,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from torch import nn
 
 from lmforge.errors import ConfigError, LmforgeError
+from lmforge.model.integrity import latest_checkpoint
 from lmforge.train import distributed as D
 from lmforge.train.checkpoint import (
-    latest_checkpoint,
     load_checkpoint,
     remove_stale,
     rng_state,
