@@ -15,13 +15,16 @@ never weights; load weights with `lmforge.model.hf.load_hf`.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import BaseModel, Field, model_validator
 
 from lmforge.config import Section
-from lmforge.errors import ConfigError
+from lmforge.errors import ConfigError, DataError
+from lmforge.io import atomic_write_json
 
 
 class RopeScaling(Section):
@@ -309,3 +312,20 @@ def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     activations are left out (<0.1% at any realistic width). Inference forward is one third of this.
     """
     return 6.0 * matmul_params(cfg) + 12.0 * cfg.n_layers * cfg.n_heads * cfg.head_size * seq_len
+
+
+# -- model_config.json: the architecture of a model folder, a quantized folder or a checkpoint ----------
+MODEL_CONFIG = "model_config.json"
+
+
+def read_model_config(path: Path) -> ModelConfig:
+    try:
+        return ModelConfig.model_validate(json.loads(Path(path).read_text("utf-8")))
+    except (OSError, ValueError) as e:
+        raise DataError(f"{path}: not a valid model config ({e})") from None
+
+
+def write_model_config(directory: Path, cfg: BaseModel) -> Path:
+    path = Path(directory) / MODEL_CONFIG
+    atomic_write_json(path, cfg.model_dump(mode="json"))
+    return path

@@ -48,14 +48,13 @@ from torch import Tensor, nn
 
 from lmforge.errors import DataError
 from lmforge.io import atomic_write_json
-from lmforge.model.config import ModelConfig
+from lmforge.model.config import MODEL_CONFIG, ModelConfig, read_model_config, write_model_config
 from lmforge.model.nf4 import NF4Linear
 from lmforge.model.transformer import Transformer, rope_tables
 
 METHODS = ("int8", "int4", "int4-gptq", "nf4")
 FORMAT_VERSION = 1
 QUANT_CONFIG = "quant_config.json"
-MODEL_CONFIG = "model_config.json"
 WEIGHTS = "model.safetensors"
 
 _INT8_MM = hasattr(torch, "_weight_int8pack_mm")
@@ -327,7 +326,7 @@ def save_quantized(model: nn.Module, directory: str | Path, *, tokenizer: Any = 
     tmp = out / f".{WEIGHTS}.tmp"
     save_file(sd, str(tmp), metadata={"format": "pt", "quantization": spec.method})
     tmp.replace(out / WEIGHTS)
-    atomic_write_json(out / MODEL_CONFIG, cfg.model_dump(mode="json"))
+    write_model_config(out, cfg)
     atomic_write_json(out / QUANT_CONFIG, spec.to_json())
     if tokenizer is not None:
         tokenizer.save(out)
@@ -365,10 +364,7 @@ def load_quantized(
     """The quantized model in eval mode; full-precision tensors in `dtype`, quantized buffers as stored."""
     d = Path(directory)
     spec = read_spec(d)
-    try:
-        cfg = ModelConfig.model_validate(json.loads((d / MODEL_CONFIG).read_text("utf-8")))
-    except (OSError, ValueError) as e:
-        raise DataError(f"{d / MODEL_CONFIG}: not a valid model config ({e})") from None
+    cfg = read_model_config(d / MODEL_CONFIG)
     if not (d / WEIGHTS).is_file():
         raise DataError(f"{d / WEIGHTS}: not found")
     with torch.device("meta"):  # no memory: every tensor is assigned from the file below

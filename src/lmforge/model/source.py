@@ -40,7 +40,7 @@ from safetensors.torch import load_file
 from lmforge.config import load_config
 from lmforge.errors import ConfigError, DataError
 from lmforge.io import read_json_object
-from lmforge.model.config import PRESETS, ModelConfig, get_preset
+from lmforge.model.config import MODEL_CONFIG, PRESETS, ModelConfig, get_preset, read_model_config
 from lmforge.model.hf import config_from_hf, load_hf, read_hf_config
 from lmforge.model.integrity import CHECKPOINT_STATE, latest_checkpoint, load_scope, verify_files
 from lmforge.model.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, load_adapter, merge_lora, read_adapter_config
@@ -48,7 +48,6 @@ from lmforge.model.quant import QUANT_CONFIG, load_quantized
 from lmforge.model.transformer import Transformer, build_model
 from lmforge.tokenizer import Tokenizer, load_tokenizer
 
-MODEL_CONFIG = "model_config.json"
 WEIGHTS = "model.safetensors"
 RUN_CONFIG = "config.yaml"
 BASE_INFO = "lmforge_base.json"  # written next to the adapter by `lmforge finetune`: {"base", "method"}
@@ -99,13 +98,6 @@ def find_tokenizer(folders: list[Path], run: Path | None) -> Tokenizer:
 
 
 # -- shapes ------------------------------------------------------------------------------------------
-def read_model_config(path: Path) -> ModelConfig:
-    try:
-        return ModelConfig.model_validate(json.loads(path.read_text("utf-8")))
-    except (OSError, ValueError) as e:
-        raise DataError(f"{path}: not a valid model config ({e})") from None
-
-
 def sized_config(spec: str, vocab_size: int, seq_len: int, overrides: dict[str, Any]) -> ModelConfig:
     """A preset or model YAML sized for the data as pretraining does: the data's vocab, a context of at
     least `seq_len` (unless overridden), then `overrides` (`model_overrides`) on top."""

@@ -47,6 +47,7 @@ from torch.distributed.checkpoint.state_dict import (
 
 from lmforge.errors import IntegrityError
 from lmforge.io import atomic_write_json, fsync_dir, publish_dir, sha256_file
+from lmforge.model.config import write_model_config
 from lmforge.model.integrity import (
     CHECKPOINT_STATE,
     FILE_LIST,
@@ -57,7 +58,6 @@ from lmforge.model.integrity import (
 
 CHECKPOINTS = "checkpoints"
 STATE = CHECKPOINT_STATE
-MODEL_CONFIG = "model_config.json"
 PRUNED = "pruned-"  # prefix of a checkpoint being deleted: never matches CHECKPOINT_NAME
 _UNREADABLE = (OSError, ValueError, KeyError, TypeError, SafetensorError)  # what a damaged file raises
 
@@ -176,13 +176,6 @@ def _prune(root: Path, keep: int) -> None:
         os.replace(old, aside)
         fsync_dir(root)
         shutil.rmtree(aside, ignore_errors=True)
-
-
-def write_model_config(directory: Path, model_config: BaseModel) -> Path:
-    """`model_config.json`: the architecture of a model as JSON (model folders and checkpoints hold it)."""
-    path = Path(directory) / MODEL_CONFIG
-    atomic_write_json(path, model_config.model_dump(mode="json"))
-    return path
 
 
 def write_file_manifest(directory: Path) -> Path:

@@ -19,6 +19,7 @@ from torch import nn
 from lmforge.data.manifest import write_manifest
 from lmforge.errors import LmforgeError
 from lmforge.io import atomic_write_json, partial_dir, publish_dir
+from lmforge.model.config import write_model_config
 from lmforge.model.lora import LoraConfig, save_adapter
 from lmforge.train import distributed as D
 from lmforge.train.common import model_config
@@ -64,7 +65,7 @@ def export_final(run_dir: Path, ckpt: Path, model: nn.Module, tokenizer_dir: Pat
     shutil.copyfile(ckpt / "model.safetensors", out / "model.safetensors")
     mcfg = model_config(model)
     if mcfg is not None and hasattr(mcfg, "model_dump"):
-        atomic_write_json(out / "model_config.json", mcfg.model_dump(mode="json"))
+        write_model_config(out, mcfg)
     if tokenizer_dir is not None and (tokenizer_dir / "tokenizer.json").is_file():
         for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
             if (tokenizer_dir / name).is_file():
