@@ -318,31 +318,6 @@ def test_an_audit_failure_never_costs_the_command(
     assert not (tmp_path / "audit.jsonl").exists()
 
 
-def test_serve_records_start_and_stop(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
-) -> None:
-    import uvicorn
-
-    from lmforge.serve import app as serve_app
-
-    served: list[str] = []
-    monkeypatch.setattr(serve_app, "load_model", lambda *a, **k: (None, None))
-    monkeypatch.setattr(serve_app, "Engine", lambda *a, **k: None)
-    monkeypatch.setattr(serve_app, "create_app", lambda *a, **k: None)
-    monkeypatch.setattr(uvicorn, "run", lambda *a, **k: served.append("ran"))
-    monkeypatch.setenv("LMFORGE_API_KEYS", "sk-" + "x" * 40)
-    log = tmp_path / "audit.jsonl"
-    monkeypatch.setenv(audit.LOG_ENV, str(log))
-    monkeypatch.delenv(audit.KEY_ENV, raising=False)
-    assert cli.main(["serve", "runs/m", "port=8123", "threads=0"]) == 0
-    assert served == ["ran"]
-    records = audit.verify(log).records
-    assert [r["event"] for r in records] == ["serve.start", "serve.stop", "command"]
-    assert records[0]["data"] == {"model": "runs/m", "host": "127.0.0.1", "port": 8123, "api_keys": 1}
-    assert records[2]["data"]["command"] == "serve" and records[2]["data"]["exit_code"] == 0
-    assert "sk-" not in log.read_text()  # no key in the chain
-
-
 @pytest.mark.slow
 def test_lineage_of_a_pretrained_model(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]

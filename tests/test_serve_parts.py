@@ -47,7 +47,7 @@ def test_bearer_matching_is_exact_but_scheme_case_insensitive() -> None:
     assert match_key("Bearer \udcff\udcfe", keys) is None  # undecodable header bytes do not raise
     assert bearer_token("Bearer ") is None
     assert fingerprint(KEY_A) == fingerprint(KEY_A) != fingerprint(KEY_B)
-    assert KEY_A not in fingerprint(KEY_A) and len(fingerprint(KEY_A)) == 12
+    assert KEY_A not in fingerprint(KEY_A) and len(fingerprint(KEY_A)) == 20
 
 
 def test_bind_refused_beyond_loopback_without_keys() -> None:

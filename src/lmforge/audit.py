@@ -165,33 +165,55 @@ def _user() -> str:
         return f"uid {os.getuid()}"
 
 
-def write_record(log: Path, event: str, data: dict[str, Any], key: Any = None) -> dict[str, Any]:
-    """Append one record under an exclusive lock, fsynced, and update `<log>.head`; returns the record."""
+def write_records(
+    log: Path, events: list[tuple[str, dict[str, Any]]], key: Any = None
+) -> list[dict[str, Any]]:
+    """Append records (event, data) in order under one exclusive lock and one fsync, and update
+    `<log>.head`; returns the records. One record per call is `write_record`."""
     log = Path(log)
     log.parent.mkdir(parents=True, exist_ok=True)
+    out: list[dict[str, Any]] = []
     with open(log, "a+b") as f:
         fcntl.flock(f.fileno(), fcntl.LOCK_EX)  # released when the file closes
         seq, prev = _previous(f, log)
-        record: dict[str, Any] = {
-            "seq": seq + 1,
-            "prev": prev,
-            "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "user": _user(),
-            "host": socket.gethostname(),
-            "pid": os.getpid(),
-            "event": event,
-            "data": data,
-        }
-        if key is not None:
-            record["key"] = fingerprint(key.public_key())
-        record["hash"] = record_hash(record)
-        if key is not None:
-            record["sig"] = key.sign(record["hash"].encode("ascii")).hex()
-        f.write(canonical(record) + b"\n")
+        lines = []
+        for event, data in events:
+            record: dict[str, Any] = {
+                "seq": seq + 1,
+                "prev": prev,
+                "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                "user": _user(),
+                "host": socket.gethostname(),
+                "pid": os.getpid(),
+                "event": event,
+                "data": data,
+            }
+            if key is not None:
+                record["key"] = fingerprint(key.public_key())
+            record["hash"] = record_hash(record)
+            if key is not None:
+                record["sig"] = key.sign(record["hash"].encode("ascii")).hex()
+            lines.append(canonical(record) + b"\n")
+            out.append(record)
+            seq, prev = record["seq"], record["hash"]
+        if not out:
+            return out
+        f.write(b"".join(lines))
         f.flush()
         os.fsync(f.fileno())
-        atomic_write_json(head_path(log), {"seq": record["seq"], "hash": record["hash"]})
-    return record
+        atomic_write_json(head_path(log), {"seq": seq, "hash": prev})
+    return out
+
+
+def write_record(log: Path, event: str, data: dict[str, Any], key: Any = None) -> dict[str, Any]:
+    """Append one record under an exclusive lock, fsynced, and update `<log>.head`; returns the record."""
+    return write_records(log, [(event, data)], key)[0]
+
+
+def signing_key() -> Any:
+    """The private key named by $LMFORGE_AUDIT_KEY, or None (unsigned records)."""
+    key_file = os.environ.get(KEY_ENV, "").strip()
+    return load_private_key(Path(key_file)) if key_file else None
 
 
 def append(event: str, data: dict[str, Any]) -> dict[str, Any] | None:
@@ -201,9 +223,7 @@ def append(event: str, data: dict[str, Any]) -> dict[str, Any] | None:
     if log is None:
         return None
     try:
-        key_file = os.environ.get(KEY_ENV, "").strip()
-        key = load_private_key(Path(key_file)) if key_file else None
-        return write_record(log, event, data, key)
+        return write_record(log, event, data, signing_key())
     except Exception as e:  # any failure is reported, none propagates
         print(f"warning: audit log {log}: not written ({e})", file=sys.stderr)
         return None
@@ -425,6 +445,8 @@ __all__ = [
     "record_command",
     "record_hash",
     "redact",
+    "signing_key",
     "verify",
     "write_record",
+    "write_records",
 ]

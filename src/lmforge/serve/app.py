@@ -27,6 +27,7 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -37,7 +38,8 @@ from lmforge.device import pick_device
 from lmforge.errors import ConfigError
 from lmforge.infer.engine import Engine
 from lmforge.model.source import load_model
-from lmforge.serve.auth import check_bind, load_keys
+from lmforge.serve.audit_trail import config_hash
+from lmforge.serve.auth import check_bind, fingerprint, load_keys
 from lmforge.serve.edge import Edge, log
 from lmforge.serve.filters import OutputFilter
 from lmforge.serve.routes import add_error_handlers, add_routes
@@ -55,6 +57,8 @@ def create_app(engine: Any, tokenizer: Any, cfg: ServeConfig, keys: list[str] | 
 
     @asynccontextmanager
     async def lifespan(_: Any) -> AsyncIterator[None]:
+        if state.audit.enabled:
+            state.audit.event("serve.start", start_record(cfg, keys or []))
         yield
         state.close()
 
@@ -63,6 +67,18 @@ def create_app(engine: Any, tokenizer: Any, cfg: ServeConfig, keys: list[str] | 
     add_error_handlers(app)
     add_routes(app, state)
     return Edge(app, state)
+
+
+def start_record(cfg: ServeConfig, keys: list[str]) -> dict[str, Any]:
+    """What the audit log says about a server at start: config hash, model identity, address, keys."""
+    model = Path(cfg.model).expanduser()
+    return {
+        "config_sha256": config_hash(cfg),
+        "model": audit.describe(model) if model.exists() else {"name": cfg.model},
+        "host": cfg.host,
+        "port": cfg.port,
+        "api_keys": sorted(fingerprint(k) for k in keys),
+    }
 
 
 def _positional_model(argv: list[str]) -> list[str]:
@@ -108,12 +124,8 @@ def main(argv: list[str]) -> int:
     where = "with API keys" if keys else "without API keys (loopback only)"
     log.info("serving %s on http://%s:%d %s", cfg.model, cfg.host, cfg.port, where)
     http = timed_h11(cfg.header_timeout_s, cfg.body_timeout_s)  # uvicorn itself never times out a head
-    audit.append(
-        "serve.start", {"model": cfg.model, "host": cfg.host, "port": cfg.port, "api_keys": len(keys)}
-    )
     uvicorn.run(app, host=cfg.host, port=cfg.port, http=http, log_level="warning", access_log=False)
-    audit.append("serve.stop", {"model": cfg.model, "host": cfg.host, "port": cfg.port})
-    return 0
+    return 0  # serve.start and serve.stop are audited by the app's lifespan
 
 
 __all__ = ["CONFIG", "create_app", "main"]

@@ -41,8 +41,9 @@ def load_keys(env_var: str | None = "LMFORGE_API_KEYS", path: Path | str | None 
 
 
 def fingerprint(key: str) -> str:
-    """What logs may show of a key: 8 hex digits of its SHA-256 (not reversible, enough to tell keys apart)."""
-    return "key-" + hashlib.sha256(key.encode("utf-8")).hexdigest()[:8]
+    """What logs and audit records show of a key: 16 hex digits of its SHA-256 (not reversible; 64 bits tell
+    keys apart with no realistic collision). `printf %s KEY | sha256sum | cut -c1-16` gives the same."""
+    return "key-" + hashlib.sha256(key.encode("utf-8")).hexdigest()[:16]
 
 
 def bearer_token(header: str | None) -> str | None:

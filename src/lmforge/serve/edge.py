@@ -1,5 +1,5 @@
 """The server's edge: Host/Origin checks, API keys, the body deadline, the JSON error shape, security
-headers, one log line per request, the page.
+headers, one log line and one audit record (`serve.audit_trail`) per request, the page.
 
 Wraps every route, including unknown paths: a foreign Host gets 421 and a foreign Origin 403 (see
 `serve.guard`), a request without a valid key gets 401 (the chat page asks for the key instead), a body
@@ -15,7 +15,8 @@ import time
 from importlib import resources
 from typing import Any
 
-from lmforge.serve.auth import fingerprint, match_key
+from lmforge.serve.audit_trail import refusal_reason
+from lmforge.serve.auth import bearer_token, fingerprint, match_key
 from lmforge.serve.guard import allowed_host_names, host_allowed, origin_allowed
 from lmforge.serve.limits import BodyTimeout
 from lmforge.serve.protocol import ApiError
@@ -56,10 +57,13 @@ class Edge:
             return
         t0 = time.perf_counter()
         status = [0]
+        error_body: list[bytes] = []  # a refusal's JSON body, for the audit record's reason
 
         async def send_logged(message: Any) -> None:
             if message["type"] == "http.response.start":
                 status[0] = message["status"]
+            elif message["type"] == "http.response.body" and status[0] >= 400 and not error_body:
+                error_body.append(bytes(message.get("body", b""))[:4096])
             await send(message)
 
         path = scope.get("path", "")
@@ -78,6 +82,8 @@ class Edge:
                 )
         finally:
             u = scope.get("lmforge.usage") or {}
+            if self.state.audit.enabled:
+                self.audit(scope, status[0] or 499, u, t0, error_body)
             log.info(
                 "%s %s %d %.0fms %s prompt_tokens=%s completion_tokens=%s",
                 scope.get("method"),
@@ -88,6 +94,24 @@ class Edge:
                 u.get("prompt_tokens", "-"),
                 u.get("completion_tokens", "-"),
             )
+
+    def audit(self, scope: Any, status: int, usage: dict[str, Any], t0: float, body: list[bytes]) -> None:
+        """The request's audit record: who (key fingerprint, client), what (route, status, tokens), why a
+        refusal was refused; never the body."""
+        path = scope.get("path", "")
+        client = scope.get("client")
+        data: dict[str, Any] = {
+            "method": scope.get("method"),
+            "route": path if len(path) <= 64 else path[:64] + "...",
+            "status": status,
+            "key": scope.get("lmforge.key") or scope.get("lmforge.refused_key"),
+            "client": client[0] if client else None,
+            "ms": round((time.perf_counter() - t0) * 1e3, 1),
+        }
+        data.update({k: usage[k] for k in ("prompt_tokens", "completion_tokens") if k in usage})
+        if status >= 400:
+            data["reason"] = refusal_reason(body[0]) if body else {}
+        self.state.audit.request(data)
 
     def refusal(self, scope: Any) -> Any:
         """The response refusing this request (foreign Host 421, foreign Origin 403, no key 401), or None;
@@ -120,6 +144,9 @@ class Edge:
         if key is not None:
             scope["lmforge.key"] = fingerprint(key)
             return None
+        token = bearer_token(headers.get("authorization"))
+        if token is not None:  # the audit record names the wrong key tried (its fingerprint)
+            scope["lmforge.refused_key"] = fingerprint(token)
         if (
             scope.get("path") == "/"
             and scope.get("method") == "GET"

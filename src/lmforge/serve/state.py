@@ -16,6 +16,7 @@ from pydantic import Field
 from lmforge.config import Section
 from lmforge.infer.sampling import SamplingParams
 from lmforge.infer.watermark import Watermark, WatermarkConfig
+from lmforge.serve.audit_trail import ServerAudit
 from lmforge.serve.batcher import Batcher
 from lmforge.serve.filters import OutputFilter
 from lmforge.serve.limits import RateLimiter
@@ -137,10 +138,12 @@ class ServerState:
         # A chat turn ends at any special token (ChatML's <|im_end|>, EOS): stop there, as chat clients expect.
         self.chat_stop_ids = sorted({int(i) for i in tokenizer.special_tokens.values()})
         self.created = int(time.time())
+        self.audit = ServerAudit()
         self.batcher.start()
 
     def close(self) -> None:
         self.batcher.close()
+        self.audit.close({"model": self.cfg.model, "host": self.cfg.host, "port": self.cfg.port})
 
     # -- request -> prompts + sampling params ----------------------------------------------------------
     def _encode(self, text: str, param: str) -> list[int]:
