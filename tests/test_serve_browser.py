@@ -88,6 +88,12 @@ def test_chat_page_streams_an_answer(browser: Any) -> None:
             while browser.find_element(By.ID, "model").text != "tiny-test" and time.monotonic() - t0 < 20:
                 time.sleep(0.1)
             assert browser.find_element(By.ID, "model").text == "tiny-test"  # /v1/models answered
+            hint = browser.find_element(By.ID, "hint")  # the empty conversation explains itself
+            assert (
+                hint.is_displayed()
+                and "No messages yet" in hint.text
+                and "\u201ctiny-test\u201d" in hint.text
+            )
             tokens_before = app.state.batcher.stats.tokens
             answer = _chat(browser, "Hello there")
             assert answer.get_attribute("data-state") == "done", answer.text
@@ -114,6 +120,10 @@ def test_chat_page_streams_an_answer(browser: Any) -> None:
             answer2 = _chat(browser, "And again")
             assert answer2.get_attribute("data-state") == "done"
             assert len(browser.find_elements(By.CSS_SELECTOR, ".msg.assistant")) == 2
+            assert not browser.find_elements(By.ID, "hint")  # gone once there are messages
+            browser.find_element(By.ID, "clear").click()
+            assert not browser.find_elements(By.CSS_SELECTOR, ".msg")
+            assert "No messages yet" in browser.find_element(By.ID, "hint").text  # back after clear
     finally:
         close(app)
 

@@ -452,6 +452,24 @@ class Transformer(nn.Module):
         S = the attended slots; it replaces the causal mask (the caller supplies causality).
         last_only: only the last position goes through the output head (what generation needs).
         """
+        x = self.features(
+            input_ids, position_ids, kv_cache, attn_mask, cache_pos=cache_pos, last_only=last_only
+        )
+        weight = self.tok_embeddings.weight if self.output is None else self.output.weight
+        return F.linear(x, weight)  # (B, T, vocab)
+
+    def features(
+        self,
+        input_ids: Tensor,
+        position_ids: Tensor | None = None,
+        kv_cache: Cache | None = None,
+        attn_mask: Tensor | None = None,
+        *,
+        cache_pos: Tensor | None = None,
+        last_only: bool = False,
+    ) -> Tensor:
+        """The final hidden states, after the final norm (B, T, dim): what the output head reads (and what
+        `lmforge serve`'s /v1/embeddings mean-pools). Arguments as `forward`."""
         T = input_ids.shape[1]
         start = kv_cache.length if kv_cache is not None else 0
         end = start + T
@@ -468,9 +486,7 @@ class Transformer(nn.Module):
             x = layer(x, cos, sin, mask, kv_cache, i, slots, fused)
         if kv_cache is not None:
             kv_cache.length = end
-        x = self.norm(x[:, -1:] if last_only else x)
-        weight = self.tok_embeddings.weight if self.output is None else self.output.weight
-        return F.linear(x, weight)  # (B, T, vocab)
+        return self.norm(x[:, -1:] if last_only else x)
 
     def _check_length(self, end: int, cache: Cache | None, position_ids: Tensor | None) -> None:
         limit = self.cfg.max_seq_len

@@ -4,7 +4,8 @@
     LMFORGE_API_KEYS=$(cat keys) lmforge serve runs/demo/pretrain host=0.0.0.0 requests_per_minute=30
 
 Routes: `GET /health` (no key), `GET /v1/models`, `POST /v1/completions`, `POST /v1/chat/completions`
-(`stream: true` for server-sent events), `GET /` (the chat page). Any OpenAI client works:
+(`stream: true` for server-sent events; `response_format: {"type": "json_object"}` constrains the answer to
+a JSON object), `POST /v1/embeddings` (mean-pooled final hidden states), `GET /` (the chat page). Any OpenAI client works:
 `OpenAI(base_url="http://127.0.0.1:8000/v1", api_key=...)`.
 
 What a request goes through, in order (each refusal is an OpenAI-style `{"error": {...}}`):

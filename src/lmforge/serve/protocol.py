@@ -8,7 +8,7 @@ Every refusal is an `ApiError`, answered as OpenAI's `{"error": {message, type, 
 from __future__ import annotations
 
 import json
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -29,8 +29,14 @@ MIN_TEMPERATURE = 1e-5
 MIN_REPETITION_PENALTY = 0.1
 
 
+class ResponseFormat(_Lenient):
+    type: str  # "text", "json_object" (honoured) or "json_schema" (refused): serve.state.check_format
+    json_schema: Any = None
+
+
 class SamplingFields(_Lenient):
     model: str | None = None
+    response_format: ResponseFormat | None = None
     max_tokens: int | None = Field(None, ge=1)
     temperature: float = Field(1.0, ge=0, le=2)  # 0 or [MIN_TEMPERATURE, 2]
     top_p: float = Field(1.0, gt=0, le=1)
@@ -118,7 +124,18 @@ def validation_message(e: ValidationError) -> tuple[str, str | None]:
     return f"{loc or 'body'}: {err['msg']}", loc
 
 
-def parse_request(body: bytes, schema: type[CompletionRequest] | type[ChatRequest]) -> ApiRequest:
+class EmbeddingRequest(_Lenient):
+    input: str | list[str] | list[int] | list[list[int]]
+    model: str | None = None
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = Field(None, ge=1)
+    user: str | None = None
+
+
+Schema = TypeVar("Schema", bound=BaseModel)
+
+
+def parse_request(body: bytes, schema: type[Schema]) -> Schema:
     """A request body as its schema, or a 400 ApiError saying what is wrong."""
     try:
         obj = json.loads(body)  # bytes: UTF-8/16/32 detected; invalid UTF-8 raises UnicodeDecodeError
@@ -173,6 +190,8 @@ __all__ = [
     "ChatRequest",
     "ClientGone",
     "CompletionRequest",
+    "EmbeddingRequest",
+    "ResponseFormat",
     "SamplingFields",
     "StreamOptions",
     "TextPart",

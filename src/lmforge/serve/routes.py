@@ -1,4 +1,5 @@
-"""The endpoints: /health, /v1/models, /v1/completions, /v1/chat/completions (JSON or SSE), the chat page.
+"""The endpoints: /health, /v1/models, /v1/completions, /v1/chat/completions (JSON or SSE), /v1/embeddings
+(serve.embeddings), the chat page.
 
 A completion request goes through `admit` (rate limit, body cap, schema, prompts, sampling, token
 budget), then a `Generation` puts its choices on the engine's worker and gathers their events, into
@@ -20,6 +21,7 @@ from lmforge.infer.engine import GenerationRequest
 from lmforge.infer.sampling import SamplingParams
 from lmforge.serve.batcher import DONE, EngineFailure, Job, QueueFull
 from lmforge.serve.edge import chat_page, log, page_headers
+from lmforge.serve.embeddings import embeddings
 from lmforge.serve.filters import OutputFilter
 from lmforge.serve.guard import is_json_type
 from lmforge.serve.limits import BodyTimeout, BodyTooLarge, RateLimited, TooLarge, read_capped
@@ -99,7 +101,7 @@ async def admit(state: ServerState, request: Any, chat: bool) -> Admitted:
                 "send the body as JSON (Content-Type: application/json)",
                 code="unsupported_media_type",
             )
-        req = parse_request(body, ChatRequest if chat else CompletionRequest)
+        req: ApiRequest = parse_request(body, ChatRequest) if chat else parse_request(body, CompletionRequest)
         state.check_shape(req)  # counts and sizes before any tokenization
         prompts = await asyncio.to_thread(state.prompts_of, req)  # off the event loop: /health stays quick
         params, worst = state.params_of(req, prompts)
@@ -140,12 +142,9 @@ class Generation:
                 seed = (
                     None if got.params.seed is None else (got.params.seed + k) % 2**63
                 )  # n distinct samples
-                row = GenerationRequest(
-                    ids,
-                    got.params.model_copy(update={"seed": seed}),
-                    cancel,
-                    logits_hook=self.state.watermark,
-                )
+                params = got.params.model_copy(update={"seed": seed})
+                hook = self.state.logits_hook(got.req, params)
+                row = GenerationRequest(ids, params, cancel, logits_hook=hook)
                 index = p_i * got.req.n + k
                 self.choices.append(Choice(index, self.state.filter, cancel))
                 jobs.append(Job(row, index, self._sink))
@@ -354,12 +353,7 @@ def add_routes(app: Any, state: ServerState) -> None:
 
     @app.get("/v1/models/{model_id:path}")
     async def model(model_id: str) -> Any:
-        if model_id != state.model_id:
-            raise ApiError(
-                404,
-                f"model {model_id[:100]!r} not found; this server has {state.model_id!r}",
-                type="not_found",
-            )
+        state.check_model(model_id)
         return card()
 
     @app.post("/v1/completions")
@@ -369,6 +363,10 @@ def add_routes(app: Any, state: ServerState) -> None:
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Any:
         return await generate(state, request, chat=True)
+
+    @app.post("/v1/embeddings")
+    async def embeddings_route(request: Request) -> Any:
+        return await embeddings(state, request)
 
     page = chat_page()
 

@@ -14,6 +14,7 @@ import jinja2
 from pydantic import Field
 
 from lmforge.config import Section
+from lmforge.infer.json_mask import START, JsonObjectMask, JsonVocab, closing
 from lmforge.infer.sampling import SamplingParams
 from lmforge.infer.watermark import Watermark, WatermarkConfig
 from lmforge.serve.audit_trail import ServerAudit
@@ -57,6 +58,7 @@ class ServeConfig(Section):
     )
     default_max_tokens: int = Field(256, ge=1, description="max_tokens when a request does not set it")
     max_n: int = Field(4, ge=1, description="most choices per request (n x prompts)")
+    max_embedding_inputs: int = Field(64, ge=1, description="most inputs in one /v1/embeddings request")
     watermark: WatermarkConfig = Field(
         default_factory=WatermarkConfig,
         description="watermark every sampled answer with a keyed green list (docs/watermark.md)",
@@ -101,6 +103,35 @@ def stop_strings(req: ApiRequest) -> list[str]:
     if len(stop) > 4 or any(not s or len(s) > 256 for s in stop):
         raise ApiError(400, "stop: at most 4 non-empty strings of at most 256 characters", param="stop")
     return stop
+
+
+def check_format(req: ApiRequest) -> bool:
+    """True when the request asks for a JSON object (honoured by constrained decoding); 400 for a
+    response_format this server cannot honour, never silently ignored."""
+    fmt = req.response_format
+    if fmt is None or fmt.type == "text":
+        return False
+    if fmt.type == "json_schema":
+        raise ApiError(
+            400,
+            'response_format json_schema is not supported; use {"type": "json_object"} (any JSON object, '
+            "guaranteed to parse) and check the schema yourself",
+            param="response_format",
+        )
+    if fmt.type != "json_object":
+        raise ApiError(
+            400,
+            f"response_format type {fmt.type[:40]!r}: expected 'text' or 'json_object'",
+            param="response_format",
+        )
+    if stop_strings(req) or req.ignore_eos:
+        raise ApiError(
+            400,
+            "stop and ignore_eos cannot be combined with response_format json_object (they would cut or "
+            "extend the JSON)",
+            param="response_format",
+        )
+    return True
 
 
 def refuse_unsupported(req: ApiRequest) -> None:
@@ -165,7 +196,14 @@ class ServerState:
     def check_shape(self, req: ApiRequest) -> None:
         """The checks that need no tokenizer, done first: choices (n x prompts), prompt sizes, stop,
         unsupported fields. A request refused here costs no tokenization (a 190,000-prompt list is one len)."""
+        self.check_model(req.model)
         refuse_unsupported(req)
+        if check_format(req) and not self.json_vocab().supported:
+            raise ApiError(
+                400,
+                "response_format json_object: this model's vocabulary lacks single-character tokens for JSON",
+                param="response_format",
+            )
         stop_strings(req)
         param = "messages" if isinstance(req, ChatRequest) else "prompt"
         count = len(req.prompt) if isinstance(req, CompletionRequest) and isinstance(req.prompt, list) else 1
@@ -200,6 +238,26 @@ class ServerState:
                 param=param,
                 code="context_length_exceeded",
             )
+
+    def check_model(self, model: str | None) -> None:
+        """404 for a model id this server does not serve, in OpenAI's shape (code model_not_found)."""
+        if model is not None and model != self.model_id:
+            raise ApiError(
+                404,
+                f"The model {model[:100]!r} does not exist; this server serves {self.model_id!r}",
+                param="model",
+                code="model_not_found",
+            )
+
+    def json_vocab(self) -> JsonVocab:
+        return JsonVocab.of(self.tok, self.vocab)  # built once (a pass over the vocabulary), then cached
+
+    def logits_hook(self, req: ApiRequest, params: SamplingParams) -> Any:
+        """One row's logits hook: the JSON grammar (response_format json_object), the watermark, both, none."""
+        if not check_format(req):
+            return self.watermark
+        stops = set(params.stop_token_ids) | {int(self.tok.eos_id)}
+        return JsonObjectMask(self.json_vocab(), params.max_tokens, stops, inner=self.watermark)
 
     def check_prompt_length(self, tokens: int, param: str) -> None:
         if tokens > self.max_prompt:
@@ -265,6 +323,12 @@ class ServerState:
         stop_ids = [  # ignore_eos: the end-of-text token does not end a chat reply either
             i for i in self.chat_stop_ids if not (req.ignore_eos and i == self.tok.eos_id)
         ]
+        if check_format(req) and max_tokens < closing(START):
+            raise ApiError(
+                400,
+                f"response_format json_object needs max_tokens >= {closing(START)}",
+                param="max_tokens",
+            )
         params = SamplingParams(
             max_tokens=max_tokens,
             temperature=req.temperature,
@@ -281,4 +345,11 @@ class ServerState:
         return params, worst
 
 
-__all__ = ["ServeConfig", "ServerState", "check_text", "refuse_unsupported", "stop_strings"]
+__all__ = [
+    "ServeConfig",
+    "ServerState",
+    "check_format",
+    "check_text",
+    "refuse_unsupported",
+    "stop_strings",
+]
