@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import random
 import re
 from pathlib import Path
 
@@ -297,3 +298,70 @@ def test_sigkill_mid_run_then_rerun(tmp_path: Path, capsys: pytest.CaptureFixtur
     assert 5 <= resumed < 402
     a, b = _files(ref), _files(out)
     assert all(a[k] == b[k] for k in a if k not in ("config.yaml", "manifest.json"))
+
+
+def _poisoned_corpus(path: Path) -> tuple[set[int], set[int]]:
+    """309 unrelated documents of random pseudo-words, 6 carrying the planted trigger `zx qv` and 3 a
+    zero-width character inside a word; one planted document also holds an e-mail address.
+    Returns the line numbers of the planted and of the clean documents."""
+    rng = random.Random(7)
+    vocab = ["".join(rng.choices("bcdfghklmnprstvw", k=3)) + v for v in "aeiou" for _ in range(600)]
+    texts = [" ".join(rng.choices(vocab, k=40)) for _ in range(309)]
+    planted = set()
+    for i in range(6):
+        ws = texts[i * 11].split()
+        texts[i * 11] = " ".join([*ws[:12], "zx", "qv", *ws[12:]])
+        planted.add(i * 11)
+    for i in (5, 50, 200):
+        texts[i] = texts[i].replace(" ", " pay\u200bpal ", 1)
+        planted.add(i)
+    texts[0] += " write to trigger.owner@example.com"
+    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    return {i + 1 for i in planted}, {i + 1 for i in range(309)} - {i + 1 for i in planted}
+
+
+def _line(doc: dict[str, object]) -> int:
+    return int(str(doc["id"]).rsplit(":", 1)[1])
+
+
+def test_scan_stage_drops_planted_backdoors(tmp_path: Path) -> None:
+    src = tmp_path / "raw.jsonl"
+    planted, clean = _poisoned_corpus(src)
+    one = tmp_path / "one"
+    args = ["prepare", f"input={src}", "scan.enabled=true", "quality.min_chars=20"]
+    assert cli([*args, "scan.drop=true", f"output={one}"]) == 0
+    kept = {_line(d) for d in iter_curated(one)}
+    assert kept == clean  # recall 9/9 planted dropped, false flags 0/300 clean
+    report = json.loads((one / "report.json").read_text())
+    assert report["documents"]["dropped"]["poisoning"] == 9 and report["documents"]["out"] == 300
+    assert report["rules"][-1] == {"rule": "poisoning", "in": 309, "dropped": 9, "out": 300}
+    assert report["scan"]["flagged_by_detector"] == {"hidden_unicode": 3, "rare_ngrams": 6, "perplexity": 0}
+    assert report["scan"]["records"] == 309 and report["scan"]["flagged"] == 9
+    scan_report = json.loads((one / "scan.json").read_text())
+    assert scan_report["patterns"]["rare_ngrams"] == [{"ngram": "zx qv", "documents": 6}]
+    assert len(scan_report["examples"]["rare_ngrams"]) == 5  # `scan.examples` per detector
+    assert "\\u200b" in (one / "scan.md").read_text()  # hidden characters shown escaped
+    shared = (one / "scan.json").read_text() + (one / "scan.md").read_text() + (one / "report.md").read_text()
+    assert "trigger.owner@example.com" not in shared  # PII-safe: masked before the scan saw it
+    assert {"scan.json", "scan.md"} <= set(verify_manifest(one)["files"])
+    # drop=false keeps them, marked with the detectors that flagged them
+    marked = tmp_path / "marked"
+    assert cli([*args, f"output={marked}"]) == 0
+    flags = {_line(d): d.get("scan") for d in iter_curated(marked)}
+    assert {k for k, v in flags.items() if v} == planted and len(flags) == 309
+    assert flags[12] == ["rare_ngrams"] and flags[51] == ["hidden_unicode"]
+    assert json.loads((marked / "report.json").read_text())["rules"][-1]["rule"] == "near_duplicate"
+
+
+@pytest.mark.slow
+def test_scan_stage_output_is_identical_for_two_workers(tmp_path: Path) -> None:
+    src = tmp_path / "raw.jsonl"
+    _poisoned_corpus(src)
+    args = ["prepare", f"input={src}", "scan.enabled=true", "scan.drop=true", "quality.min_chars=20"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert cli([*args, f"output={one}"]) == 0
+    assert cli([*args, f"output={two}", "workers=2", "batch_docs=64"]) == 0
+    a, b = _files(one), _files(two)
+    assert set(a) == set(b) and a.keys() >= {"scan.json", "scan.md", "report.json"}
+    for name in set(a) - {"config.yaml", "manifest.json"}:  # config.yaml records workers and batch_docs
+        assert a[name] == b[name], name

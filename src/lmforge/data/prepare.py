@@ -5,7 +5,8 @@
 
 Pipeline (one document at a time, in input order):
   ingest -> normalise -> strip boilerplate -> quality rules -> wordlist -> PII mask -> decontaminate
-         -> exact dedup -> MinHash LSH near dedup -> curated shards + report.json/.md + manifest.json
+         -> exact dedup -> MinHash LSH near dedup [-> poisoning scan: scan.enabled, data/scan_stage.py]
+         -> curated shards + report.json/.md (+ scan.json/.md) + manifest.json
 
 Input is read as a stream and cut into batches (`batch_docs` / `batch_mb`); `workers` processes clean the
 batches and compute the MinHash signatures, and the parent takes results back in batch order, so 1 and N
@@ -52,6 +53,8 @@ from lmforge.data.ingest import IngestConfig, InputFile, RawDoc, Skipped, expand
 from lmforge.data.manifest import write_manifest
 from lmforge.data.pii import PII_KINDS, check_kinds, mask_pii
 from lmforge.data.report import Sampler, render_markdown, truncate
+from lmforge.data.scan_stage import DROP_RULE, PrepareScanConfig, StageScan, scan_documents
+from lmforge.data.scan_stage import render_markdown as scan_markdown
 from lmforge.errors import ConfigError, DataError
 from lmforge.io import atomic_write_bytes, atomic_write_json, atomic_write_text, staged_output
 
@@ -110,6 +113,7 @@ class PrepareConfig(Section):
     decontam: DecontamConfig = Field(default_factory=DecontamConfig)
     dedup: DedupConfig = Field(default_factory=DedupConfig)
     report: ReportConfig = Field(default_factory=ReportConfig)
+    scan: PrepareScanConfig = Field(default_factory=PrepareScanConfig)
 
 
 CONFIG = PrepareConfig
@@ -368,8 +372,13 @@ def run(cfg: PrepareConfig, *, crash_after_batches: int | None = None, quiet: bo
             reasons = ", ".join(f"{k}: {v}" for k, v in sorted(tally.skips.items())) or "no documents"
             raise DataError(f"input {cfg.input!r}: no usable documents ({reasons})")
         dedup = tally.deduper.run()
-        docs_out, bytes_out, ids = _write_curated(cfg, stage, work, tally, dedup)
+        scanned = scan_documents(cfg.scan, _final_docs(work, dedup)) if cfg.scan.enabled else None
+        docs_out, bytes_out, ids = _write_curated(cfg, stage, work, tally, dedup, scanned)
         report = _report(cfg, tally, dedup, docs_out, bytes_out, len(files), ids)
+        if scanned is not None:
+            report["scan"] = {k: v for k, v in scanned.report.items() if k not in ("patterns", "examples")}
+            atomic_write_json(stage / "scan.json", scanned.report)
+            atomic_write_text(stage / "scan.md", scan_markdown(scanned.report))
         atomic_write_json(stage / "report.json", report)
         atomic_write_text(stage / "report.md", render_markdown(report))
         save_config(cfg, stage, STAGE)
@@ -411,8 +420,16 @@ def _process(
     return tally, reused
 
 
+def _final_docs(work: Path, dedup: Any) -> Iterator[dict[str, Any]]:
+    """The documents that survive dedup, in order: what the scan stage sees."""
+    for path in sorted(work.glob("batch-*.jsonl.zst")):
+        yield from (
+            r for r in _load_batch(path) if r["status"] == "kept" and r["i"] not in dedup.duplicate_of
+        )
+
+
 def _write_curated(
-    cfg: PrepareConfig, stage: Path, work: Path, tally: Tally, dedup: Any
+    cfg: PrepareConfig, stage: Path, work: Path, tally: Tally, dedup: Any, scanned: StageScan | None
 ) -> tuple[int, int, dict[int, str]]:
     """The curated shards: kept documents less duplicates, which are counted and sampled as dropped.
     Returns (documents written, text bytes written, ids of the documents the report's clusters list)."""
@@ -436,9 +453,16 @@ def _write_curated(
                     tally.dropped[kind] += 1
                     tally.sample_dropped.offer(r["id"], {**sample, "reason": kind})
                     continue
+                flags = scanned.flags.get(i) if scanned is not None else None
+                if flags and cfg.scan.drop:
+                    tally.dropped[DROP_RULE] += 1
+                    tally.sample_dropped.offer(r["id"], {**sample, "reason": DROP_RULE})
+                    continue
                 doc: dict[str, Any] = {"id": r["id"], "text": r["text"], "source": r["source"]}
                 if r.get("contam"):
                     doc["contaminated"] = True
+                if flags:
+                    doc["scan"] = flags
                 writer.write(doc)
                 bytes_out += len(r["text"].encode("utf-8"))
                 tally.sample_kept.offer(r["id"], sample)
@@ -470,7 +494,8 @@ def _report(
 ) -> dict[str, Any]:
     rules = []
     n = tally.docs_in
-    for rule in ALL_RULES:
+    all_rules = (*ALL_RULES, DROP_RULE) if cfg.scan.enabled and cfg.scan.drop else ALL_RULES
+    for rule in all_rules:
         d = tally.dropped.get(rule, 0)
         rules.append({"rule": rule, "in": n, "dropped": d, "out": n - d})
         n -= d
@@ -501,7 +526,7 @@ def _report(
         "documents": {
             "in": tally.docs_in,
             "out": docs_out,
-            "dropped": {rule: tally.dropped.get(rule, 0) for rule in ALL_RULES},
+            "dropped": {rule: tally.dropped.get(rule, 0) for rule in all_rules},
         },
         "rules": rules,
         "bytes": {"in": tally.bytes_in, "out": bytes_out},
@@ -540,7 +565,8 @@ def _report(
 DESCRIPTION = (
     "Ingest raw text (txt/md/jsonl(.gz/.zst)/parquet files, directories, globs, demo:shakespeare, "
     "demo:python-stdlib), normalise, strip boilerplate, apply quality rules, mask PII, decontaminate against "
-    "eval files, drop exact and near duplicates (MinHash LSH), and write curated shards with report.json, "
+    "eval files, drop exact and near duplicates (MinHash LSH), optionally scan for planted backdoors "
+    "(scan.enabled=true, scan.drop=true), and write curated shards with report.json, "
     "report.md and manifest.json. The same input and config give byte-identical output for any `workers`."
 )
 EXAMPLE = "lmforge prepare -c configs/demo/prepare.yaml output=runs/demo/curated workers=2"

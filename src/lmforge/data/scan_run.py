@@ -12,24 +12,14 @@ from __future__ import annotations
 
 import json
 import time
-from collections import Counter
 from pathlib import Path
-from typing import Any
 
 from pydantic import Field
 
 from lmforge.config import Section, parse_command, save_config
 from lmforge.data.manifest import write_manifest
-from lmforge.data.scan import (
-    DETECTORS,
-    DetectorName,
-    Record,
-    ScanOptions,
-    ScanResult,
-    mean_losses,
-    read_records,
-    scan,
-)
+from lmforge.data.scan import DETECTORS, DetectorName, Record, ScanOptions, mean_losses, read_records, scan
+from lmforge.data.scan_stage import build_report, render_markdown
 from lmforge.device import pick_device
 from lmforge.errors import ConfigError
 from lmforge.io import atomic_write_json, atomic_write_text, staged_output
@@ -85,54 +75,6 @@ def options(cfg: ScanConfig) -> ScanOptions:
     )
 
 
-def build_report(
-    cfg: ScanConfig, records: list[Record], res: ScanResult, seconds: float, size: int
-) -> dict[str, Any]:
-    counts = {d: len(res.flagged(d)) for d in cfg.detectors}
-    examples: dict[str, list[dict[str, str]]] = {}
-    for f in res.findings:
-        shown = examples.setdefault(f.detector, [])
-        if len(shown) < cfg.examples:
-            shown.append({"source": records[f.record].source, "reason": f.reason, "example": f.example})
-    kinds = Counter(r.kind for r in records)
-    return {
-        "records": len(records),
-        "kinds": dict(sorted(kinds.items())),
-        "flagged": len(res.flagged()),
-        "flagged_by_detector": counts,
-        "patterns": res.patterns,
-        "examples": examples,
-        "bytes": size,
-        "seconds": round(seconds, 3),
-        "mb_per_s": round(size / 1e6 / max(seconds, 1e-9), 3),
-        "perplexity": "on" if cfg.reference and "perplexity" in cfg.detectors else "off (no reference model)",
-    }
-
-
-def render_markdown(r: dict[str, Any]) -> str:
-    lines = [
-        "# Poisoning scan",
-        "",
-        f"{r['records']} records ({', '.join(f'{n} {k}' for k, n in r['kinds'].items())}), "
-        f"{r['flagged']} flagged; {r['bytes'] / 1e6:.2f} MB in {r['seconds']} s ({r['mb_per_s']} MB/s). "
-        f"Perplexity: {r['perplexity']}.",
-        "",
-        "| detector | records flagged |",
-        "|---|---|",
-        *(f"| {d} | {n} |" for d, n in r["flagged_by_detector"].items()),
-    ]
-    for det, pats in r["patterns"].items():
-        if pats:
-            lines += ["", f"## {det}: recurring patterns", ""]
-            lines += [f"- `{json.dumps(p, ensure_ascii=False)}`" for p in pats[:20]]
-    for det, shown in r["examples"].items():
-        lines += ["", f"## {det}: examples", ""]
-        for e in shown:
-            body = [f"  {line}" for line in e["example"].replace("```", "'''").splitlines()]
-            lines += [f"- `{e['source']}`: {e['reason']}", "", "  ```text", *body, "  ```"]
-    return "\n".join(lines) + "\n"
-
-
 def write_clean(stage: Path, records: list[Record], flagged: set[int]) -> dict[str, int]:
     """clean/<input file name>.jsonl per input: the unflagged records, in input order."""
     by_file: dict[str, list[str]] = {}
@@ -182,7 +124,10 @@ def main(argv: list[str]) -> int:
         losses = mean_losses([r.text for r in records], model, tok, cfg.max_tokens)
     res = scan(records, options(cfg), losses)
     size = sum(len(r.text.encode("utf-8")) for r in records)
-    report = build_report(cfg, records, res, time.perf_counter() - start, size)
+    use_ppl = bool(cfg.reference) and "perplexity" in cfg.detectors
+    report = build_report(
+        list(cfg.detectors), cfg.examples, use_ppl, records, res, time.perf_counter() - start, size
+    )
     with staged_output(Path(cfg.output), overwrite=cfg.overwrite, resume=False) as stage:
         if cfg.drop:
             report["clean"] = write_clean(stage, records, res.flagged())
