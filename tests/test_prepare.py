@@ -365,3 +365,20 @@ def test_scan_stage_output_is_identical_for_two_workers(tmp_path: Path) -> None:
     assert set(a) == set(b) and a.keys() >= {"scan.json", "scan.md", "report.json"}
     for name in set(a) - {"config.yaml", "manifest.json"}:  # config.yaml records workers and batch_docs
         assert a[name] == b[name], name
+
+
+def test_scan_stage_bad_reference_fails_before_any_work(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    src = tmp_path / "raw.jsonl"
+    src.write_text('{"text": "a short document of several words"}\n')
+    args = ["prepare", f"input={src}", f"output={tmp_path / 'o'}", "scan.enabled=true"]
+    assert cli([*args, f"scan.reference={tmp_path / 'nope'}"]) == 2
+    assert (
+        capsys.readouterr()
+        .err.strip()
+        .endswith("does not exist (a model folder for the perplexity detector)")
+    )
+    assert cli([*args, "scan.detectors=[nope]"]) == 2
+    assert "scan.detectors" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()

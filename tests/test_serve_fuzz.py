@@ -36,6 +36,7 @@ json_value = st.recursive(
 FIELDS = [
     "prompt", "messages", "max_tokens", "max_completion_tokens", "n", "temperature", "top_p", "top_k", "min_p",
     "repetition_penalty", "stop", "seed", "stream", "stream_options", "logprobs", "echo", "ignore_eos", "model",
+    "response_format",
 ]  # fmt: skip
 
 
@@ -43,6 +44,12 @@ def _valid(chat: bool) -> dict[str, Any]:
     if chat:
         return {"model": "tiny-test", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
     return {"model": "tiny-test", "prompt": "To be", "max_tokens": 2}
+
+
+FORMATS = st.one_of(
+    st.sampled_from([{"type": "json_object"}, {"type": "json_schema", "json_schema": {}}, {"type": "text"}]),
+    json_value,
+)
 
 
 @st.composite
@@ -57,7 +64,7 @@ def bad_request(draw: st.DrawFn) -> tuple[str, str, bytes]:
     if kind in (2, 3):  # a valid request with one or two fields replaced by anything
         body = _valid(chat)
         for field in draw(st.lists(st.sampled_from(FIELDS), min_size=1, max_size=2)):
-            body[field] = draw(json_value)
+            body[field] = draw(json_value if field != "response_format" else FORMATS)
         return "POST", path, json.dumps(body).encode()
     if kind == 4:  # numbers at and beyond the edges
         body = _valid(chat)
@@ -65,6 +72,8 @@ def bad_request(draw: st.DrawFn) -> tuple[str, str, bytes]:
         body[field] = draw(
             st.sampled_from([0, -1, -3, 5, 10**6, 2**63, 2**64, -(2**63) - 1, 1e308, 1e-320, 2.5, "3", True])
         )
+        if draw(st.booleans()):  # the same edges with the JSON-object grammar on
+            body["response_format"] = {"type": "json_object"}
         return "POST", path, json.dumps(body).encode()
     if kind == 5:  # invalid UTF-8 or lone surrogates inside strings
         raw = draw(
@@ -143,6 +152,7 @@ def test_fuzzed_requests_never_5xx(fuzz_app: Any) -> None:
     headers = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
     client = httpx.AsyncClient(transport=transport, base_url="http://localhost", headers=headers, timeout=60)
     seen: dict[int, int] = {}
+    json_answers = [0]
 
     @settings(
         max_examples=1100,
@@ -174,12 +184,17 @@ def test_fuzzed_requests_never_5xx(fuzz_app: Any) -> None:
             assert set(data["error"]) == {"message", "type", "param", "code"} and data["error"]["message"]
         elif method == "POST" and path.startswith("/v1/"):
             assert data["usage"]["completion_tokens"] <= 3 * len(data["choices"])
+            if json.loads(body).get("response_format") == {"type": "json_object"}:  # honoured, never ignored
+                for c in data["choices"]:
+                    assert isinstance(json.loads(c["text"] if "text" in c else c["message"]["content"]), dict)
+                json_answers[0] += 1
 
     try:
         check()
         total = sum(seen.values())
         assert total >= 1000, seen
         assert seen.get(400, 0) >= 500 and seen.get(413, 0) >= 5, seen  # the refusals really were exercised
+        assert json_answers[0] >= 3, seen  # answers constrained to JSON objects were exercised
         # The canary: the server still answers a normal request, and nothing is left running.
         r = loop.run_until_complete(
             client.post(

@@ -357,6 +357,11 @@ def _check(cfg: PrepareConfig) -> None:
     Processor(cfg)  # compiles regexes, reads the wordlist, checks PII kinds and eval files
     if cfg.dedup.near and cfg.dedup.bands is not None and cfg.dedup.bands > cfg.dedup.num_perm:
         raise ConfigError(f"dedup.bands={cfg.dedup.bands} exceeds dedup.num_perm={cfg.dedup.num_perm}")
+    ref = cfg.scan.reference
+    if cfg.scan.enabled and ref and not Path(ref).expanduser().exists():
+        raise ConfigError(
+            f"scan.reference: {ref} does not exist (a model folder for the perplexity detector)"
+        )
 
 
 def run(cfg: PrepareConfig, *, crash_after_batches: int | None = None, quiet: bool = False) -> dict[str, Any]:

@@ -4,6 +4,7 @@ commands (`lmforge.audit`, $LMFORGE_AUDIT_LOG; off when it is unset).
     serve.start    resolved config hash, model (manifest hash), bind address, key fingerprints
     serve.request  method, route, status, key fingerprint, client address, token counts, ms, and for a
                    refusal (status >= 400) its reason: the error's type, code, param and message
+                   (successful /health probes are not recorded)
     serve.stop     requests answered and refused since start
 
 Records never hold a prompt, an output or a key: a key is its fingerprint (`serve.auth.fingerprint`), and a

@@ -82,7 +82,8 @@ class Edge:
                 )
         finally:
             u = scope.get("lmforge.usage") or {}
-            if self.state.audit.enabled:
+            probe = path == "/health" and 0 < status[0] < 400  # a load balancer's probe every few seconds
+            if self.state.audit.enabled and not probe:
                 self.audit(scope, status[0] or 499, u, t0, error_body)
             log.info(
                 "%s %s %d %.0fms %s prompt_tokens=%s completion_tokens=%s",
