@@ -15,6 +15,8 @@ import pytest
 
 from lmforge import audit
 from lmforge.errors import IntegrityError
+from lmforge.serve.app import start_record
+from lmforge.serve.state import ServeConfig
 from serve_helpers import BackgroundServer, close, make_app
 
 KEY = "sk-audit-0123456789abcdef"
@@ -48,6 +50,15 @@ def test_server_requests_are_on_the_chain_without_prompts(
 
             with ThreadPoolExecutor(8) as pool:
                 list(pool.map(one, range(16)))
+            stream = client.completions.create(
+                model="tiny-test",
+                prompt=PROMPT,
+                max_tokens=6,
+                seed=99,
+                stream=True,
+                extra_body={"ignore_eos": True},
+            )
+            assert sum(1 for _ in stream) >= 1
             h = {"Authorization": f"Bearer {KEY}"}
             url = srv.url + "/v1/completions"
             wrong = httpx.post(
@@ -74,12 +85,13 @@ def test_server_requests_are_on_the_chain_without_prompts(
     start = records[0]["data"]
     assert start["api_keys"] == [FP] and start["host"] == "127.0.0.1" and len(start["config_sha256"]) == 64
     requests = [r["data"] for r in records if r["event"] == "serve.request"]
-    assert len(requests) == 20  # 16 answered + 4 refused, each exactly once
+    assert len(requests) == 21  # 16 answered + 1 streamed + 4 refused, each exactly once
     ok = [d for d in requests if d["status"] == 200]
-    assert len(ok) == 16 and all(d["key"] == FP for d in ok)
-    assert sum(d["completion_tokens"] for d in ok) == sum(
-        6 if d["route"] == "/v1/completions" else d["completion_tokens"] for d in ok
-    )
+    assert len(ok) == 17 and all(d["key"] == FP for d in ok)
+    completions = [d for d in ok if d["route"] == "/v1/completions"]
+    assert len(completions) == 9 and all(d["completion_tokens"] <= 6 for d in completions)
+    assert completions[-1]["completion_tokens"] == 6  # the stream (ignore_eos), recorded when it ended
+    assert all(d["prompt_tokens"] > 0 for d in ok)
     assert {d["route"] for d in ok} == {"/v1/completions", "/v1/chat/completions"}
     refused = {d["status"]: d for d in requests if d["status"] >= 400}
     assert sorted(refused) == [400, 401, 413, 415]
@@ -88,13 +100,32 @@ def test_server_requests_are_on_the_chain_without_prompts(
     assert refused[413]["reason"]["code"] == "request_too_large"
     assert refused[415]["reason"]["code"] == "unsupported_media_type"
     assert refused[400]["reason"]["param"] == "max_tokens"
-    assert records[-1]["data"]["answered"] == 16 and records[-1]["data"]["refused"] == 4
+    assert records[-1]["data"]["answered"] == 17 and records[-1]["data"]["refused"] == 4
 
     lines = log.read_bytes().splitlines(keepends=True)
     lines[3] = lines[3].replace(b'"status":200', b'"status":500', 1)
     log.write_bytes(b"".join(lines))
     with pytest.raises(IntegrityError, match="record 4: content does not match its hash"):
         audit.verify(log)
+
+
+def test_start_record_names_the_model_by_its_manifest(tmp_path: Path) -> None:
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "manifest.json").write_text('{"stage": "pretrain", "files": {}}')
+    cfg = ServeConfig(model=str(model), port=8123)
+    record = start_record(cfg, [KEY])
+    assert record["model"] == {
+        "path": str(model),
+        "manifest": hashlib.sha256((model / "manifest.json").read_bytes()).hexdigest(),
+    }
+    assert record["api_keys"] == [FP] and record["port"] == 8123
+    assert (
+        record["config_sha256"] == start_record(ServeConfig(model=str(model), port=8123), [])["config_sha256"]
+    )
+    assert (
+        record["config_sha256"] != start_record(ServeConfig(model=str(model), port=8124), [])["config_sha256"]
+    )
 
 
 def test_no_log_no_records(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
