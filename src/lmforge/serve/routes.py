@@ -37,7 +37,7 @@ from lmforge.serve.protocol import (
     sse,
     stream_error,
 )
-from lmforge.serve.state import ServerState
+from lmforge.serve.state import ServerState, check_format
 
 try:  # module level: FastAPI resolves the routes' `request: Request` annotations in this module's globals
     from starlette.requests import Request
@@ -103,6 +103,8 @@ async def admit(state: ServerState, request: Any, chat: bool) -> Admitted:
             )
         req: ApiRequest = parse_request(body, ChatRequest) if chat else parse_request(body, CompletionRequest)
         state.check_shape(req)  # counts and sizes before any tokenization
+        if check_format(req):
+            await asyncio.to_thread(state.json_vocab)  # a large vocabulary's first pass: not on the loop
         prompts = await asyncio.to_thread(state.prompts_of, req)  # off the event loop: /health stays quick
         params, worst = state.params_of(req, prompts)
         state.limiter.charge(ticket, worst)

@@ -198,12 +198,7 @@ class ServerState:
         unsupported fields. A request refused here costs no tokenization (a 190,000-prompt list is one len)."""
         self.check_model(req.model)
         refuse_unsupported(req)
-        if check_format(req) and not self.json_vocab().supported:
-            raise ApiError(
-                400,
-                "response_format json_object: this model's vocabulary lacks single-character tokens for JSON",
-                param="response_format",
-            )
+        check_format(req)
         stop_strings(req)
         param = "messages" if isinstance(req, ChatRequest) else "prompt"
         count = len(req.prompt) if isinstance(req, CompletionRequest) and isinstance(req.prompt, list) else 1
@@ -250,7 +245,16 @@ class ServerState:
             )
 
     def json_vocab(self) -> JsonVocab:
-        return JsonVocab.of(self.tok, self.vocab)  # built once (a pass over the vocabulary), then cached
+        """The vocabulary's token bytes for the JSON grammar: built on first use (a pass over the
+        vocabulary: call it off the event loop), then cached; 400 if JSON cannot be spelled with it."""
+        vocab = JsonVocab.of(self.tok, self.vocab)
+        if not vocab.supported:
+            raise ApiError(
+                400,
+                "response_format json_object: this model's vocabulary lacks single-character tokens for JSON",
+                param="response_format",
+            )
+        return vocab
 
     def logits_hook(self, req: ApiRequest, params: SamplingParams) -> Any:
         """One row's logits hook: the JSON grammar (response_format json_object), the watermark, both, none."""
