@@ -33,8 +33,8 @@ import zstandard
 from pydantic import Field
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-from lmforge import __version__
-from lmforge.config import Section, parse_command, save_config
+from lmforge import __version__, crypt
+from lmforge.config import EncryptionConfig, Section, encryption_field, parse_command, save_config
 from lmforge.data.clean import (
     RULES,
     Boilerplate,
@@ -53,7 +53,7 @@ from lmforge.data.manifest import write_manifest
 from lmforge.data.pii import PII_KINDS, check_kinds, mask_pii
 from lmforge.data.report import Sampler, render_markdown, truncate
 from lmforge.errors import ConfigError, DataError
-from lmforge.io import atomic_write_bytes, atomic_write_json, atomic_write_text, staged_output
+from lmforge.io import atomic_write_text, staged_output
 
 STAGE = "prepare"
 WORK = "work"
@@ -110,6 +110,7 @@ class PrepareConfig(Section):
     decontam: DecontamConfig = Field(default_factory=DecontamConfig)
     dedup: DedupConfig = Field(default_factory=DedupConfig)
     report: ReportConfig = Field(default_factory=ReportConfig)
+    encryption: EncryptionConfig = encryption_field()
 
 
 CONFIG = PrepareConfig
@@ -189,7 +190,7 @@ def _dump_batch(records: list[dict[str, Any]]) -> bytes:
 
 
 def _load_batch(path: Path) -> list[dict[str, Any]]:
-    data = zstandard.ZstdDecompressor().stream_reader(io.BytesIO(path.read_bytes())).read()
+    data = zstandard.ZstdDecompressor().stream_reader(io.BytesIO(crypt.read_bytes(path))).read()
     return [json.loads(line) for line in data.splitlines()]
 
 
@@ -324,7 +325,7 @@ def _results(
                 yield _load_batch(path), True
                 continue
             records = proc.batch(batch)
-            atomic_write_bytes(path, _dump_batch(records))
+            crypt.write_bytes(path, _dump_batch(records))
             yield records, False
         return
     ctx = mp.get_context("forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn")
@@ -336,7 +337,7 @@ def _results(
             if isinstance(pending, Path):
                 return _load_batch(pending), True
             records = pending.get()
-            atomic_write_bytes(done_path(k), _dump_batch(records))
+            crypt.write_bytes(done_path(k), _dump_batch(records))
             return records, False
 
         for k, batch in enumerate(batches):
@@ -370,8 +371,9 @@ def run(cfg: PrepareConfig, *, crash_after_batches: int | None = None, quiet: bo
         dedup = tally.deduper.run()
         docs_out, bytes_out, ids = _write_curated(cfg, stage, work, tally, dedup)
         report = _report(cfg, tally, dedup, docs_out, bytes_out, len(files), ids)
-        atomic_write_json(stage / "report.json", report)
-        atomic_write_text(stage / "report.md", render_markdown(report))
+        # The report quotes sample documents: sealed like them when encrypting.
+        crypt.write_json(stage / "report.json", report)
+        crypt.write_text(stage / "report.md", render_markdown(report))
         save_config(cfg, stage, STAGE)
         shutil.rmtree(work)
         write_manifest(stage, stage=STAGE)

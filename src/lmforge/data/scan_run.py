@@ -18,7 +18,7 @@ from typing import Any
 
 from pydantic import Field
 
-from lmforge.config import Section, parse_command, save_config
+from lmforge.config import EncryptionConfig, Section, encryption_field, parse_command, save_config
 from lmforge.data.manifest import write_manifest
 from lmforge.data.scan import (
     DETECTORS,
@@ -70,6 +70,7 @@ class ScanConfig(Section):
     ppl_z: float = Field(4.0, gt=0, description="perplexity: flag records whose robust z-score exceeds this")
     max_tokens: int = Field(256, ge=2, description="perplexity: tokens scored per record")
     device: str = Field("auto", description="device for the reference model: auto, cpu, cuda, cuda:N, mps")
+    encryption: EncryptionConfig = encryption_field()
 
 
 def options(cfg: ScanConfig) -> ScanOptions:

@@ -15,7 +15,6 @@ refused unless `allow_pickle=True`, and even then read with `torch.load(weights_
 
 from __future__ import annotations
 
-import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,9 +25,11 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
+from lmforge import crypt
 from lmforge.errors import ConfigError, DataError
 from lmforge.io import atomic_write_json, read_json_object, staged_output
 from lmforge.model.config import ModelConfig, RopeScaling
+from lmforge.model.tensorfile import load_tensors
 from lmforge.model.transformer import Transformer, build_model
 
 # ---------------------------------------------------------------------------------------------------------
@@ -350,6 +351,9 @@ def _read_tensors(files: list[Path], pickle: bool) -> Iterator[tuple[str, Tensor
             sd = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
             yield from sd.items()
             continue
+        if crypt.is_encrypted(f):
+            yield from load_tensors(f).items()
+            continue
         with safe_open(str(f), framework="pt", device="cpu") as st:
             for key in st.keys():  # noqa: SIM118 (safe_open is not a dict)
                 yield key, st.get_tensor(key)
@@ -508,6 +512,8 @@ def save_hf(
         if tokenizer_dir is not None:
             for name in TOKENIZER_FILES:
                 src = Path(tokenizer_dir) / name
-                if src.exists():
-                    shutil.copyfile(src, out / name)
+                if (
+                    src.exists()
+                ):  # an HF folder is for other runtimes: decrypted (export checks plaintext=true)
+                    crypt.write_bytes(out / name, crypt.read_bytes(src), encrypt=False)
     return path
