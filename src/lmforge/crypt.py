@@ -38,7 +38,6 @@ from pathlib import Path
 from typing import IO, Any, BinaryIO
 
 from lmforge.errors import ConfigError, IntegrityError
-from lmforge.io import fsync_dir
 
 KEY_ENV = "LMFORGE_KEY"
 MAGIC = b"LMFENC"
@@ -51,6 +50,18 @@ HEADER = _HEAD.size + _KEY_BLOCK
 
 KeyState = tuple[bytes | None, bool]  # (key, encrypt outputs)
 _configured: KeyState | None = None  # set once a command configured it
+
+
+def fsync_dir(path: Path) -> None:
+    """Persist a directory entry (a rename or a new file) on POSIX filesystems."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # pragma: no cover - e.g. Windows
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def parse_key(text: str, where: str) -> bytes:
@@ -176,13 +187,21 @@ class EncryptedWriter(io.RawIOBase):
 
     def write(self, b: Any) -> int:
         view = memoryview(b).cast("B")
-        self._buf += view
-        while len(self._buf) > self.segment:  # keep at least one byte: only close() knows the last segment
-            self._seal(bytes(self._buf[: self.segment]), last=False)
-            del self._buf[: self.segment]
-        return len(view)
+        n = len(view)
+        while len(view):  # a full segment is sealed only once more data follows: close() seals the last
+            if len(self._buf) == self.segment:
+                self._seal(self._buf, last=False)
+                self._buf = bytearray()
+            if not self._buf and len(view) > self.segment:  # straight from the caller's buffer, no copy
+                self._seal(view[: self.segment], last=False)
+                view = view[self.segment :]
+                continue
+            take = min(self.segment - len(self._buf), len(view))
+            self._buf += view[:take]
+            view = view[take:]
+        return n
 
-    def _seal(self, chunk: bytes, last: bool) -> None:
+    def _seal(self, chunk: Any, last: bool) -> None:
         self.raw.write(self._aead.encrypt(_nonce(self._prefix, self._counter, last), chunk, self.head))
         self._counter += 1
 
@@ -269,27 +288,35 @@ class EncryptedReader(io.RawIOBase):
     def tell(self) -> int:
         return self._pos
 
-    def pread(self, offset: int, n: int) -> bytes:
-        """`n` plaintext bytes at `offset` (fewer at the end of the file)."""
-        end, out = min(offset + n, self.size), bytearray()
+    def _copy(self, offset: int, view: memoryview) -> int:
+        """Decrypt plaintext bytes from `offset` into `view`; returns how many (fewer at the end)."""
+        end, done = min(offset + len(view), self.size), 0
         while offset < end:
             seg, within = divmod(offset, self.segment)
             take = min(end - offset, self.segment - within)
-            out += self._segment(seg)[within : within + take]
-            offset += take
+            view[done : done + take] = memoryview(self._segment(seg))[within : within + take]
+            done, offset = done + take, offset + take
+        return done
+
+    def pread(self, offset: int, n: int) -> bytes:
+        """`n` plaintext bytes at `offset` (fewer at the end of the file)."""
+        out = bytearray(max(0, min(n, self.size - offset)))
+        self._copy(offset, memoryview(out))
         return bytes(out)
 
     def readinto(self, b: Any) -> int:
-        view = memoryview(b).cast("B")
-        data = self.pread(self._pos, len(view))
-        view[: len(data)] = data
-        self._pos += len(data)
-        return len(data)
+        n = self._copy(self._pos, memoryview(b).cast("B"))
+        self._pos += n
+        return n
 
     def readall(self) -> bytes:
-        data = self.pread(self._pos, self.size - self._pos)
+        if self._pos >= self.size:
+            return b""
+        first, within = divmod(self._pos, self.segment)
+        parts = [self._segment(n) for n in range(first, self.segments)]  # one copy: the join
+        parts[0] = parts[0][within:]
         self._pos = self.size
-        return data
+        return b"".join(parts)
 
     def close(self) -> None:
         self._f.close()

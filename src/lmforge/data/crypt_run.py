@@ -137,8 +137,25 @@ def _each(root: Path, files: Iterable[Path], step: Callable[[Path], bool], verb:
     return count
 
 
+HELP = {
+    "encrypt": "Seal DIR's weights, tokenizer vocabularies, token shards and curated documents in place with "
+    "the key (each file checked against its manifest first), then update the manifests.",
+    "decrypt": "Decrypt every encrypted file of DIR in place (each authenticated first), then update the "
+    "manifests. The files are plaintext on disk afterwards.",
+    "rotate": "Rewrap the data key of every encrypted file of DIR under new_key_file (the data is not "
+    "re-encrypted), then update the manifests.",
+}
+
+
 def _key_args(argv: list[str], prog: str, extra: str | None = None) -> tuple[Path, bytes, argparse.Namespace]:
-    p = argparse.ArgumentParser(prog=f"lmforge crypt {prog}", description=(__doc__ or "").split("\n\n")[0])
+    p = argparse.ArgumentParser(
+        prog=f"lmforge crypt {prog}",
+        description=HELP[prog]
+        + f" The key: encryption.key_file=FILE or ${crypt.KEY_ENV} (docs/encryption.md).",
+        epilog=f"example:\n  lmforge crypt {prog} runs/demo/pretrain encryption.key_file=secret.key"
+        + (" new_key_file=new.key" if prog == "rotate" else ""),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("dir", type=Path, metavar="DIR", help="a stage's output directory (or a folder in one)")
     p.add_argument(
         "overrides", nargs="*", metavar="key=value", help="encryption.key_file=FILE" + (extra or "")

@@ -22,14 +22,13 @@ from typing import Any, Literal
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import Tensor
 
 from lmforge import crypt
 from lmforge.errors import ConfigError, DataError
 from lmforge.io import atomic_write_json, read_json_object, staged_output
 from lmforge.model.config import ModelConfig, RopeScaling
-from lmforge.model.tensorfile import load_tensors
+from lmforge.model.tensorfile import load_tensors, save_tensors
 from lmforge.model.transformer import Transformer, build_model
 
 # ---------------------------------------------------------------------------------------------------------
@@ -499,12 +498,12 @@ def save_hf(
         atomic_write_json(out / "generation_config.json", {"_from_model_config": True, **gen})
         shards = _shards(sd, max_shard_bytes)
         if len(shards) == 1:
-            save_file(sd, str(out / "model.safetensors"), metadata={"format": "pt"})
+            save_tensors(sd, out / "model.safetensors", metadata={"format": "pt"})
         else:
             weight_map: dict[str, str] = {}
             for n, shard in enumerate(shards, 1):
                 name = f"model-{n:05d}-of-{len(shards):05d}.safetensors"
-                save_file(shard, str(out / name), metadata={"format": "pt"})
+                save_tensors(shard, out / name, metadata={"format": "pt"})
                 weight_map |= dict.fromkeys(shard, name)
             total = sum(t.numel() * t.element_size() for t in sd.values())
             index = {"metadata": {"total_size": total}, "weight_map": weight_map}
@@ -512,8 +511,8 @@ def save_hf(
         if tokenizer_dir is not None:
             for name in TOKENIZER_FILES:
                 src = Path(tokenizer_dir) / name
-                if (
-                    src.exists()
-                ):  # an HF folder is for other runtimes: decrypted (export checks plaintext=true)
-                    crypt.write_bytes(out / name, crypt.read_bytes(src), encrypt=False)
+                # Sealed like the weights when encrypting (export turns that off); metadata stays readable.
+                if src.exists():
+                    seal = None if name == "tokenizer.json" else False
+                    crypt.write_bytes(out / name, crypt.read_bytes(src), encrypt=seal)
     return path
