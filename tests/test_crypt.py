@@ -13,12 +13,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from lmforge import crypt
 from lmforge.cli import main
 from lmforge.data.shards import SealedTokens, ShardSet
 from lmforge.errors import ConfigError, IntegrityError
-from train_helpers import make_tokens_dir, shakespeare_text
+from lmforge.model.integrity import latest_checkpoint
+from lmforge.train.loop import Interrupted
+from train_helpers import make_tokens_dir, make_trainer, shakespeare_text
 
 KEY = bytes(range(32))
 OTHER = bytes(range(1, 33))
@@ -208,3 +211,30 @@ def test_crypt_refuses_a_changed_plaintext_file(
     assert main(["crypt", "encrypt", str(d), f"encryption.key_file={tmp_path / 'k'}"]) == 3
     assert "val-00000.bin: SHA-256 differs" in capsys.readouterr().err
     assert not crypt.is_encrypted(d / "val-00000.bin")
+
+
+def test_encrypted_checkpoints_resume_bit_exact(tmp_path: Path) -> None:
+    """The shared loop on encrypted checkpoints: stopped mid-accumulation, resumed, it ends with the
+    plaintext run's losses, weights and optimizer state exactly (the fast twin of test_crypt_pipeline)."""
+    full = make_trainer(tmp_path / "plain", steps=6)
+    ref = full.run()
+    crypt.restore((KEY, True))
+    stopped = make_trainer(
+        tmp_path / "enc", steps=6, checkpoint_every=0, should_stop=lambda s, m: (s, m) == (3, 1)
+    )
+    with pytest.raises(Interrupted):
+        stopped.run()
+    saved = latest_checkpoint(tmp_path / "enc" / "checkpoints")
+    assert saved is not None and crypt.is_encrypted(saved / "model.safetensors")
+    assert crypt.is_encrypted(saved / "optimizer.safetensors")
+    resumed = make_trainer(tmp_path / "enc", steps=6, init_seed=123)
+    assert resumed.resume("auto") == saved
+    after = resumed.run()
+    assert stopped.state.losses + after.losses == ref.losses
+    a, b = full.model.state_dict(), resumed.model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    opt_a, opt_b = full.optimizer.state_dict()["state"], resumed.optimizer.state_dict()["state"]
+    assert all(torch.equal(opt_a[i]["exp_avg_sq"], opt_b[i]["exp_avg_sq"]) for i in opt_a)
+    crypt.restore((None, False))  # without the key the checkpoint is one IntegrityError naming the file
+    with pytest.raises(IntegrityError, match=r"model\.safetensors: encrypted"):
+        make_trainer(tmp_path / "enc", steps=6).resume("auto")

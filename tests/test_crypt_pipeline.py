@@ -261,3 +261,28 @@ def test_prepare_and_tokenize_encrypted(tmp_path: Path, capsys: pytest.CaptureFi
         a = np.frombuffer(crypt.read_bytes(tmp_path / "tokens" / split), dtype="<u2")
         b = np.fromfile(tmp_path / "tokens-p" / split, dtype="<u2")
         assert len(b) > 1000 and np.array_equal(a, b)
+
+
+@pytest.mark.slow  # the shared `runs` fixture
+def test_lora_finetune_on_the_encrypted_base_is_bit_identical(runs: dict[str, Path], tmp_path: Path) -> None:
+    """A LoRA adapter trained on the encrypted base is sealed and equals the one trained on the plaintext."""
+    sft = tmp_path / "sft.jsonl"
+    sft.write_text("".join(f'{{"prompt": "Say {w}", "completion": "{w} {w}"}}\n' for w in "abcdefgh"))
+    common = [
+        "method=lora",
+        f"data.train={sft}",
+        "max_steps=3",
+        "global_batch=4",
+        "micro_batch=2",
+        "seq_len=32",
+    ]
+    common += ["progress=false", "tensorboard=false", "eval.every=0"]
+    assert main(["finetune", f"base={runs['plain']}", f"output={tmp_path / 'p'}", *common]) == 0
+    key = f"encryption.key_file={runs['key']}"
+    assert main(["finetune", f"base={runs['enc']}", f"output={tmp_path / 'e'}", key, *common]) == 0
+    sealed = tmp_path / "e" / "adapter" / "adapter_model.safetensors"
+    assert crypt.is_encrypted(sealed)
+    crypt.configure(runs["key"])
+    got = load_tensors(sealed)
+    want = load_file(str(tmp_path / "p" / "adapter" / "adapter_model.safetensors"))
+    assert len(want) > 0 and sorted(got) == sorted(want) and all(torch.equal(got[k], want[k]) for k in want)
