@@ -238,3 +238,27 @@ def test_encrypted_checkpoints_resume_bit_exact(tmp_path: Path) -> None:
     crypt.restore((None, False))  # without the key the checkpoint is one IntegrityError naming the file
     with pytest.raises(IntegrityError, match=r"model\.safetensors: encrypted"):
         make_trainer(tmp_path / "enc", steps=6).resume("auto")
+
+
+def test_sealed_safetensors_round_trip_with_metadata(tmp_path: Path) -> None:
+    """tensorfile: every dtype lmforge writes, empty and 0-d tensors, and the metadata (the DPO cache's key)."""
+    from lmforge.model.tensorfile import load_tensors, read_metadata, save_tensors
+
+    tensors = {
+        "f32": torch.randn(3, 5),
+        "bf16": torch.randn(7).bfloat16(),
+        "f16": torch.randn(2, 2).half(),
+        "i64": torch.arange(9),
+        "u8": torch.arange(4, dtype=torch.uint8),
+        "bool": torch.tensor([True, False]),
+        "empty": torch.zeros(0, 4),
+        "scalar": torch.tensor(2.5),
+    }
+    crypt.restore((KEY, True))
+    save_tensors(tensors, tmp_path / "t.safetensors", metadata={"fingerprint": "abc"})
+    assert crypt.is_encrypted(tmp_path / "t.safetensors")
+    assert read_metadata(tmp_path / "t.safetensors") == {"fingerprint": "abc"}
+    got = load_tensors(tmp_path / "t.safetensors")
+    assert sorted(got) == sorted(tensors)
+    for k, t in tensors.items():
+        assert got[k].dtype == t.dtype and got[k].shape == t.shape and torch.equal(got[k], t), k
