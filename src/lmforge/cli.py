@@ -56,6 +56,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "lmforge.plan.run:main",
         "what fits on which hardware, how fast, at what cost; --probe proves it",
     ),
+    "crypt keygen": ("lmforge.data.crypt_run:keygen_main", "write a new random 256-bit encryption key"),
+    "crypt encrypt": ("lmforge.data.crypt_run:encrypt_main", "encrypt a folder's weights and data at rest"),
+    "crypt decrypt": ("lmforge.data.crypt_run:decrypt_main", "decrypt a folder's encrypted files"),
+    "crypt rotate": ("lmforge.data.crypt_run:rotate_main", "rewrap a folder's data keys under a new key"),
     "audit verify": ("lmforge.audit_cli:verify_main", "check the audit log's hash chain and signatures"),
     "audit lineage": ("lmforge.audit_cli:lineage_main", "the audited commands that produced a model"),
 }

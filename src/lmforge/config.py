@@ -19,8 +19,9 @@ from pathlib import Path
 from typing import Any, TypeVar, Union, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from lmforge import crypt
 from lmforge.errors import ConfigError
 from lmforge.io import atomic_write_text
 
@@ -37,6 +38,24 @@ class Section(BaseModel):
     model_config = ConfigDict(
         extra="forbid", validate_assignment=True, protected_namespaces=(), allow_inf_nan=False
     )
+
+
+class EncryptionConfig(Section):
+    """Encryption at rest (docs/encryption.md), a section of every command that reads or writes models or data."""
+
+    key_file: Path | None = Field(
+        None,
+        description=f"file holding the 256-bit key (hex or base64; `lmforge crypt keygen FILE`); "
+        f"default: ${crypt.KEY_ENV}",
+    )
+    enabled: bool | None = Field(
+        None,
+        description="encrypt this command's outputs (null = whenever a key is set); loaders always decrypt",
+    )
+
+
+def encryption_field() -> Any:
+    return Field(default_factory=EncryptionConfig, description="encryption at rest")
 
 
 def _submodel(annotation: Any) -> type[BaseModel] | None:
@@ -262,6 +281,8 @@ def parse_command(
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     args = p.parse_args(argv)
     cfg = load_config(schema, args.config, args.overrides, command=command)
+    enc = getattr(cfg, "encryption", None)  # the process's key: set once, before the command reads anything
+    crypt.configure(*((enc.key_file, enc.enabled) if isinstance(enc, EncryptionConfig) else ()))
     if args.print_config:
         print(to_yaml(cfg, command), end="")
         raise SystemExit(0)

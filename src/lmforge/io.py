@@ -1,7 +1,8 @@
 """Crash-safe file output: atomic writes, staged output directories, SHA-256 of files.
 
 A stage writes into `<out>.partial/` and renames it to `<out>` only when everything, manifest included,
-is on disk; so a later stage never mistakes a half-written directory for a finished one.
+is on disk; so a later stage never mistakes a half-written directory for a finished one. The readers
+(`read_text`, `read_lines`, `read_json_object`, `iter_jsonl`) decrypt encrypted files (lmforge.crypt).
 """
 
 from __future__ import annotations
@@ -16,21 +17,11 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from lmforge import crypt
+from lmforge.crypt import fsync_dir
 from lmforge.errors import DataError, LmforgeError
 
 _CHUNK = 1 << 20
-
-
-def fsync_dir(path: Path) -> None:
-    """Persist a directory entry (a rename or a new file) on POSIX filesystems."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # pragma: no cover - e.g. Windows
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -125,7 +116,7 @@ def read_text(path: Path | str, what: str, error: type[LmforgeError] = DataError
     if not path.is_file():
         raise error(f"{what}: {path} not found")
     try:
-        return path.read_text("utf-8")
+        return crypt.read_text(path)  # decrypted when encrypted (lmforge.crypt), as every reader here
     except UnicodeDecodeError as e:
         raise error(f"{what}: {path} is not UTF-8 text (byte {e.start}: {e.reason})") from None
 
@@ -152,7 +143,7 @@ def read_lines(
 def read_json_object(path: Path, missing: str, error: type[LmforgeError] = DataError) -> dict[str, Any]:
     """A JSON file holding an object; `missing` says what the file is for when it is absent."""
     try:
-        data = json.loads(Path(path).read_text("utf-8"))
+        data = json.loads(crypt.read_text(path))
     except FileNotFoundError:
         raise error(f"{path}: not found ({missing})") from None
     except ValueError as e:  # also UnicodeDecodeError
@@ -167,7 +158,7 @@ def iter_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: file not found")
-    with open(path, "rb") as f:
+    with crypt.open_read(path) as f:
         for n, raw in enumerate(f, 1):
             try:
                 line = raw.decode("utf-8")

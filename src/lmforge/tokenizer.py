@@ -30,9 +30,10 @@ from pydantic import Field
 from tokenizers import Tokenizer as Backend
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
+from lmforge import crypt
 from lmforge.config import Section
 from lmforge.errors import ConfigError, DataError
-from lmforge.io import atomic_write_json, atomic_write_text
+from lmforge.io import atomic_write_json
 from lmforge.model.integrity import verify_files
 
 TOKENIZER_JSON = "tokenizer.json"
@@ -327,7 +328,8 @@ class Tokenizer:
         """Write tokenizer.json, tokenizer_config.json and special_tokens_map.json (byte-identical per content)."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(directory / TOKENIZER_JSON, self.backend.to_str(pretty=True) + "\n")
+        # The vocabulary and merges reflect the training text: sealed when encrypting (lmforge.crypt).
+        crypt.write_text(directory / TOKENIZER_JSON, self.backend.to_str(pretty=True) + "\n")
         atomic_write_json(directory / TOKENIZER_CONFIG, self.hf_config())
         special_map = {
             "bos_token": self.bos_token,
@@ -351,8 +353,9 @@ def load_tokenizer(path: Path | str) -> Tokenizer:
             raise DataError(f"{f}: not found; is {directory} a tokenizer folder (`lmforge tokenizer train`)?")
     # Checked against the folder's (or its run's / tokens dir's) manifest before anything is parsed.
     verify_files(directory, [TOKENIZER_JSON, TOKENIZER_CONFIG, "chat_template.jinja"])
+    sealed = crypt.read_text(tj) if crypt.is_encrypted(tj) else None  # IntegrityError, not DataError
     try:
-        backend = Backend.from_file(str(tj))
+        backend = Backend.from_str(sealed) if sealed is not None else Backend.from_file(str(tj))
     except Exception as e:  # the Rust library raises a bare Exception on malformed files
         raise DataError(f"{tj}: not a valid tokenizers file ({e})") from e
     try:

@@ -17,6 +17,7 @@ from typing import Any
 
 import zstandard
 
+from lmforge import crypt
 from lmforge.errors import DataError
 
 PATTERN = "docs-*.jsonl.zst"
@@ -50,8 +51,7 @@ class CuratedWriter:
             return
         path = self.directory / shard_name(len(self.shards))
         data = zstandard.ZstdCompressor(level=LEVEL).compress(self._buf.getvalue())
-        with open(path, "wb") as f:
-            f.write(data)
+        crypt.write_bytes(path, data)  # sealed when a key is set (lmforge.crypt)
         self.shards.append(path)
         self._buf = io.BytesIO()
 
@@ -75,7 +75,7 @@ def curated_shards(directory: Path) -> list[Path]:
 
 
 def iter_shard(path: Path) -> Iterator[dict[str, Any]]:
-    with open(path, "rb") as f, zstandard.ZstdDecompressor().stream_reader(f) as raw:
+    with crypt.open_read(path) as f, zstandard.ZstdDecompressor().stream_reader(f) as raw:
         for lineno, line in enumerate(io.TextIOWrapper(raw, encoding="utf-8"), 1):
             try:
                 doc = json.loads(line)

@@ -34,8 +34,8 @@ import zstandard
 from pydantic import Field
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-from lmforge import __version__
-from lmforge.config import Section, parse_command, save_config
+from lmforge import __version__, crypt
+from lmforge.config import EncryptionConfig, Section, encryption_field, parse_command, save_config
 from lmforge.data.clean import (
     RULES,
     Boilerplate,
@@ -56,7 +56,7 @@ from lmforge.data.report import Sampler, render_markdown, truncate
 from lmforge.data.scan_stage import DROP_RULE, PrepareScanConfig, StageScan, scan_documents
 from lmforge.data.scan_stage import render_markdown as scan_markdown
 from lmforge.errors import ConfigError, DataError
-from lmforge.io import atomic_write_bytes, atomic_write_json, atomic_write_text, staged_output
+from lmforge.io import atomic_write_text, staged_output
 
 STAGE = "prepare"
 WORK = "work"
@@ -114,6 +114,7 @@ class PrepareConfig(Section):
     dedup: DedupConfig = Field(default_factory=DedupConfig)
     report: ReportConfig = Field(default_factory=ReportConfig)
     scan: PrepareScanConfig = Field(default_factory=PrepareScanConfig)
+    encryption: EncryptionConfig = encryption_field()
 
 
 CONFIG = PrepareConfig
@@ -193,7 +194,7 @@ def _dump_batch(records: list[dict[str, Any]]) -> bytes:
 
 
 def _load_batch(path: Path) -> list[dict[str, Any]]:
-    data = zstandard.ZstdDecompressor().stream_reader(io.BytesIO(path.read_bytes())).read()
+    data = zstandard.ZstdDecompressor().stream_reader(io.BytesIO(crypt.read_bytes(path))).read()
     return [json.loads(line) for line in data.splitlines()]
 
 
@@ -328,7 +329,7 @@ def _results(
                 yield _load_batch(path), True
                 continue
             records = proc.batch(batch)
-            atomic_write_bytes(path, _dump_batch(records))
+            crypt.write_bytes(path, _dump_batch(records))
             yield records, False
         return
     ctx = mp.get_context("forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn")
@@ -340,7 +341,7 @@ def _results(
             if isinstance(pending, Path):
                 return _load_batch(pending), True
             records = pending.get()
-            atomic_write_bytes(done_path(k), _dump_batch(records))
+            crypt.write_bytes(done_path(k), _dump_batch(records))
             return records, False
 
         for k, batch in enumerate(batches):
@@ -382,10 +383,12 @@ def run(cfg: PrepareConfig, *, crash_after_batches: int | None = None, quiet: bo
         report = _report(cfg, tally, dedup, docs_out, bytes_out, len(files), ids)
         if scanned is not None:
             report["scan"] = {k: v for k, v in scanned.report.items() if k not in ("patterns", "examples")}
-            atomic_write_json(stage / "scan.json", scanned.report)
-            atomic_write_text(stage / "scan.md", scan_markdown(scanned.report))
-        atomic_write_json(stage / "report.json", report)
-        atomic_write_text(stage / "report.md", render_markdown(report))
+            # The scan report quotes documents too (PII-masked): sealed like them when encrypting.
+            crypt.write_json(stage / "scan.json", scanned.report)
+            crypt.write_text(stage / "scan.md", scan_markdown(scanned.report))
+        # The report quotes sample documents: sealed like them when encrypting.
+        crypt.write_json(stage / "report.json", report)
+        crypt.write_text(stage / "report.md", render_markdown(report))
         save_config(cfg, stage, STAGE)
         shutil.rmtree(work)
         write_manifest(stage, stage=STAGE)

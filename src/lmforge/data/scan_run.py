@@ -16,7 +16,7 @@ from pathlib import Path
 
 from pydantic import Field
 
-from lmforge.config import Section, parse_command, save_config
+from lmforge.config import EncryptionConfig, Section, encryption_field, parse_command, save_config
 from lmforge.data.manifest import write_manifest
 from lmforge.data.scan import DETECTORS, DetectorName, Record, ScanOptions, mean_losses, read_records, scan
 from lmforge.data.scan_stage import build_report, render_markdown
@@ -60,6 +60,7 @@ class ScanConfig(Section):
     ppl_z: float = Field(4.0, gt=0, description="perplexity: flag records whose robust z-score exceeds this")
     max_tokens: int = Field(256, ge=2, description="perplexity: tokens scored per record")
     device: str = Field("auto", description="device for the reference model: auto, cpu, cuda, cuda:N, mps")
+    encryption: EncryptionConfig = encryption_field()
 
 
 def options(cfg: ScanConfig) -> ScanOptions:

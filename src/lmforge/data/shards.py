@@ -11,6 +11,9 @@ A tokens directory holds flat little-endian arrays of token ids, documents each 
 
 Read a split with `ShardSet(directory, "train")`: one read-only `np.memmap` per shard, checked against the
 index (sizes always, SHA-256 when `verify`). The pretraining sampler is built on top of `ShardSet.arrays`.
+An encrypted shard (lmforge.crypt) is a `SealedTokens` instead: slices decrypt only the segments they
+touch, so the sampler reads at random offsets without a plaintext copy on disk; the index records the
+ciphertext's SHA-256, so `lmforge data verify` checks it without the key.
 
     python -c "from lmforge.data.shards import ShardSet; print(ShardSet('runs/demo/tokens').num_tokens)"
 """
@@ -24,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from lmforge import crypt
 from lmforge.errors import DataError, IntegrityError
 from lmforge.io import sha256_file
 
@@ -51,6 +55,25 @@ def doc_fraction(doc_id: str, seed: int) -> float:
     """
     digest = hashlib.sha256(f"{seed}:{doc_id}".encode()).digest()
     return int.from_bytes(digest[:8], "big") / 2.0**64
+
+
+class SealedTokens:
+    """A 1-D token array over an encrypted shard, sliced like the memmap it replaces (`a[i:j]`, `len(a)`)."""
+
+    def __init__(self, path: Path, dtype: np.dtype[Any]) -> None:
+        self.reader = crypt.EncryptedReader(path)
+        self.dtype = dtype
+        self.length = self.reader.size // dtype.itemsize
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, item: slice) -> np.ndarray:
+        if not isinstance(item, slice) or item.step not in (None, 1):
+            raise TypeError("SealedTokens supports contiguous slices only")
+        start, stop, _ = item.indices(self.length)
+        size = self.dtype.itemsize
+        return np.frombuffer(self.reader.pread(start * size, max(0, stop - start) * size), dtype=self.dtype)
 
 
 def read_index(directory: Path) -> dict[str, Any]:
@@ -104,12 +127,12 @@ class ShardSet:
         self.tokenizer_dir = self.directory / TOKENIZER_DIR
         if sum(t for _, t, _ in shards) != self.num_tokens:
             raise DataError(f"{where}: split {split!r} shard token counts do not add up to {self.num_tokens}")
-        self.arrays: list[np.ndarray] = []
+        self.arrays: list[Any] = []  # np.memmap, or SealedTokens for an encrypted shard
         for name, tokens, sha in shards:
             path = self.directory / name
             if not path.is_file():
                 raise IntegrityError(f"{path}: shard listed in {INDEX} is missing")
-            size = path.stat().st_size
+            size = crypt.plain_size(path)
             if size != tokens * self.dtype.itemsize:
                 raise IntegrityError(
                     f"{path}: {size} bytes, {INDEX} says {tokens} tokens x {self.dtype.itemsize} bytes "
@@ -118,8 +141,12 @@ class ShardSet:
             if verify and sha256_file(path) != sha:
                 raise IntegrityError(f"{path}: SHA-256 differs from {INDEX} (file changed or corrupted)")
             # np.memmap refuses empty files; an empty shard is never written, but stay safe.
-            arr = np.memmap(path, dtype=self.dtype, mode="r") if tokens else np.zeros(0, self.dtype)
-            self.arrays.append(arr)
+            if crypt.is_encrypted(path):
+                self.arrays.append(SealedTokens(path, self.dtype))
+            else:
+                self.arrays.append(
+                    np.memmap(path, dtype=self.dtype, mode="r") if tokens else np.zeros(0, self.dtype)
+                )
 
     def __repr__(self) -> str:
         return (
@@ -132,6 +159,7 @@ __all__ = [
     "INDEX",
     "SPLITS",
     "TOKENIZER_DIR",
+    "SealedTokens",
     "ShardSet",
     "doc_fraction",
     "dtype_for_vocab",

@@ -34,7 +34,8 @@ from pydantic import Field
 from rich.console import Console
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
-from lmforge.config import Section, parse_command, save_config
+from lmforge import crypt
+from lmforge.config import EncryptionConfig, Section, encryption_field, parse_command, save_config
 from lmforge.data.curated import curated_shards, iter_curated
 from lmforge.data.manifest import ensure_verified, write_manifest
 from lmforge.data.shards import (
@@ -78,6 +79,7 @@ class TokenizeConfig(Section):
     resume: bool = Field(True, description="reuse finished parts of an interrupted run of the same inputs")
     overwrite: bool = Field(False, description="replace an existing output directory")
     verify_input: bool = Field(True, description="check the input and tokenizer SHA-256 manifests first")
+    encryption: EncryptionConfig = encryption_field()
 
 
 CONFIG = TokenizeConfig
@@ -131,9 +133,10 @@ def _plan_parts(docs: Iterator[dict[str, Any]], cfg: TokenizeConfig) -> Iterator
 _WORKER_TOKENIZER: Any = None
 
 
-def _init_worker(tokenizer_dir: str, parse_special_tokens: bool) -> None:
+def _init_worker(tokenizer_dir: str, parse_special_tokens: bool, key_state: crypt.KeyState) -> None:
     # Parallelism comes from processes here; Rust threads on top would oversubscribe the cores.
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    crypt.restore(key_state)  # spawned: the parent's encryption.key_file is not inherited
     _set_worker_tokenizer(load_tokenizer(tokenizer_dir), parse_special_tokens)
 
 
@@ -165,7 +168,11 @@ def _tokenize_part(parts_dir: str, part: Part, dtype: str) -> dict[str, Any]:
     for split, path in bins.items():
         tmp = path.with_name(path.name + ".tmp")
         arr = np.concatenate(pieces[split]) if pieces[split] else np.zeros(0, dtype=dtype)
-        arr.astype(np.dtype(dtype).newbyteorder("<"), copy=False).tofile(tmp)
+        arr = arr.astype(np.dtype(dtype).newbyteorder("<"), copy=False)
+        if crypt.encrypting():  # the parts sit in the staging folder: no plaintext there either
+            crypt.write_bytes(path, arr.tobytes(), encrypt=True)
+            continue
+        arr.tofile(tmp)
         os.replace(tmp, path)
     result = {"index": part.index, "splits": stats}
     atomic_write_json(marker, result)  # written last: its presence means the part is complete
@@ -180,7 +187,7 @@ def _finished_part(parts_dir: Path, index: int, itemsize: int) -> dict[str, Any]
     try:
         result: dict[str, Any] = json.loads(marker.read_text("utf-8"))
         for split, path in bins.items():
-            if not path.is_file() or path.stat().st_size != result["splits"][split]["tokens"] * itemsize:
+            if not path.is_file() or crypt.plain_size(path) != result["splits"][split]["tokens"] * itemsize:
                 return None
     except (ValueError, KeyError, TypeError):
         return None
@@ -188,21 +195,26 @@ def _finished_part(parts_dir: Path, index: int, itemsize: int) -> dict[str, Any]
 
 
 class _ShardWriter:
-    """Appends token bytes to `<split>-NNNNN.bin` files, rotating every `shard_tokens`, hashing as it goes."""
+    """Appends token bytes to `<split>-NNNNN.bin` files, rotating every `shard_tokens`, hashing as it goes
+    (sealed when encrypting; then the recorded SHA-256 is the ciphertext's, checkable without the key)."""
 
     def __init__(self, directory: Path, split: str, shard_tokens: int, itemsize: int) -> None:
         self.directory, self.split, self.itemsize = directory, split, itemsize
         self.limit = shard_tokens * itemsize
         self.shards: list[dict[str, Any]] = []
         self._f: Any = None
+        self._raw: Any = None
         self._hash: Any = None
         self._written = 0
 
     def _close(self) -> None:
         if self._f is not None:
             self._f.close()
-            self.shards[-1].update(tokens=self._written // self.itemsize, sha256=self._hash.hexdigest())
-            self._f = None
+            self._raw.close()
+            sealed = self._f is not self._raw
+            sha = sha256_file(self.directory / self.shards[-1]["file"]) if sealed else self._hash.hexdigest()
+            self.shards[-1].update(tokens=self._written // self.itemsize, sha256=sha)
+            self._f = self._raw = None
 
     def write(self, data: bytes) -> None:
         view = memoryview(data)
@@ -210,7 +222,10 @@ class _ShardWriter:
             if self._f is None or self._written >= self.limit:
                 self._close()
                 name = shard_file(self.split, len(self.shards))
-                self._f = open(self.directory / name, "wb")  # noqa: SIM115 - closed in _close
+                self._raw = self._f = open(self.directory / name, "wb")  # noqa: SIM115 - closed in _close
+                key = crypt.current_key()
+                if crypt.encrypting() and key is not None:
+                    self._f = crypt.EncryptedWriter(self._raw, key)
                 self._hash, self._written = hashlib.sha256(), 0
                 self.shards.append({"file": name})
             take = min(len(view), self.limit - self._written)
@@ -236,7 +251,7 @@ def _concatenate(
             bins, _ = _part_paths(parts_dir, m["index"])
             for key in totals:
                 totals[key] += m["splits"][split][key]
-            with open(bins[split], "rb") as f:
+            with crypt.open_read(bins[split]) as f:
                 while chunk := f.read(_COPY_CHUNK):
                     writer.write(chunk)
         splits[split] = {**totals, "shards": writer.close()}
@@ -333,7 +348,7 @@ def _worker_pool(cfg: TokenizeConfig) -> ProcessPoolExecutor | None:
         # spawn, not fork: forking a process whose Rust thread pool already ran can deadlock.
         mp_context=multiprocessing.get_context("spawn"),
         initializer=_init_worker,
-        initargs=(str(cfg.tokenizer), cfg.parse_special_tokens),
+        initargs=(str(cfg.tokenizer), cfg.parse_special_tokens, crypt.state()),
     )
 
 
@@ -410,7 +425,9 @@ def _write_output(stage: Path, cfg: TokenizeConfig, index: dict[str, Any]) -> No
     (stage / TOKENIZER_DIR).mkdir(exist_ok=True)
     for name in (*TOKENIZER_FILES, "chat_template.jinja"):  # HF folders may lack some of these
         if (cfg.tokenizer / name).is_file():
-            shutil.copyfile(cfg.tokenizer / name, stage / TOKENIZER_DIR / name)
+            # tokenizer.json is sealed when encrypting; its small config files stay readable (metadata)
+            copy = crypt.copy_file if name == TOKENIZER_JSON else shutil.copyfile
+            copy(cfg.tokenizer / name, stage / TOKENIZER_DIR / name)
     save_config(cfg, stage, "tokenize")
     write_manifest(stage, stage="tokenize")
 

@@ -18,7 +18,7 @@ from typing import Any
 from pydantic import Field, field_validator
 from rich.console import Console
 
-from lmforge.config import Section, parse_command, save_config
+from lmforge.config import EncryptionConfig, Section, encryption_field, parse_command, save_config
 from lmforge.data.curated import curated_shards, iter_curated
 from lmforge.data.manifest import ensure_verified, write_manifest
 from lmforge.data.shards import doc_fraction
@@ -55,6 +55,7 @@ class TokenizerTrainConfig(Section):
     max_train_bytes: int = Field(0, ge=0, description="train on at most this many UTF-8 bytes (0 = all)")
     overwrite: bool = Field(False, description="replace an existing output directory")
     verify_input: bool = Field(True, description="check the input's SHA-256 manifest first")
+    encryption: EncryptionConfig = encryption_field()
 
     @field_validator("chat_template")
     @classmethod

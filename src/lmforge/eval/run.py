@@ -24,7 +24,7 @@ import torch
 from pydantic import Field
 from rich.console import Console
 
-from lmforge.config import Section, parse_command, save_config
+from lmforge.config import EncryptionConfig, Section, encryption_field, parse_command, save_config
 from lmforge.data.manifest import ensure_verified, write_manifest
 from lmforge.device import pick_device
 from lmforge.errors import DataError
@@ -84,6 +84,7 @@ class EvalConfig(Section):
     seed: int = Field(0, description="seed for sampled generation tasks")
     verify_input: bool = Field(True, description="check a tokens directory against its manifest")
     overwrite: bool = Field(False, description="replace an existing report directory")
+    encryption: EncryptionConfig = encryption_field()
 
 
 CONFIG = EvalConfig

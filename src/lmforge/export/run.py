@@ -23,7 +23,8 @@ from typing import Any, Literal
 import torch
 from pydantic import Field
 
-from lmforge.config import Section, parse_command, save_config
+from lmforge import crypt
+from lmforge.config import EncryptionConfig, Section, encryption_field, parse_command, save_config
 from lmforge.data.manifest import write_manifest
 from lmforge.errors import ConfigError, DataError
 from lmforge.export import gguf, hf, onnx
@@ -65,6 +66,12 @@ class ExportConfig(Section):
     )
     threads: int = Field(0, ge=0, description="CPU threads for the runtimes (0: all)")
     overwrite: bool = Field(False, description="replace an existing output directory")
+    plaintext: bool = Field(
+        False,
+        description="write the export in plaintext although the source is encrypted or a key is set "
+        "(other runtimes cannot read lmforge's encrypted files; docs/encryption.md)",
+    )
+    encryption: EncryptionConfig = encryption_field()
 
 
 CONFIG = ExportConfig
@@ -153,6 +160,13 @@ def _preflight(cfg: ExportConfig) -> None:
         raise DataError(f"text={cfg.text}: file not found")
     if cfg.output.exists() and not cfg.overwrite:
         raise ConfigError(f"output={cfg.output} already exists; pass overwrite=true to replace it")
+    sealed = next((p for p in sorted(src.rglob("*")) if p.is_file() and crypt.is_encrypted(p)), None)
+    if (sealed is not None or crypt.encrypting()) and not cfg.plaintext:
+        why = f"{sealed} is encrypted" if sealed is not None else "a key is set (outputs are encrypted)"
+        raise ConfigError(
+            f"export: {why}, but {cfg.format} files for other runtimes are plaintext; pass plaintext=true "
+            "to write the decrypted model to output"
+        )
 
 
 def _runner(cfg: ExportConfig, artefact: Path, tok: Any, max_len: int) -> tuple[Any, str, dict[str, Any]]:
@@ -178,6 +192,9 @@ def run_export(cfg: ExportConfig) -> dict[str, Any]:
         torch.set_num_threads(cfg.threads)
     model, tok = load_model(cfg.model)
     check_request(cfg, model)
+    crypt.restore(
+        (crypt.current_key(), False)
+    )  # plaintext=true (checked above): the export is for other runtimes
     t0 = time.perf_counter()
     report: dict[str, Any] = {"format": cfg.format, "source": str(cfg.model)}
     with staged_output(cfg.output, overwrite=cfg.overwrite, resume=False) as stage:

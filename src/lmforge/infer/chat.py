@@ -16,7 +16,7 @@ from typing import Any, Literal, TextIO
 import torch
 from pydantic import Field
 
-from lmforge.config import Section, parse_command
+from lmforge.config import EncryptionConfig, Section, encryption_field, parse_command
 from lmforge.device import pick_device
 from lmforge.infer.engine import Engine, GenerationRequest
 from lmforge.infer.prompting import stop_at_turn_end
@@ -37,6 +37,7 @@ class ChatConfig(Section):
     max_seq_len: int | None = Field(None, ge=1, description="context length (null = the model's)")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="where to run")
     threads: int | None = Field(None, ge=1, description="torch CPU threads (null = torch default)")
+    encryption: EncryptionConfig = encryption_field()
 
 
 CONFIG = ChatConfig

@@ -19,7 +19,7 @@ from typing import Any, Literal
 import torch
 from pydantic import Field
 
-from lmforge.config import Section, parse_command
+from lmforge.config import EncryptionConfig, Section, encryption_field, parse_command
 from lmforge.device import pick_device
 from lmforge.errors import ConfigError, DataError
 from lmforge.infer.engine import Engine, GenerationRequest
@@ -53,6 +53,7 @@ class GenerateConfig(Section):
     dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="weights' dtype")
     compile: bool = Field(False, description="torch.compile the forward (worth it on GPU, slow first call)")
     threads: int | None = Field(None, ge=1, description="torch CPU threads (null = torch default)")
+    encryption: EncryptionConfig = encryption_field()
 
 
 CONFIG = GenerateConfig

@@ -15,7 +15,6 @@ refused unless `allow_pickle=True`, and even then read with `torch.load(weights_
 
 from __future__ import annotations
 
-import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,12 +22,13 @@ from typing import Any, Literal
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import Tensor
 
+from lmforge import crypt
 from lmforge.errors import ConfigError, DataError
 from lmforge.io import atomic_write_json, read_json_object, staged_output
 from lmforge.model.config import ModelConfig, RopeScaling
+from lmforge.model.tensorfile import load_tensors, save_tensors
 from lmforge.model.transformer import Transformer, build_model
 
 # ---------------------------------------------------------------------------------------------------------
@@ -350,6 +350,9 @@ def _read_tensors(files: list[Path], pickle: bool) -> Iterator[tuple[str, Tensor
             sd = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
             yield from sd.items()
             continue
+        if crypt.is_encrypted(f):
+            yield from load_tensors(f).items()
+            continue
         with safe_open(str(f), framework="pt", device="cpu") as st:
             for key in st.keys():  # noqa: SIM118 (safe_open is not a dict)
                 yield key, st.get_tensor(key)
@@ -495,12 +498,12 @@ def save_hf(
         atomic_write_json(out / "generation_config.json", {"_from_model_config": True, **gen})
         shards = _shards(sd, max_shard_bytes)
         if len(shards) == 1:
-            save_file(sd, str(out / "model.safetensors"), metadata={"format": "pt"})
+            save_tensors(sd, out / "model.safetensors", metadata={"format": "pt"})
         else:
             weight_map: dict[str, str] = {}
             for n, shard in enumerate(shards, 1):
                 name = f"model-{n:05d}-of-{len(shards):05d}.safetensors"
-                save_file(shard, str(out / name), metadata={"format": "pt"})
+                save_tensors(shard, out / name, metadata={"format": "pt"})
                 weight_map |= dict.fromkeys(shard, name)
             total = sum(t.numel() * t.element_size() for t in sd.values())
             index = {"metadata": {"total_size": total}, "weight_map": weight_map}
@@ -508,6 +511,8 @@ def save_hf(
         if tokenizer_dir is not None:
             for name in TOKENIZER_FILES:
                 src = Path(tokenizer_dir) / name
+                # Sealed like the weights when encrypting (export turns that off); metadata stays readable.
                 if src.exists():
-                    shutil.copyfile(src, out / name)
+                    seal = None if name == "tokenizer.json" else False
+                    crypt.write_bytes(out / name, crypt.read_bytes(src), encrypt=seal)
     return path

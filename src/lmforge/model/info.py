@@ -19,7 +19,7 @@ from pydantic import Field
 from rich.console import Console
 from rich.table import Table
 
-from lmforge.config import Section, parse_command
+from lmforge.config import EncryptionConfig, Section, encryption_field, parse_command
 from lmforge.model.config import ModelConfig, embedding_params, flops_per_token, matmul_params, num_params
 from lmforge.model.source import model_config
 from lmforge.model.transformer import Transformer
@@ -41,6 +41,7 @@ class InfoConfig(Section):
     )
     batch_size: int = Field(1, gt=0, description="sequences per step, for the activation-memory estimate")
     format: Literal["table", "json"] = Field("table", description="print tables, or the numbers as JSON")
+    encryption: EncryptionConfig = encryption_field()
 
 
 CONFIG = InfoConfig

@@ -28,8 +28,6 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from pydantic import Field
-from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from lmforge.config import Section
@@ -37,6 +35,7 @@ from lmforge.errors import ConfigError, DataError
 from lmforge.io import atomic_write_json, read_json_object
 from lmforge.model.hf import hf_architecture, rules_for
 from lmforge.model.nf4 import NF4Linear
+from lmforge.model.tensorfile import load_tensors, save_tensors
 from lmforge.model.transformer import Transformer
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -324,9 +323,7 @@ def save_adapter(model: nn.Module, cfg: LoraConfig, out_dir: Path, *, base_model
             tensors[f"{_PEFT_PREFIX}{hf}.{ab}.weight"] = sd[f"{ours}.{ab}"].cpu().contiguous()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir / f".{ADAPTER_WEIGHTS}.tmp"
-    save_file(tensors, str(tmp), metadata={"format": "pt"})
-    tmp.replace(out_dir / ADAPTER_WEIGHTS)
+    save_tensors(tensors, out_dir / ADAPTER_WEIGHTS, metadata={"format": "pt"})
     atomic_write_json(out_dir / ADAPTER_CONFIG, peft_cfg)
 
 
@@ -361,14 +358,13 @@ def load_adapter(model: nn.Module, adapter_dir: Path, *, quantize_base: bool = F
     to_ours = {hf: ours for ours, hf in mapping.items()}
     sd: dict[str, Tensor] = {}
     unknown: list[str] = []
-    with safe_open(str(wpath), framework="pt", device="cpu") as st:
-        for key in st.keys():  # noqa: SIM118 (safe_open is not a dict)
-            k = key.removeprefix(_PEFT_PREFIX).replace(".default.", ".")
-            hf, _, ab = k.removesuffix(".weight").rpartition(".")
-            if ab not in ("lora_A", "lora_B") or hf not in to_ours:
-                unknown.append(key)
-                continue
-            sd[f"{to_ours[hf]}.{ab}"] = st.get_tensor(key)
+    for key, tensor in load_tensors(wpath).items():
+        k = key.removeprefix(_PEFT_PREFIX).replace(".default.", ".")
+        hf, _, ab = k.removesuffix(".weight").rpartition(".")
+        if ab not in ("lora_A", "lora_B") or hf not in to_ours:
+            unknown.append(key)
+            continue
+        sd[f"{to_ours[hf]}.{ab}"] = tensor
     if unknown:
         raise DataError(f"{wpath}: tensors that match no module of this model: {', '.join(unknown[:5])}")
     adapted = sorted({k.rsplit(".", 1)[0] for k in sd}, key=list(mapping).index)

@@ -43,13 +43,13 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from lmforge.errors import DataError
 from lmforge.io import atomic_write_json
 from lmforge.model.config import MODEL_CONFIG, ModelConfig, read_model_config, write_model_config
 from lmforge.model.nf4 import NF4Linear
+from lmforge.model.tensorfile import load_tensors, save_tensors
 from lmforge.model.transformer import Transformer, rope_tables
 
 METHODS = ("int8", "int4", "int4-gptq", "nf4")
@@ -323,9 +323,7 @@ def save_quantized(model: nn.Module, directory: str | Path, *, tokenizer: Any = 
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
     sd = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    tmp = out / f".{WEIGHTS}.tmp"
-    save_file(sd, str(tmp), metadata={"format": "pt", "quantization": spec.method})
-    tmp.replace(out / WEIGHTS)
+    save_tensors(sd, out / WEIGHTS, metadata={"format": "pt", "quantization": spec.method})
     write_model_config(out, cfg)
     atomic_write_json(out / QUANT_CONFIG, spec.to_json())
     if tokenizer is not None:
@@ -377,7 +375,7 @@ def load_quantized(
             if not isinstance(linear, nn.Linear):
                 raise DataError(f"{d / QUANT_CONFIG}: layer {name!r} is not a Linear layer")
             set_module(model, name, _empty_layer(spec, linear))
-    sd = load_file(str(d / WEIGHTS))
+    sd = load_tensors(d / WEIGHTS)
     missing, unexpected = model.load_state_dict(sd, strict=False, assign=True)
     if missing or unexpected:
         raise DataError(

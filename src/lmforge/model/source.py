@@ -35,7 +35,6 @@ from typing import Any
 
 import torch
 import yaml
-from safetensors.torch import load_file
 
 from lmforge.config import load_config
 from lmforge.errors import ConfigError, DataError
@@ -45,6 +44,7 @@ from lmforge.model.hf import config_from_hf, load_hf, read_hf_config
 from lmforge.model.integrity import CHECKPOINT_STATE, latest_checkpoint, load_scope, verify_files
 from lmforge.model.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, load_adapter, merge_lora, read_adapter_config
 from lmforge.model.quant import QUANT_CONFIG, load_quantized
+from lmforge.model.tensorfile import load_tensors
 from lmforge.model.transformer import Transformer, build_model
 from lmforge.tokenizer import Tokenizer, load_tokenizer
 
@@ -288,7 +288,7 @@ def _load_adapted(
 def _load_weights(model: Transformer, file: Path) -> None:
     if not file.is_file():
         raise DataError(f"{file}: not found")
-    sd = load_file(str(file))
+    sd = load_tensors(file)
     # DDP / torch.compile wrappers prefix parameter names; the weights are the same.
     sd = {k.removeprefix("_orig_mod.").removeprefix("module."): v for k, v in sd.items()}
     missing, unexpected = model.load_state_dict(sd, strict=False)

@@ -20,7 +20,7 @@ from pydantic import Field
 from rich.console import Console
 from torch import Tensor, nn
 
-from lmforge.config import Section, parse_command, save_config
+from lmforge.config import EncryptionConfig, Section, encryption_field, parse_command, save_config
 from lmforge.data.manifest import ensure_verified, write_manifest
 from lmforge.data.shards import read_index
 from lmforge.device import pick_device
@@ -76,6 +76,7 @@ class QuantizeConfig(Section):
     threads: int | None = Field(None, ge=1, description="torch CPU threads (null = torch default)")
     verify_input: bool = Field(True, description="check `data` against its manifest first")
     overwrite: bool = Field(False, description="replace an existing output folder")
+    encryption: EncryptionConfig = encryption_field()
 
 
 CONFIG = QuantizeConfig

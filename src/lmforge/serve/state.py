@@ -13,7 +13,7 @@ from typing import Any, Literal
 import jinja2
 from pydantic import Field
 
-from lmforge.config import Section
+from lmforge.config import EncryptionConfig, Section, encryption_field
 from lmforge.infer.json_mask import START, JsonObjectMask, JsonVocab, closing
 from lmforge.infer.sampling import SamplingParams
 from lmforge.infer.watermark import Watermark, WatermarkConfig
@@ -89,6 +89,7 @@ class ServeConfig(Section):
     output_wordlist: str | None = Field(None, description="file of words that end an answer (content_filter)")
     log_prompts: bool = Field(False, description="log prompt text (off: logs never hold prompts or outputs)")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="server log level")
+    encryption: EncryptionConfig = encryption_field()
 
 
 def check_text(text: str, param: str) -> None:

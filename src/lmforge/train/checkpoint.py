@@ -35,7 +35,6 @@ import numpy as np
 import torch
 from pydantic import BaseModel
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
@@ -55,6 +54,7 @@ from lmforge.model.integrity import (
     list_digest,
     verify_checkpoint,
 )
+from lmforge.model.tensorfile import load_tensors, save_tensors
 
 CHECKPOINTS = "checkpoints"
 STATE = CHECKPOINT_STATE
@@ -250,9 +250,9 @@ def _write_files(
     """Rank 0's files of a checkpoint, each fsynced, the manifest of all of them (rng files included) last."""
     # Tied weights share storage, which safetensors refuses: store each name's own copy.
     weights = {k: v.detach().cpu().clone().contiguous() for k, v in model_sd.items()}
-    save_file(weights, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+    save_tensors(weights, tmp / "model.safetensors", metadata={"format": "pt"})
     tensors, meta = _flatten_optimizer(optim_sd)
-    save_file(tensors, str(tmp / "optimizer.safetensors"), metadata={"format": "pt"})
+    save_tensors(tensors, tmp / "optimizer.safetensors", metadata={"format": "pt"})
     atomic_write_json(tmp / "optimizer.json", meta)
     for f in ("model.safetensors", "optimizer.safetensors"):
         _fsync_file(tmp / f)
@@ -283,7 +283,7 @@ def load_weights(path: Path) -> dict[str, torch.Tensor]:
 
 def _load_tensors(file: Path) -> dict[str, torch.Tensor]:
     try:
-        return load_file(str(file))
+        return load_tensors(file)
     except _UNREADABLE as e:
         raise IntegrityError(f"{file}: unreadable safetensors file ({e})") from None
 

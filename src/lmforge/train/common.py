@@ -25,7 +25,7 @@ from pydantic import Field, model_validator
 from torch import nn
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
-from lmforge.config import Section, parse_command
+from lmforge.config import EncryptionConfig, Section, encryption_field, parse_command
 from lmforge.errors import ERROR_DIR_ENV, ConfigError, LmforgeError, first_rank_error
 from lmforge.train import distributed as D
 from lmforge.train.optim import OptimConfig
@@ -77,6 +77,7 @@ class TrainConfig(Section):
     tensorboard: bool = Field(True, description="also log to <output>/tensorboard")
     progress: bool = Field(True, description="show a progress bar (or log lines when not a terminal)")
     overwrite: bool = Field(False, description="replace an existing finished output directory")
+    encryption: EncryptionConfig = encryption_field()
 
     @model_validator(mode="after")
     def _divisible(self) -> TrainConfig:

@@ -32,8 +32,6 @@ from typing import Any, Literal
 import torch
 from pydantic import Field, model_validator
 from rich.progress import Progress
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
 from torch import nn
 
 from lmforge.config import Section, save_config
@@ -50,6 +48,7 @@ from lmforge.errors import ConfigError, IntegrityError
 from lmforge.io import atomic_write_json, sha256_file
 from lmforge.model.lora import LoraConfig, adapters_disabled, read_adapter_config
 from lmforge.model.source import load_merged_base
+from lmforge.model.tensorfile import load_tensors, read_metadata, save_tensors
 from lmforge.train import distributed as D
 from lmforge.train.common import TrainConfig, parse_single_process, precision_setup
 from lmforge.train.loop import LoopState, Trainer, settings_from
@@ -217,18 +216,15 @@ def stored_reference(
     """The run's reference log-probs: read back if stored for the same `key`, else computed and stored."""
     path = run_dir / REFERENCE_FILE
     if path.is_file():
-        with safe_open(str(path), framework="pt") as f:
-            stored = (f.metadata() or {}).get("fingerprint")
+        stored = read_metadata(path).get("fingerprint")
         if stored != key:
             raise IntegrityError(
                 f"{path}: computed for other data or settings than this config; continue the run with the "
                 "config it started with, or start over with overwrite=true"
             )
-        return load_file(str(path))
+        return load_tensors(path)
     tensors = compute()
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata={"fingerprint": key})
-    tmp.replace(path)
+    save_tensors({k: v.contiguous() for k, v in tensors.items()}, path, metadata={"fingerprint": key})
     return tensors
 
 

@@ -19,7 +19,7 @@ from typing import Any, Literal
 import torch
 from pydantic import Field
 
-from lmforge.config import Section, parse_command, save_config
+from lmforge.config import EncryptionConfig, Section, encryption_field, parse_command, save_config
 from lmforge.data.manifest import write_manifest
 from lmforge.io import atomic_write_json, staged_output
 from lmforge.model.hf import save_hf
@@ -50,6 +50,7 @@ class LoraMergeConfig(Section):
         description="tokens of a fixed random input for the merged-vs-adapter logits check (0 = skip)",
     )
     overwrite: bool = Field(False, description="replace an existing output folder")
+    encryption: EncryptionConfig = encryption_field()
 
 
 CONFIG = LoraMergeConfig

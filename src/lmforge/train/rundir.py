@@ -16,6 +16,7 @@ from typing import Any
 
 from torch import nn
 
+from lmforge import crypt
 from lmforge.data.manifest import write_manifest
 from lmforge.errors import LmforgeError
 from lmforge.io import atomic_write_json, partial_dir, publish_dir
@@ -62,14 +63,15 @@ def export_final(run_dir: Path, ckpt: Path, model: nn.Module, tokenizer_dir: Pat
     tokenizer files, so the folder alone is enough for `generate`, `eval` and `serve`."""
     out = run_dir / "model"
     out.mkdir(exist_ok=True)
-    shutil.copyfile(ckpt / "model.safetensors", out / "model.safetensors")
+    crypt.copy_file(ckpt / "model.safetensors", out / "model.safetensors")
     mcfg = model_config(model)
     if mcfg is not None and hasattr(mcfg, "model_dump"):
         write_model_config(out, mcfg)
     if tokenizer_dir is not None and (tokenizer_dir / "tokenizer.json").is_file():
         for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
             if (tokenizer_dir / name).is_file():
-                shutil.copyfile(tokenizer_dir / name, out / name)
+                copy = crypt.copy_file if name == "tokenizer.json" else shutil.copyfile  # see tokenizer.save
+                copy(tokenizer_dir / name, out / name)
 
 
 def export_result(
