@@ -130,3 +130,44 @@ def test_early_stopping_without_validation_data_is_a_config_error(tmp_path: Path
             settings=settings,
             run_dir=tmp_path,
         )
+
+
+def test_lora_restore_best_exports_the_best_adapter(tokens: Path, tmp_path: Path) -> None:
+    """finetune (LoRA): the adapter/ written at the end holds the best checkpoint's adapter weights, which
+    are loaded back into the live model (the adapter is saved from it, not copied from a checkpoint)."""
+    import hashlib
+    import json
+
+    rows = [{"prompt": f"Say {w}:", "completion": f" {w}."} for w in ("ay", "nay", "hark", "lo", "fie")]
+    (tmp_path / "sft.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows * 4))
+    (tmp_path / "val.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:2]))
+    out = tmp_path / "sft"
+    argv = ["finetune", "base=tiny", f"tokenizer={tokens / 'tokenizer'}", "method=lora", "seq_len=32"]
+    argv += ["global_batch=4", "micro_batch=4", "max_steps=12", "optim.lr=0.3", "schedule.warmup_steps=0"]
+    argv += ["eval.every=2", "checkpoint.every=0", "checkpoint.keep=1", "early_stopping.restore_best=true"]
+    # "best" = the highest validation loss: an early step whatever the machine's rounding, so that the
+    # exported adapter must come from a checkpoint other than the last one
+    argv += ["early_stopping.mode=max"]
+    argv += [
+        f"data.train=[{tmp_path / 'sft.jsonl'}]",
+        f"data.val=[{tmp_path / 'val.jsonl'}]",
+        f"output={out}",
+    ]
+    assert main([*argv, "threads=1", "progress=false", "tensorboard=false", "log_every=1"]) == 0
+    evals = [(r["step"], r["val_loss"]) for r in read_metrics(out / "metrics.jsonl", "eval") if r["step"] > 0]
+    best_step = max(evals, key=lambda e: e[1])[0]
+    assert best_step < 12
+
+    def tensors(file: Path) -> list[str]:  # names differ (PEFT vs lmforge), the values must not
+        return sorted(
+            hashlib.sha256(t.float().numpy().tobytes()).hexdigest() for t in load_file(file).values()
+        )
+
+    kept = sorted(p.name for p in (out / "checkpoints").iterdir())
+    assert kept == [f"step-{best_step:06d}", "step-000012"]
+    assert tensors(out / "adapter" / "adapter_model.safetensors") == tensors(
+        out / "checkpoints" / f"step-{best_step:06d}" / "model.safetensors"
+    )
+    assert tensors(out / "adapter" / "adapter_model.safetensors") != tensors(
+        out / "checkpoints" / "step-000012" / "model.safetensors"
+    )
