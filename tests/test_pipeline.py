@@ -106,12 +106,18 @@ def test_reruns_only_what_changed(project: Path, capsys: pytest.CaptureFixture[s
     assert main(["run", str(file)]) == 0
     assert ran(capsys.readouterr().err) == ["tokenize", "pretrain"]
     after = stamps(project)
-    assert [after[d] == before[d] for d in ("curated", "tokenizer", "tokens", "run")] == [
-        True,
-        True,
-        False,
-        False,
-    ]
+    unchanged = [after[d] == before[d] for d in ("curated", "tokenizer", "tokens", "run")]
+    assert unchanged == [True, True, False, False]
+
+    # --from NAME runs that stage and the ones after it, whatever the state says
+    assert main(["run", str(file), "--from", "pretrain"]) == 0
+    assert ran(capsys.readouterr().err) == ["pretrain"]
+    assert main(["run", str(file), "--from", "nope"]) == 2
+    assert "--from: no stage 'nope'" in capsys.readouterr().err
+    bad_name = file.read_text().replace("- stage: prepare", "- stage: prepare\n  name: a/b")
+    (project / "bad.yaml").write_text(bad_name)
+    assert main(["run", str(project / "bad.yaml")]) == 2
+    assert "name: expected letters, digits" in capsys.readouterr().err
 
 
 def test_a_failed_stage_stops_the_pipeline_and_a_rerun_continues_from_it(

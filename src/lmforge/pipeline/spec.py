@@ -19,6 +19,7 @@ written in (lmforge.config). A stage's config is validated here, before anything
 from __future__ import annotations
 
 import importlib
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -150,6 +151,8 @@ def load_pipeline(path: Path, overrides: list[str] | None = None) -> Pipeline:
     for n, st in enumerate(spec.stages):
         name = st.name or st.stage
         where = f"{path}: stages.{n} ({name})"
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name):
+            raise ConfigError(f"{where}: name: expected letters, digits, '_', '-' or '.', got {name!r}")
         if name in by_name:
             raise ConfigError(f"{where}: stage name {name!r} is used twice; give one a `name:`")
         command = STAGE_COMMANDS.get(st.stage, st.stage)
