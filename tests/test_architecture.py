@@ -48,6 +48,7 @@ LAYERS: dict[str, int] = {
     "lmforge.plan": 4,
     "lmforge.serve": 5,
     "lmforge.cli": 6,
+    "lmforge.pipeline": 6,  # `lmforge run`: drives the commands through cli's table, like cli itself
     "lmforge.__main__": 6,
 }
 LAYER_NAMES = {
@@ -219,7 +220,7 @@ def check_layers(imps: list[Import], commands: frozenset[str] = frozenset()) -> 
             continue
         low, high = layer_of(i.importer.name), layer_of(i.target)
         if i.importer.name in commands and low > LAYERS["lmforge.data"]:
-            low = COMMAND_REACH
+            low = max(low, COMMAND_REACH)  # `lmforge run` (top layer) drives the others through cli
         if high > low:
             out.append(
                 f"{i.where}: {i.importer.name} (layer {low}, {LAYER_NAMES[low]}) imports {i.target} "

@@ -20,6 +20,10 @@ from lmforge.errors import LmforgeError, report
 
 # command -> ("module:function", one-line help). The function takes argv and returns an exit code.
 COMMANDS: dict[str, tuple[str, str]] = {
+    "run": (
+        "lmforge.pipeline.run:main",
+        "run a pipeline file's stages, each only when its config or inputs changed",
+    ),
     "prepare": (
         "lmforge.data.prepare:main",
         "ingest, clean, deduplicate, mask PII and decontaminate raw text",

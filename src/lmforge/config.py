@@ -6,6 +6,11 @@ Each command declares a pydantic schema built from `Section`s (unknown keys are 
 `description` doubles as its `--help` text. `load_config` merges the YAML file and the overrides, and turns
 pydantic's errors into one line each that names the file (or override), the dotted key and what was
 expected, with the closest valid key for a typo. Every stage writes its resolved config with `save_config`.
+
+Relative paths: a value in a config file that starts with `./` or `../` is relative to that file's folder
+(`data: ./prefs.jsonl` next to the YAML works from any directory); any other relative path is relative to
+the current directory, as in every command line of configs/ (`data: runs/demo/tokens`, run from the repo
+root). Overrides on the command line are relative to the current directory.
 """
 
 from __future__ import annotations
@@ -139,7 +144,7 @@ def _text_field(schema: type[BaseModel], parts: list[str]) -> bool | None:
     return None if set(get_args(field.annotation)) == {str, type(None)} else False
 
 
-def _set_dotted(tree: dict[str, Any], parts: list[str], value: Any, source: str) -> None:
+def set_dotted(tree: dict[str, Any], parts: list[str], value: Any, source: str) -> None:
     node = tree
     for part in parts[:-1]:
         child = node.get(part)
@@ -165,6 +170,23 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of keys to values at the top level")
     return data
+
+
+def file_relative(tree: Any, folder: Path) -> Any:
+    """`tree` with every string that starts with ./ or ../ made absolute against `folder` (see the module doc)."""
+    if isinstance(tree, str) and tree.startswith(("./", "../")):
+        return str((folder / tree).resolve())
+    if isinstance(tree, dict):
+        return {k: file_relative(v, folder) for k, v in tree.items()}
+    if isinstance(tree, list):
+        return [file_relative(v, folder) for v in tree]
+    return tree
+
+
+def read_config_file(path: Path) -> dict[str, Any]:
+    """A config file's mapping, with its ./ and ../ paths resolved against its folder."""
+    tree: dict[str, Any] = file_relative(_read_yaml(path), path.resolve().parent)
+    return tree
 
 
 def _non_finite(tree: Any, prefix: str = "") -> list[str]:
@@ -214,7 +236,7 @@ def load_config(
     source_of: dict[str, str] = {}
     if path is not None:
         path = Path(path)
-        tree = _read_yaml(path)
+        tree = read_config_file(path)
         source_of[""] = str(path)
     meant_for = tree.pop("command", None)
     if command is not None and meant_for is not None and meant_for != command:
@@ -225,8 +247,15 @@ def load_config(
         raw = item.split("=", 1)[1]
         if text or (text is None and raw not in ("null", "~", "")):
             value = raw
-        _set_dotted(tree, parts, value, f"override {item!r}")
+        set_dotted(tree, parts, value, f"override {item!r}")
         source_of[".".join(parts)] = f"override {item!r}"
+    return validate_tree(schema, tree, source_of)
+
+
+def validate_tree(schema: type[T], tree: dict[str, Any], source_of: dict[str, str] | str) -> T:
+    """`schema` from a merged config mapping; errors name `source_of` (one source, or one per dotted key)."""
+    if isinstance(source_of, str):
+        source_of = {"": source_of}
     bad = _non_finite(tree)  # YAML .inf/.nan anywhere, values of untyped (`Any`) fields included
     if bad:
         raise ConfigError(

@@ -166,10 +166,13 @@ def remove_stale(root: Path) -> None:
         shutil.rmtree(stale, ignore_errors=True)
 
 
-def _prune(root: Path, keep: int) -> None:
-    """Keep the newest `keep` checkpoints. Each older one is first renamed out of `list_checkpoints`'
-    sight, so a kill during the (non-atomic) delete leaves a `pruned-` leftover, never a broken step."""
-    for _, old in list_checkpoints(root)[:-keep]:
+def _prune(root: Path, keep: int, protect: int | None = None) -> None:
+    """Keep the newest `keep` checkpoints, and step `protect` (the best one) wherever it is. Each older one
+    is first renamed out of `list_checkpoints`' sight, so a kill during the (non-atomic) delete leaves a
+    `pruned-` leftover, never a broken step."""
+    for step, old in list_checkpoints(root)[:-keep]:
+        if step == protect:
+            continue
         aside = root / f"{PRUNED}{old.name}"
         if aside.exists():
             shutil.rmtree(aside)
@@ -205,12 +208,14 @@ def save_checkpoint(
     rng: dict[str, Any] | None = None,
     barrier: Callable[[], None] = _noop,
     model_config: BaseModel | None = None,
+    protect: int | None = None,
 ) -> Path:
     """Write checkpoint `step` under `root`; every rank must call it (FSDP gathers are collective).
 
     `rng` is this rank's RNG state to record (default: the current one); the loop passes the state from
     the start of the step when it stops in the middle of a gradient-accumulation cycle. `model_config`
-    (the model's architecture) is saved as model_config.json when given.
+    (the model's architecture) is saved as model_config.json when given. Pruning to the newest `keep`
+    spares step `protect` (the best checkpoint of early stopping).
     """
     root = Path(root)
     final = root / f"step-{step:06d}"
@@ -234,7 +239,7 @@ def save_checkpoint(
             if later_step > step:
                 os.replace(later, root / f"superseded-{later.name}")
         if keep > 0:
-            _prune(root, keep)
+            _prune(root, keep, protect)
     barrier()
     return final
 
@@ -293,6 +298,12 @@ def _read_json(file: Path) -> Any:
         return json.loads(file.read_text("utf-8"))
     except _UNREADABLE as e:
         raise IntegrityError(f"{file}: unreadable JSON ({type(e).__name__})") from None
+
+
+def restore_weights(path: Path, model: nn.Module, *, rank: int = 0) -> None:
+    """Load only the weights of checkpoint `path` into `model` (verified first); every rank calls it."""
+    verify_checkpoint(Path(path), names=["model.safetensors"], rank=rank)
+    set_model_state_dict(model, dict(load_weights(Path(path))), options=_options())
 
 
 def load_checkpoint(

@@ -28,6 +28,7 @@ from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 from lmforge.config import EncryptionConfig, Section, encryption_field, parse_command
 from lmforge.errors import ERROR_DIR_ENV, ConfigError, LmforgeError, first_rank_error
 from lmforge.train import distributed as D
+from lmforge.train.early_stop import EarlyStoppingConfig
 from lmforge.train.optim import OptimConfig
 from lmforge.train.schedule import ScheduleConfig
 
@@ -73,8 +74,15 @@ class TrainConfig(Section):
         "and optimizer state in memory; false saves it, and such an update then ends the run with exit 4, "
         "the newest checkpoint intact)",
     )
+    early_stopping: EarlyStoppingConfig = Field(
+        default_factory=EarlyStoppingConfig,
+        description="stop on a validation plateau, keep the best checkpoint",
+    )
     log_every: int = Field(10, ge=1, description="log training metrics every N steps")
     tensorboard: bool = Field(True, description="also log to <output>/tensorboard")
+    wandb_project: str | None = Field(
+        None, description="also log to this W&B project (needs wandb; WANDB_MODE=offline logs locally)"
+    )
     progress: bool = Field(True, description="show a progress bar (or log lines when not a terminal)")
     overwrite: bool = Field(False, description="replace an existing finished output directory")
     encryption: EncryptionConfig = encryption_field()

@@ -56,7 +56,6 @@ class PretrainConfig(TrainConfig):
     )
     seed: int = Field(0, description="seeds weights, data order and dropout")
     nproc: int = Field(1, ge=1, description="processes on this machine; >1 launches torchrun")
-    wandb_project: str | None = Field(None, description="log to this W&B project (needs wandb installed)")
     verify_input: bool = Field(True, description="check the tokens directory against its manifest")
 
 

@@ -311,7 +311,7 @@ def train(cfg: DPOConfig, **trainer_kw: Any) -> int:
         run_dir,
         enabled=True,
         tensorboard=cfg.tensorboard,
-        wandb_project=None,
+        wandb_project=cfg.wandb_project,
         config=cfg.model_dump(mode="json"),
     )
     trainer = Trainer(
@@ -342,7 +342,7 @@ def train(cfg: DPOConfig, **trainer_kw: Any) -> int:
         state = trainer.run()
     finally:
         logger.close()
-    ckpt = run_dir / "checkpoints" / f"step-{state.step:06d}"
+    ckpt = run_dir / "checkpoints" / f"step-{state.model_step:06d}"
     out = export_result(run_dir, ckpt, model, tok, cfg.method, cfg.lora, cfg.model)
     _write_report(cfg, run_dir, state, summary, stats, len(train_pairs), len(held))
     finish_run_dir(run_dir, Path(cfg.output), COMMAND)

@@ -194,7 +194,7 @@ def train(cfg: FinetuneConfig, **trainer_kw: Any) -> int:
         run_dir,
         enabled=True,
         tensorboard=cfg.tensorboard,
-        wandb_project=None,
+        wandb_project=cfg.wandb_project,
         config=cfg.model_dump(mode="json"),
     )
     trainer = Trainer(
@@ -261,7 +261,7 @@ def _finish(
     cfg: FinetuneConfig, run_dir: Path, state: LoopState, model: nn.Module, tok: Any, report: dict[str, Any]
 ) -> None:
     """Export model/ or adapter/, write summary.json (validation before and after) and publish the run."""
-    ckpt = run_dir / "checkpoints" / f"step-{state.step:06d}"
+    ckpt = run_dir / "checkpoints" / f"step-{state.model_step:06d}"
     out = export_result(run_dir, ckpt, model, tok, cfg.method, cfg.lora, cfg.base)
     evals = read_metrics(run_dir / "metrics.jsonl", "eval")
     report = {**report, "steps": state.step, "tokens": state.tokens}

@@ -15,6 +15,8 @@ Per optimizer step `s`:
 A SIGTERM/SIGINT stops the loop after the current micro batch; if that is mid-accumulation the partial
 gradients are dropped and the checkpoint records the RNG state from the start of the step, so the resumed
 run recomputes step s exactly (exit code 130).
+With early stopping (early_stop.py) each evaluation may save the new best checkpoint, and the run ends
+before `total_steps` once the watched metric has not improved for `patience` evaluations.
 """
 
 from __future__ import annotations
@@ -41,10 +43,12 @@ from lmforge.train import distributed as D
 from lmforge.train.checkpoint import (
     load_checkpoint,
     remove_stale,
+    restore_weights,
     rng_state,
     save_checkpoint,
 )
-from lmforge.train.metrics import MetricsLogger
+from lmforge.train.early_stop import BestTracker, EarlyStoppingConfig
+from lmforge.train.metrics import MetricsLogger, device_metrics
 from lmforge.train.objectives import Batch, Objective, count_targets
 from lmforge.train.schedule import ScheduleConfig, lr_multiplier
 
@@ -91,11 +95,13 @@ class LoopSettings:
     progress: bool = True
     name: str = "pretrain"  # progress bar label
     unit: str = "tok"  # what `count_targets` counts, for the rate shown (DPO: pairs)
+    early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
 
 
 def settings_from(cfg: Any, **extra: Any) -> LoopSettings:
     """LoopSettings from a training command's config (pretrain, finetune and align dpo share these keys:
-    max_steps, optim, schedule, log_every, eval.every, checkpoint.every/keep, max_bad_steps, progress)."""
+    max_steps, optim, schedule, log_every, eval.every, checkpoint.every/keep, max_bad_steps, progress,
+    early_stopping)."""
     return LoopSettings(
         total_steps=cfg.max_steps,
         lr=cfg.optim.lr,
@@ -109,6 +115,7 @@ def settings_from(cfg: Any, **extra: Any) -> LoopSettings:
         max_bad_steps=cfg.max_bad_steps,
         undo_nonfinite=cfg.nonfinite_rollback,
         progress=cfg.progress,
+        early_stopping=cfg.early_stopping,
         **extra,
     )
 
@@ -120,6 +127,8 @@ class LoopState:
     bad_steps: int = 0
     consecutive_bad: int = 0
     losses: list[float] = field(default_factory=list)  # this process's steps only, for tests and summaries
+    stopped_early: bool = False
+    model_step: int = 0  # the checkpoint whose weights the run's result holds (last, or best if restored)
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
@@ -259,6 +268,12 @@ class Trainer:
         self.state = LoopState()
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.undo = StepUndo(self.params, optimizer)
+        es = settings.early_stopping
+        self.best = BestTracker(es) if es.active else None
+        if self.best is not None and evaluator is None:
+            raise ConfigError(
+                "early_stopping: needs validation data to watch (this run has no evaluation set)"
+            )
         self._signal = [False]
         # The architecture saved with each checkpoint: the model's own config, or for a LoRA run (whose
         # checkpoint module is a view of the adapters) the config of the model it trains.
@@ -286,6 +301,8 @@ class Trainer:
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
             **self.extra_state,
         }
+        if self.best is not None:
+            state["early_stopping"] = self.best.state()
         return save_checkpoint(
             self.checkpoint_root,
             s.step,
@@ -297,6 +314,7 @@ class Trainer:
             rng=rng,
             barrier=D.barrier,
             model_config=self.model_config if isinstance(self.model_config, BaseModel) else None,
+            protect=self.best.best_step if self.best is not None else None,
         )
 
     def resume(self, path: Path | str) -> Path | None:
@@ -321,6 +339,8 @@ class Trainer:
         self.state.consecutive_bad = int(state["consecutive_bad"])
         if self.scaler is not None and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
+        if self.best is not None:
+            self.best.load(state.get("early_stopping"))
         return Path(path)
 
     def resume_and_say(self, resume: str | None) -> None:
@@ -442,7 +462,10 @@ class Trainer:
                 if self.logger is not None:
                     self.logger.log("eval", 0, results)
             busy, tok0 = 0.0, s.tokens  # training seconds since the last log (eval and saves excluded)
-            while s.step < st.total_steps:
+            device = self.params[0].device
+            s.stopped_early = self.best is not None and self.best.exhausted  # resumed a stopped run
+            saved_at = -1
+            while s.step < st.total_steps and not s.stopped_early:
                 t0 = time.perf_counter()
                 out = self.train_step()
                 busy += time.perf_counter() - t0
@@ -459,6 +482,7 @@ class Trainer:
                 if s.step % st.log_every == 0 or s.step == st.total_steps:
                     rate = (s.tokens - tok0) / max(busy, 1e-9)
                     values = {**out, "tokens_per_s": rate, "tokens_seen": s.tokens, "bad_steps": s.bad_steps}
+                    values.update(device_metrics(device))
                     pop_metrics = getattr(self.objective, "pop_metrics", None)  # e.g. DPO reward statistics
                     if pop_metrics is not None:
                         values.update(pop_metrics())
@@ -480,13 +504,61 @@ class Trainer:
                 if self.evaluator is not None and (
                     (st.eval_every and s.step % st.eval_every == 0) or s.step == st.total_steps
                 ):
-                    results = self.evaluator(self.model, s.step)
-                    if self.logger is not None:
-                        self.logger.log("eval", s.step, results)
-                if st.checkpoint_every and s.step % st.checkpoint_every == 0 and s.step < st.total_steps:
+                    saved_at = s.step if self._evaluate() else saved_at
+                if (
+                    st.checkpoint_every
+                    and s.step % st.checkpoint_every == 0
+                    and s.step < st.total_steps
+                    and saved_at != s.step
+                ):
                     self.save()
-            self.save()
+                    saved_at = s.step
+            if s.stopped_early:
+                self._say_stopped()
+            if saved_at != s.step:
+                self.save()
+        self._restore_best()
         return s
+
+    def _evaluate(self) -> bool:
+        """Evaluate at this step and update early stopping; True when it saved the new best checkpoint."""
+        assert self.evaluator is not None
+        s = self.state
+        results = self.evaluator(self.model, s.step)
+        if self.logger is not None:
+            self.logger.log("eval", s.step, results)
+        if self.best is None:
+            return False
+        improved = self.best.update(s.step, results)
+        if improved:
+            self.save()  # the new best: kept through pruning
+        s.stopped_early = self.best.exhausted
+        return improved
+
+    def _restore_best(self) -> None:
+        """Set `model_step`; with restore_best, load the best checkpoint's weights into the model."""
+        s, es = self.state, self.settings.early_stopping
+        s.model_step = s.step
+        if self.best is None or self.best.best_step is None or not es.restore_best:
+            return
+        s.model_step = self.best.best_step
+        if s.model_step != s.step:
+            restore_weights(
+                self.checkpoint_root / f"step-{s.model_step:06d}", self.model, rank=self.info.rank
+            )
+        if self.info.is_main:
+            print(
+                f"restore_best: the result holds step {s.model_step}'s weights ({es.metric} {self.best.best})",
+                file=sys.stderr,
+            )
+
+    def _say_stopped(self) -> None:
+        """Log and print why the run ended before total_steps."""
+        assert self.best is not None
+        if self.logger is not None:
+            self.logger.log("event", self.state.step, self.best.stop_event())
+        if self.info.is_main:
+            print(self.best.stop_message(self.state.step), file=sys.stderr)
 
     def _progress(self) -> Any:
 

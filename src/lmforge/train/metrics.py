@@ -2,11 +2,16 @@
 
 Only rank 0 logs. Each record is one JSON line `{"kind": "train"|"eval"|"event", "step": ..., ...}`, so a
 run can be plotted or compared with a few lines of Python. MFU (model FLOPs utilisation) is the model's
-training FLOPs per second over the device's dense bf16 peak; it is reported on GPUs only.
+training FLOPs per second over the device's dense bf16 peak; it is reported on GPUs only, as are the
+device's peak memory (`cuda_mem_gb`, torch's max_memory_allocated) and utilisation (`cuda_util`, percent of
+the last sample period busy, when pynvml is installed).
+
+pretrain, finetune and align dpo log through the shared loop, so their `train/...` names are the same.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from pathlib import Path
@@ -37,6 +42,16 @@ def peak_flops(device: torch.device) -> float | None:
         return None
     name = torch.cuda.get_device_name(device)
     return next((v for k, v in _PEAK_FLOPS.items() if k in name), None)
+
+
+def device_metrics(device: torch.device) -> dict[str, float]:
+    """Peak memory (GiB) and utilisation (%) of a CUDA device; nothing on CPU."""
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return {}
+    out = {"cuda_mem_gb": torch.cuda.max_memory_allocated(device) / 2**30}
+    with contextlib.suppress(Exception):  # pynvml missing or NVML unavailable: memory alone
+        out["cuda_util"] = float(torch.cuda.utilization(device))
+    return out
 
 
 class MetricsLogger:

@@ -311,7 +311,9 @@ def _finish(
     cfg: PretrainConfig, run_dir: Path, state: LoopState, model: nn.Module, train_set: ShardSet
 ) -> None:
     """Rank 0: export model/, print the validation summary and publish the run directory."""
-    export_final(run_dir, run_dir / "checkpoints" / f"step-{state.step:06d}", model, train_set.tokenizer_dir)
+    export_final(
+        run_dir, run_dir / "checkpoints" / f"step-{state.model_step:06d}", model, train_set.tokenizer_dir
+    )
     evals = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     evals = [r for r in evals if r["kind"] == "eval"]
     if evals:
