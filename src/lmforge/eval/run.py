@@ -31,6 +31,7 @@ from lmforge.errors import DataError
 from lmforge.eval import perplexity, tasks
 from lmforge.infer.engine import Engine
 from lmforge.io import atomic_write_json, atomic_write_text, check_output, staged_output
+from lmforge.model.hub import pinned
 from lmforge.model.source import load_model
 
 COMMAND = "eval"
@@ -182,6 +183,7 @@ def report_markdown(report: dict[str, Any]) -> str:
 def run(cfg: EvalConfig) -> dict[str, Any]:
 
     console = Console(stderr=True)
+    cfg = cfg.model_copy(update={"model": pinned(cfg.model)})  # a hub id's commit, saved in config.yaml
     check_output(Path(cfg.output), cfg.overwrite)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)

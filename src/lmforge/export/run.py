@@ -29,6 +29,7 @@ from lmforge.errors import ConfigError, DataError
 from lmforge.export import gguf, hf, onnx
 from lmforge.export.parity import DEFAULT_PROMPTS, DEFAULT_TEXT, greedy, parity, print_table, torch_runner
 from lmforge.io import atomic_write_json, staged_output
+from lmforge.model.hub import local_path, pinned
 from lmforge.model.source import load_model
 from lmforge.model.transformer import Transformer
 
@@ -139,9 +140,11 @@ def _importable(module: str) -> bool:
 
 def _preflight(cfg: ExportConfig) -> None:
     check_extras(cfg.format)
-    src = Path(cfg.model)
+    src = local_path(cfg.model)
     if not src.is_dir():
-        raise DataError(f"model={src}: not a directory (a run dir, model folder, checkpoint or HF folder)")
+        raise DataError(
+            f"model={src}: not a directory (a run dir, model folder, checkpoint, HF folder or hub id ORG/NAME)"
+        )
     if (src / QUANT_MARKER).is_file() or (_model_dir(src) / QUANT_MARKER).is_file():
         raise ConfigError(
             f"model={src}: a quantized model (quant_config.json) cannot be exported; export the "
@@ -173,6 +176,7 @@ def _runner(cfg: ExportConfig, artefact: Path, tok: Any, max_len: int) -> tuple[
 
 def run_export(cfg: ExportConfig) -> dict[str, Any]:
     """Check, load, write, verify; returns the report written to parity.json."""
+    cfg = cfg.model_copy(update={"model": pinned(cfg.model)})  # a hub id's commit, saved in config.yaml
     _preflight(cfg)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)

@@ -27,6 +27,7 @@ from lmforge.device import pick_device
 from lmforge.errors import ConfigError, DataError
 from lmforge.eval.perplexity import shards_perplexity
 from lmforge.io import atomic_write_json, staged_output
+from lmforge.model.hub import local_path, pinned
 from lmforge.model.quant import save_quantized
 from lmforge.model.source import load_model
 from lmforge.quant.calibrate import calibration_ids
@@ -93,8 +94,8 @@ def check_inputs(cfg: QuantizeConfig) -> int:
     group = resolve_group_size(cfg.method, cfg.group_size)
     if Path(cfg.output).exists() and not cfg.overwrite:
         raise ConfigError(f"output: {cfg.output} already exists; pass overwrite=true to replace it")
-    if not Path(cfg.model).is_dir():
-        raise ConfigError(f"model: {cfg.model} is not a directory (a run, model folder or HF folder)")
+    if not local_path(cfg.model).is_dir():
+        raise ConfigError(f"model: {cfg.model} is not a directory (a run, model folder, HF folder or hub id)")
     if cfg.method == "int4-gptq" and cfg.data is None:
         raise ConfigError("data: int4-gptq needs calibration data: set data=<tokens directory>")
     if cfg.data is not None:
@@ -126,6 +127,7 @@ def measure(model: Any, tok: Any, cfg: QuantizeConfig) -> dict[str, Any]:
 def run(cfg: QuantizeConfig) -> dict[str, Any]:
 
     console = Console(stderr=True)
+    cfg = cfg.model_copy(update={"model": pinned(cfg.model)})  # a hub id's commit, saved in config.yaml
     group = check_inputs(cfg)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)

@@ -48,6 +48,7 @@ from lmforge.data.preference import (
 )
 from lmforge.errors import ConfigError, IntegrityError
 from lmforge.io import atomic_write_json, sha256_file
+from lmforge.model.hub import pinned
 from lmforge.model.lora import LoraConfig, adapters_disabled, read_adapter_config
 from lmforge.model.source import load_merged_base
 from lmforge.train import distributed as D
@@ -278,6 +279,7 @@ def main(argv: list[str]) -> int:
 
 def train(cfg: DPOConfig, **trainer_kw: Any) -> int:
     """Run the configured DPO training in this process; returns the exit code (0)."""
+    cfg = cfg.model_copy(update={"model": pinned(cfg.model)})  # a hub id's commit, saved in config.yaml
     info = D.DistInfo()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
