@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from huggingface_hub import constants, scan_cache_dir, try_to_load_from_cache
+from huggingface_hub import ModelCard, constants, scan_cache_dir, try_to_load_from_cache
 
 from hub_helpers import add_snapshot, commit_hash
 from infer_helpers import VOCAB, make_tokenizer, save_hf_model
@@ -35,6 +35,7 @@ def home(tmp_path_factory: pytest.TempPathFactory) -> Path:
     tok = make_tokenizer()
     save_hf_model("llama", tok, src / "v1", seed=0)
     save_hf_model("llama", tok, src / "v2", seed=1)
+    (src / "v2" / "README.md").write_text("---\nlicense: apache-2.0\n---\n# tiny-llama\n")
     add_snapshot(home / "hub", REPO, src / "v1", OLD, ref=None)
     add_snapshot(home / "hub", REPO, src / "v2", NEW)
     (src / "bin").mkdir()
@@ -129,6 +130,8 @@ def test_finetune_from_a_hub_id_equals_the_folder_and_pins_the_commit(offline: P
     assert main(["finetune", f"base={snap(offline, NEW)}", f"output={tmp_path / 'dir'}", *common]) == 0
     cfg = yaml.safe_load((tmp_path / "hub" / "config.yaml").read_text())
     assert cfg["base"] == f"{REPO}@{NEW}"  # a rerun loads the same weights even after main moves
+    card = ModelCard.load(tmp_path / "hub" / "model" / "README.md").data
+    assert (card.base_model, card.base_model_revision, card.license) == (REPO, NEW, "apache-2.0")
     a, _ = load_model(tmp_path / "hub")
     b, _ = load_model(tmp_path / "dir")
     sa, sb = a.state_dict(), b.state_dict()

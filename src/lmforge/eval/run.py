@@ -76,7 +76,9 @@ Task = Annotated[PerplexityTask | GenerationTask | MultipleChoiceTask, Field(dis
 
 
 class EvalConfig(Section):
-    model: str = Field(..., description="HF folder, lmforge run / model folder, or checkpoint directory")
+    model: str = Field(
+        ..., description="HF folder, hub id ORG/NAME[@REV], lmforge run / model folder, or checkpoint"
+    )
     output: str = Field(..., description="report directory (report.json, report.md)")
     tasks: list[Task] = Field(..., min_length=1, description="tasks to run (see docs/eval.md)")
     batch_size: int = Field(8, ge=1, description="sequences per forward pass")

@@ -29,6 +29,7 @@ from lmforge.errors import ConfigError, DataError
 from lmforge.export import gguf, hf, onnx
 from lmforge.export.parity import DEFAULT_PROMPTS, DEFAULT_TEXT, greedy, parity, print_table, torch_runner
 from lmforge.io import atomic_write_json, staged_output
+from lmforge.model.card import model_name, write_card
 from lmforge.model.hub import local_path, pinned
 from lmforge.model.source import load_model
 from lmforge.model.transformer import Transformer
@@ -43,7 +44,9 @@ class ExportConfig(Section):
         description="hf: transformers folder; gguf: llama.cpp file; "
         "onnx: onnxruntime graphs (full sequence + KV-cache decode)"
     )
-    model: str = Field(description="source: a run dir, an lmforge model folder, a checkpoint or an HF folder")
+    model: str = Field(
+        description="source: a run dir, an lmforge model folder, a checkpoint, an HF folder or hub id ORG/NAME"
+    )
     output: Path = Field(description="output directory (built in <output>.partial, then renamed)")
     gguf_type: str = Field("f16", description="gguf weight type: f32, f16 or q8_0 (1-D tensors stay f32)")
     gguf_runtime: Literal["auto", "llama_cpp", "reader"] = Field(
@@ -71,6 +74,7 @@ class ExportConfig(Section):
 CONFIG = ExportConfig
 
 ARTEFACT = {"gguf": "model.gguf", "onnx": "model.onnx"}
+LIBRARY = {"hf": "transformers", "gguf": "gguf", "onnx": "onnx"}  # the model card's library_name
 DECODE_GRAPH = "model-decode.onnx"
 
 
@@ -190,7 +194,7 @@ def run_export(cfg: ExportConfig) -> dict[str, Any]:
             artefact = stage
         elif cfg.format == "gguf":
             artefact = stage / ARTEFACT["gguf"]
-            types = gguf.write_gguf(model, tok, artefact, cfg.gguf_type, name=Path(cfg.model).name)
+            types = gguf.write_gguf(model, tok, artefact, cfg.gguf_type, name=model_name(cfg.model))
             report["gguf_type"] = cfg.gguf_type
             report["tensor_types"] = sorted(set(types.values()))
             tok.save(stage / "tokenizer")  # for tools that want the HF tokenizer next to the file
@@ -211,6 +215,9 @@ def run_export(cfg: ExportConfig) -> dict[str, Any]:
             report |= verify(cfg, model, tok, artefact)
         save_config(cfg, stage, "export")
         atomic_write_json(stage / "parity.json", report)
+        write_card(
+            stage, stage=stage, kind="export", mcfg=model.cfg, library=LIBRARY[cfg.format], tags=[cfg.format]
+        )
         if cfg.format == "hf":  # a model folder lmforge loads again: `load_model` checks it against this
             write_manifest(stage, stage="export")
     return report

@@ -29,8 +29,9 @@ from huggingface_hub.errors import (
 
 from lmforge.errors import ConfigError, DataError
 
-# What a model folder needs: weights, configs, the tokenizer and chat template. Pickles are never fetched.
-ALLOW_PATTERNS = ["*.safetensors", "*.json", "*.jinja", "*.txt"]
+# What a model folder needs: weights, configs, the tokenizer and chat template, and the model card (its
+# licence goes into the cards of what is made from it). Pickles are never fetched.
+ALLOW_PATTERNS = ["*.safetensors", "*.json", "*.jinja", "*.txt", "README.md"]
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*(@[\w./-]+)?")
 _NOT_IDS = (".yaml", ".yml", ".json", ".safetensors", ".gguf", ".onnx")
 

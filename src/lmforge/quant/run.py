@@ -27,6 +27,7 @@ from lmforge.device import pick_device
 from lmforge.errors import ConfigError, DataError
 from lmforge.eval.perplexity import shards_perplexity
 from lmforge.io import atomic_write_json, staged_output
+from lmforge.model.card import write_card
 from lmforge.model.hub import local_path, pinned
 from lmforge.model.quant import save_quantized
 from lmforge.model.source import load_model
@@ -57,7 +58,10 @@ class ReportConfig(Section):
 
 
 class QuantizeConfig(Section):
-    model: str = Field(..., description="full-precision model: run dir, lmforge model folder or HF folder")
+    model: str = Field(
+        ...,
+        description="full-precision model: run dir, lmforge model folder, HF folder or hub id ORG/NAME[@REV]",
+    )
     output: str = Field(..., description="quantized model folder to write")
     method: Literal["int8", "int4", "int4-gptq", "nf4"] = Field(
         "int8", description="int8 per channel | int4 group-wise RTN | int4 GPTQ | nf4 (QLoRA's 4-bit)"
@@ -239,6 +243,7 @@ def write_output(
         report["size"] = size_report(fp_numel, model, stage / "model.safetensors")
         atomic_write_json(stage / "quant_report.json", report)
         save_config(cfg, stage, COMMAND)
+        write_card(stage, stage=stage, kind="quantized", mcfg=getattr(model, "cfg", None), tags=[cfg.method])
         write_manifest(stage, stage=COMMAND)
 
 

@@ -83,7 +83,7 @@ class DPOEvalConfig(Section):
 class DPOConfig(TrainConfig):
     model: str = Field(
         ...,
-        description="policy to start from: HF folder, lmforge model folder, pretrain/finetune run dir "
+        description="policy to start from: HF folder, hub id ORG/NAME[@REV], lmforge model folder, pretrain/finetune run dir "
         "(its model/, or its LoRA adapter/ merged into the base) or checkpoint",
     )
     tokenizer: str | None = Field(
