@@ -136,6 +136,13 @@ def test_finetune_from_a_hub_id_equals_the_folder_and_pins_the_commit(offline: P
     b, _ = load_model(tmp_path / "dir")
     sa, sb = a.state_dict(), b.state_dict()
     assert sorted(sa) == sorted(sb) and all(torch.equal(sa[k], sb[k]) for k in sa)
+    # A LoRA adapter records the pinned id as its base, and loads (base from the cache + adapter) offline.
+    lora = ["finetune", f"base={REPO}", f"output={tmp_path / 'lora'}", *common, "method=lora"]
+    assert main(lora) == 0
+    info = json.loads((tmp_path / "lora" / "adapter" / "lmforge_base.json").read_text())
+    assert info["base"] == f"{REPO}@{NEW}"
+    model, _ = load_model(tmp_path / "lora")
+    assert model(IDS).shape == (1, IDS.shape[1], VOCAB)
 
 
 def test_pull_prints_the_snapshot_folder(offline: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -64,11 +64,14 @@ def _how_to_get(spec: str) -> str:
     )
 
 
-def snapshot(spec: str) -> Path:
-    """The local snapshot folder of hub id `spec`: from the cache, else downloaded unless offline."""
+def snapshot(spec: str, refresh: bool = False) -> Path:
+    """The local snapshot folder of hub id `spec`: from the cache, else downloaded unless offline.
+    `refresh` (`model pull`) asks the hub first, so a cached branch moves to its newest commit."""
     repo, rev = split_id(spec)
     try:
         try:
+            if refresh and not offline():
+                raise LocalEntryNotFoundError("refresh")  # straight to the download below
             found = snapshot_download(
                 repo, revision=rev, allow_patterns=ALLOW_PATTERNS, local_files_only=True
             )

@@ -4,7 +4,8 @@
     lmforge model pull HuggingFaceTB/SmolLM2-135M-Instruct@v1.0     # a tag, branch or commit
     HF_HUB_OFFLINE=1 lmforge model pull ORG/NAME                     # only look in the cache
 
-Only safetensors weights, JSON configs and tokenizer files are fetched (model/hub.py). stdout is one line,
+Online, the hub is asked first (a cached branch moves to its newest commit); offline, only the cache is
+read. Only safetensors weights, JSON configs, tokenizer files and the card are fetched (model/hub.py). stdout is one line,
 the snapshot folder, so `$(lmforge model pull ...)` works in scripts; the pinned id goes to stderr.
 """
 
@@ -39,7 +40,7 @@ def main(argv: list[str]) -> int:
     )
     if not is_hub_id(cfg.model):
         raise ConfigError(f"model: {cfg.model!r} is not a hub id ORG/NAME[@REVISION] (or it is a local path)")
-    folder = snapshot(cfg.model)
+    folder = snapshot(cfg.model, refresh=True)  # online: the branch's newest commit; offline: the cache
     files = sorted(p.name for p in folder.iterdir())
     size = sum(p.stat().st_size for p in folder.iterdir() if p.is_file())
     print(
