@@ -193,6 +193,7 @@ def test_gguf_export_parity_with_reader(tmp_path: Path, tok: Tokenizer) -> None:
     on_disk = json.loads((tmp_path / "q8" / "parity.json").read_text())
     assert on_disk["parity"] == p
     assert sorted(x.name for x in (tmp_path / "q8").iterdir()) == [
+        "README.md",  # the model card
         "config.yaml",
         "model.gguf",
         "parity.json",
@@ -217,9 +218,10 @@ def test_hf_export_loads_in_transformers(tmp_path: Path, tok: Tokenizer) -> None
     assert report["tokenizer_match"] is True and report["chat_template_match"] is True
     out = tmp_path / "hf"
     gen = json.loads((out / "generation_config.json").read_text())
+    im_end = tok.special_tokens["<|im_end|>"]  # a chat turn's end stops transformers.generate too
     assert (gen["bos_token_id"], gen["eos_token_id"], gen["pad_token_id"]) == (
         tok.bos_id,
-        tok.eos_id,
+        [tok.eos_id, im_end],
         tok.pad_id,
     )
     assert json.loads((out / "tokenizer_config.json").read_text())["chat_template"] == tok.chat_template

@@ -156,10 +156,11 @@ def test_tokenizer_files_travel_and_set_special_ids(tmp_path: Path) -> None:
     cfg = get_preset("tiny", arch="gpt2", n_kv_heads=None, vocab_size=tok.vocab_size, max_seq_len=64)
     save_hf(build_model(cfg), tmp_path / "out", tokenizer_dir=tmp_path / "tok")
     written = json.loads((tmp_path / "out" / "config.json").read_text())
+    # special tokens get ids 0.., eos first; <|im_end|> (id 4) ends a chat turn, so it is listed too
     assert (
-        written["eos_token_id"] == tok.encode(tok.eos_token)[0] == 0
-    )  # special tokens get ids 0.., eos first
-    assert json.loads((tmp_path / "out" / "generation_config.json").read_text())["eos_token_id"] == 0
+        written["eos_token_id"] == [tok.encode(tok.eos_token)[0], tok.special_tokens["<|im_end|>"]] == [0, 4]
+    )
+    assert json.loads((tmp_path / "out" / "generation_config.json").read_text())["eos_token_id"] == [0, 4]
     hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "out")
     assert hf_tok("the lazy dog")["input_ids"] == tok.encode("the lazy dog")
     assert hf_tok.eos_token_id == 0

@@ -39,6 +39,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     ),
     "tokenize": ("lmforge.data.tokenize:main", "turn curated documents into token shards"),
     "model info": ("lmforge.model.info:main", "parameters, shapes, FLOPs and memory of a model"),
+    "model pull": (
+        "lmforge.model.pull:main",
+        "download a Hugging Face hub model (safetensors only) or find it in the cache",
+    ),
     "pretrain": ("lmforge.train.pretrain:main", "train a model on token shards (CPU, GPU, torchrun)"),
     "generate": ("lmforge.infer.generate:main", "generate text from prompts (sampling, streaming)"),
     "watermark detect": (

@@ -42,6 +42,10 @@ SPECIAL_TOKENS_MAP = "special_tokens_map.json"
 # The files that make a tokenizer (what `tokenize` copies next to its shards).
 TOKENIZER_FILES = (TOKENIZER_JSON, TOKENIZER_CONFIG, SPECIAL_TOKENS_MAP)
 
+# Special tokens that end an assistant turn in common templates (ChatML, Llama 3, Phi, Gemma, Llama 2): where
+# `lmforge generate` / `chat` stop, and what exports list as end of sequence so that other runtimes stop there.
+TURN_ENDS = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "</s>", "<|endoftext|>")
+
 # ChatML: every message is `<|im_start|>role\ncontent<|im_end|>\n`; the generation prompt opens an
 # assistant turn. Markers are single special tokens, so a role can never be forged by message text
 # once the chat data pipeline encodes content separately.
@@ -168,6 +172,12 @@ class Tokenizer:
     @property
     def vocab_size(self) -> int:
         return int(self.backend.get_vocab_size(with_added_tokens=True))
+
+    def end_of_turn_ids(self) -> list[int]:
+        """eos first, then every other special token that ends a turn (TURN_ENDS), e.g. [<|endoftext|>,
+        <|im_end|>]: an export's end-of-sequence list, so that transformers, vLLM or llama.cpp stop at a turn's end."""
+        ends = {tid for text, tid in self.special_tokens.items() if text in TURN_ENDS} - {self.eos_id}
+        return [self.eos_id, *sorted(ends)]
 
     def encode(self, text: str, add_bos: bool = False) -> list[int]:
         """Token ids of `text`. Special-token strings in `text` map to their ids, as in transformers."""

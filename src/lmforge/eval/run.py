@@ -31,6 +31,7 @@ from lmforge.errors import DataError
 from lmforge.eval import perplexity, tasks
 from lmforge.infer.engine import Engine
 from lmforge.io import atomic_write_json, atomic_write_text, check_output, staged_output
+from lmforge.model.hub import pinned
 from lmforge.model.source import load_model
 
 COMMAND = "eval"
@@ -75,7 +76,9 @@ Task = Annotated[PerplexityTask | GenerationTask | MultipleChoiceTask, Field(dis
 
 
 class EvalConfig(Section):
-    model: str = Field(..., description="HF folder, lmforge run / model folder, or checkpoint directory")
+    model: str = Field(
+        ..., description="HF folder, hub id ORG/NAME[@REV], lmforge run / model folder, or checkpoint"
+    )
     output: str = Field(..., description="report directory (report.json, report.md)")
     tasks: list[Task] = Field(..., min_length=1, description="tasks to run (see docs/eval.md)")
     batch_size: int = Field(8, ge=1, description="sequences per forward pass")
@@ -183,6 +186,7 @@ def report_markdown(report: dict[str, Any]) -> str:
 def run(cfg: EvalConfig) -> dict[str, Any]:
 
     console = Console(stderr=True)
+    cfg = cfg.model_copy(update={"model": pinned(cfg.model)})  # a hub id's commit, saved in config.yaml
     check_output(Path(cfg.output), cfg.overwrite)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)

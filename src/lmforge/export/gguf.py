@@ -16,7 +16,8 @@ Follows llama.cpp's convert_hf_to_gguf.py:
 - 1-D tensors (norms, biases) stay f32 in every file type; 2-D weights are f32, f16 or Q8_0 (blocks of 32
   with one fp16 scale; a tensor whose rows are not a multiple of 32 falls back to f16, as in llama.cpp).
 Tokenizer: `tokenizer.ggml.model = gpt2` (byte-level BPE), pre-tokenizer `gpt-2` (our regex is GPT-2's),
-tokens, token types (special tokens CONTROL), merges, bos/eos/pad ids, and `tokenizer.chat_template`.
+tokens, token types (special tokens CONTROL), merges, bos/eos/pad ids, the end-of-turn id (`eot`, the chat
+template's <|im_end|>) and `tokenizer.chat_template`. `general.name` is the model's name (`card.model_name`).
 """
 
 from __future__ import annotations
@@ -212,6 +213,11 @@ def write_gguf(
     w.add_token_merges(merges)
     w.add_bos_token_id(tok.bos_id)
     w.add_eos_token_id(tok.eos_id)
+    turn_ends = tok.end_of_turn_ids()[1:]
+    if (
+        turn_ends
+    ):  # <|im_end|>: llama.cpp ends a generation at eos or eot, so a chat reply stops at its turn end
+        w.add_eot_token_id(turn_ends[0])
     w.add_pad_token_id(tok.pad_id)
     w.add_add_bos_token(False)  # our tokenizer never prepends BOS on its own
     w.add_add_eos_token(False)

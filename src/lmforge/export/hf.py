@@ -1,5 +1,6 @@
 """Hugging Face folder export: weights + config (model/hf.py's key maps), tokenizer, chat template,
-generation_config.json; checked by loading it with `transformers` itself (no trust_remote_code).
+generation_config.json whose eos_token_id lists every end-of-turn token (so `generate` stops at <|im_end|>);
+checked by loading it with `transformers` itself (no trust_remote_code).
 
     write_hf(model, tok, "out/hf")
     run = HfRunner("out/hf"); logits = run(ids)     # transformers.AutoModelForCausalLM, fp32
@@ -33,7 +34,7 @@ def write_hf(model: Transformer, tok: Tokenizer, folder: Path) -> None:
             folder,
             tokenizer_dir=tmp,
             bos_token_id=tok.bos_id,
-            eos_token_id=tok.eos_id,
+            eos_token_id=tok.end_of_turn_ids(),  # eos + <|im_end|>...: other runtimes stop at a turn's end
             overwrite=True,
         )
 

@@ -30,6 +30,8 @@ from lmforge.errors import ConfigError, DataError
 from lmforge.export import gguf, hf, onnx
 from lmforge.export.parity import DEFAULT_PROMPTS, DEFAULT_TEXT, greedy, parity, print_table, torch_runner
 from lmforge.io import atomic_write_json, staged_output
+from lmforge.model.card import model_name, write_card
+from lmforge.model.hub import local_path, pinned
 from lmforge.model.source import load_model
 from lmforge.model.transformer import Transformer
 
@@ -43,7 +45,9 @@ class ExportConfig(Section):
         description="hf: transformers folder; gguf: llama.cpp file; "
         "onnx: onnxruntime graphs (full sequence + KV-cache decode)"
     )
-    model: str = Field(description="source: a run dir, an lmforge model folder, a checkpoint or an HF folder")
+    model: str = Field(
+        description="source: a run dir, an lmforge model folder, a checkpoint, an HF folder or hub id ORG/NAME"
+    )
     output: Path = Field(description="output directory (built in <output>.partial, then renamed)")
     gguf_type: str = Field("f16", description="gguf weight type: f32, f16 or q8_0 (1-D tensors stay f32)")
     gguf_runtime: Literal["auto", "llama_cpp", "reader"] = Field(
@@ -77,6 +81,7 @@ class ExportConfig(Section):
 CONFIG = ExportConfig
 
 ARTEFACT = {"gguf": "model.gguf", "onnx": "model.onnx"}
+LIBRARY = {"hf": "transformers", "gguf": "gguf", "onnx": "onnx"}  # the model card's library_name
 DECODE_GRAPH = "model-decode.onnx"
 
 
@@ -146,9 +151,11 @@ def _importable(module: str) -> bool:
 
 def _preflight(cfg: ExportConfig) -> None:
     check_extras(cfg.format)
-    src = Path(cfg.model)
+    src = local_path(cfg.model)
     if not src.is_dir():
-        raise DataError(f"model={src}: not a directory (a run dir, model folder, checkpoint or HF folder)")
+        raise DataError(
+            f"model={src}: not a directory (a run dir, model folder, checkpoint, HF folder or hub id ORG/NAME)"
+        )
     if (src / QUANT_MARKER).is_file() or (_model_dir(src) / QUANT_MARKER).is_file():
         raise ConfigError(
             f"model={src}: a quantized model (quant_config.json) cannot be exported; export the "
@@ -187,6 +194,7 @@ def _runner(cfg: ExportConfig, artefact: Path, tok: Any, max_len: int) -> tuple[
 
 def run_export(cfg: ExportConfig) -> dict[str, Any]:
     """Check, load, write, verify; returns the report written to parity.json."""
+    cfg = cfg.model_copy(update={"model": pinned(cfg.model)})  # a hub id's commit, saved in config.yaml
     _preflight(cfg)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -203,7 +211,7 @@ def run_export(cfg: ExportConfig) -> dict[str, Any]:
             artefact = stage
         elif cfg.format == "gguf":
             artefact = stage / ARTEFACT["gguf"]
-            types = gguf.write_gguf(model, tok, artefact, cfg.gguf_type, name=Path(cfg.model).name)
+            types = gguf.write_gguf(model, tok, artefact, cfg.gguf_type, name=model_name(cfg.model))
             report["gguf_type"] = cfg.gguf_type
             report["tensor_types"] = sorted(set(types.values()))
             tok.save(stage / "tokenizer")  # for tools that want the HF tokenizer next to the file
@@ -224,6 +232,9 @@ def run_export(cfg: ExportConfig) -> dict[str, Any]:
             report |= verify(cfg, model, tok, artefact)
         save_config(cfg, stage, "export")
         atomic_write_json(stage / "parity.json", report)
+        write_card(
+            stage, stage=stage, kind="export", mcfg=model.cfg, library=LIBRARY[cfg.format], tags=[cfg.format]
+        )
         if cfg.format == "hf":  # a model folder lmforge loads again: `load_model` checks it against this
             write_manifest(stage, stage="export")
     return report

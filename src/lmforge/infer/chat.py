@@ -31,7 +31,9 @@ def _default_sampling() -> SamplingParams:
 
 
 class ChatConfig(Section):
-    model: str = Field(..., description="HF folder, lmforge run / model folder, or checkpoint directory")
+    model: str = Field(
+        ..., description="HF folder, hub id ORG/NAME[@REV], lmforge run / model folder, or checkpoint"
+    )
     system: str | None = Field(None, description="system prompt (null = none)")
     sampling: SamplingParams = Field(default_factory=_default_sampling, description="sampling of each reply")
     max_seq_len: int | None = Field(None, ge=1, description="context length (null = the model's)")

@@ -33,7 +33,9 @@ COMMAND = "generate"
 
 
 class GenerateConfig(Section):
-    model: str = Field(..., description="HF folder, lmforge run / model folder, or checkpoint directory")
+    model: str = Field(
+        ..., description="HF folder, hub id ORG/NAME[@REV], lmforge run / model folder, or checkpoint"
+    )
     prompt: str | None = Field(None, description="one prompt")
     prompts: list[str] = Field(default_factory=list, description="several prompts (generated as a batch)")
     prompt_file: str | None = Field(

@@ -9,9 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from lmforge.infer.sampling import SamplingParams
-
-# Special tokens that end an assistant turn in common templates (ChatML, Llama 3, Phi, Gemma, Llama 2).
-TURN_ENDS = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "</s>", "<|endoftext|>")
+from lmforge.tokenizer import TURN_ENDS
 
 
 def turn_end_ids(tok: Any) -> list[int]:

@@ -30,6 +30,7 @@ from lmforge.io import atomic_write_json, read_json_object, staged_output
 from lmforge.model.config import ModelConfig, RopeScaling
 from lmforge.model.tensorfile import load_tensors, save_tensors
 from lmforge.model.transformer import Transformer, build_model
+from lmforge.tokenizer import TURN_ENDS
 
 # ---------------------------------------------------------------------------------------------------------
 # Key maps: (lmforge names, HF name, relation). "{i}" is the layer index. Rules whose lmforge tensors the
@@ -236,7 +237,7 @@ def config_to_hf(
     *,
     architecture: str | None = None,
     bos_token_id: int | None = None,
-    eos_token_id: int | None = None,
+    eos_token_id: int | list[int] | None = None,
     pad_token_id: int | None = None,
 ) -> dict[str, Any]:
     """ModelConfig -> an HF config.json dict that transformers loads without trust_remote_code."""
@@ -430,8 +431,9 @@ TOKENIZER_FILES = (
 )
 
 
-def _special_token_ids(tokenizer_dir: Path) -> dict[str, int | None]:
-    """bos/eos/pad ids named in tokenizer_config.json, looked up in tokenizer.json."""
+def _special_token_ids(tokenizer_dir: Path) -> dict[str, Any]:
+    """bos/eos/pad ids named in tokenizer_config.json, looked up in tokenizer.json; eos is a list (eos first)
+    when the tokenizer has other special end-of-turn tokens (TURN_ENDS, e.g. <|im_end|>): runtimes stop at any."""
     tc = tokenizer_dir / "tokenizer_config.json"
     tj = tokenizer_dir / "tokenizer.json"
     if not tc.exists() or not tj.exists():
@@ -439,13 +441,18 @@ def _special_token_ids(tokenizer_dir: Path) -> dict[str, int | None]:
     conf, tok = _read_json(tc), _read_json(tj)
     ids = {a["content"]: a["id"] for a in tok.get("added_tokens", [])}
     vocab = tok.get("model", {}).get("vocab", {})
-    out: dict[str, int | None] = {}
+    out: dict[str, Any] = {}
     for name in ("bos", "eos", "pad"):
         text = conf.get(f"{name}_token")
         if isinstance(text, dict):
             text = text.get("content")
         if isinstance(text, str):
             out[f"{name}_token_id"] = ids.get(text, vocab.get(text) if isinstance(vocab, dict) else None)
+    eos = out.get("eos_token_id")
+    special = {a["content"]: a["id"] for a in tok.get("added_tokens", []) if a.get("special")}
+    ends = sorted({i for t, i in special.items() if t in TURN_ENDS} - {eos})
+    if eos is not None and ends:
+        out["eos_token_id"] = [eos, *ends]
     return out
 
 
@@ -469,7 +476,7 @@ def save_hf(
     tokenizer_dir: Path | str | None = None,
     architecture: str | None = None,
     bos_token_id: int | None = None,
-    eos_token_id: int | None = None,
+    eos_token_id: int | list[int] | None = None,
     max_shard_bytes: int = 4 * 1024**3,
     overwrite: bool = False,
 ) -> Path:
@@ -479,7 +486,7 @@ def save_hf(
     path = Path(path)
     cfg = model.cfg
     arch = architecture or hf_architecture(cfg)
-    tokens: dict[str, int | None] = {"bos_token_id": None, "eos_token_id": None, "pad_token_id": None}
+    tokens: dict[str, Any] = {"bos_token_id": None, "eos_token_id": None, "pad_token_id": None}
     if tokenizer_dir is not None:
         tokens |= _special_token_ids(Path(tokenizer_dir))
     if bos_token_id is not None:

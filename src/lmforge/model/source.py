@@ -4,6 +4,7 @@
     model, tok = load_model("runs/demo/pretrain/checkpoints/step-000200")   # one checkpoint
     model, tok = load_model("runs/demo/sft")                      # a LoRA/QLoRA run: its base + the adapter
     model, tok = load_model("hf/SmolLM2-135M")                    # a Hugging Face folder (config.json)
+    model, tok = load_model("HuggingFaceTB/SmolLM2-135M@main")    # a hub id: its cached snapshot (model/hub.py)
     cfg = model_config("llama-3.2-1b")                            # the shape only (model info, plan)
     model = pretrain_model("tiny", vocab_size=512, seq_len=256, overrides={}, device=dev, seed=0)
     model, tok = load_base("runs/demo/pretrain", seq_len=256)     # a fine-tuning base (train mode)
@@ -41,6 +42,7 @@ from lmforge.errors import ConfigError, DataError
 from lmforge.io import read_json_object
 from lmforge.model.config import MODEL_CONFIG, PRESETS, ModelConfig, get_preset, read_model_config
 from lmforge.model.hf import config_from_hf, load_hf, read_hf_config
+from lmforge.model.hub import local_path
 from lmforge.model.integrity import CHECKPOINT_STATE, latest_checkpoint, load_scope, verify_files
 from lmforge.model.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, load_adapter, merge_lora, read_adapter_config
 from lmforge.model.quant import QUANT_CONFIG, load_quantized
@@ -204,7 +206,7 @@ def model_config(spec: str) -> ModelConfig:
     """A preset name, HF folder, lmforge model folder, run folder or YAML/JSON file -> ModelConfig."""
     if spec in PRESETS:
         return get_preset(spec)
-    path = Path(spec)
+    path = local_path(spec)
     if path.is_dir():
         return _folder_config(path)
     if path.is_file():
@@ -256,7 +258,7 @@ def adapter_base(adapter: Path, named: str | None = None) -> Path:
     found = named or base_info(adapter).get("base") or peft_cfg.get("base_model_name_or_path")
     if not found:
         raise ConfigError(f"base: {adapter} does not name its base model; set base=<model folder>")
-    base = Path(str(found))
+    base = local_path(str(found))
     if not base.is_dir():
         where = "base" if named else f"base (from {adapter})"
         raise ConfigError(
@@ -336,9 +338,9 @@ def load_model(
     path: str | Path, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
 ) -> tuple[Transformer, Tokenizer]:
     """(model in eval mode, tokenizer) from any folder listed in the module docstring, each file verified."""
-    p = Path(path)
+    p = local_path(path)
     if not p.is_dir():
-        raise DataError(f"{p}: not a directory; expected {_EXPECTED}")
+        raise DataError(f"{p}: not a directory; expected {_EXPECTED} or a hub id ORG/NAME[@REVISION]")
     with load_scope():
         return _resolve(p, device, dtype)
 
@@ -373,8 +375,8 @@ def pretrain_model(
     seed: int,
 ) -> Transformer:
     """Pretraining's model: a preset name or model YAML (sized by `sized_config`, fresh weights from `seed`),
-    or an HF folder (continued pretraining, its own shape and weights)."""
-    path = Path(spec)
+    or an HF folder / hub id (continued pretraining, its own shape and weights)."""
+    path = local_path(spec)
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise ConfigError(
@@ -419,7 +421,7 @@ def _load_base(
     seed: int,
 ) -> tuple[Transformer, Tokenizer]:
     tok = load_tokenizer(tokenizer) if tokenizer is not None else None
-    path = Path(base)
+    path = local_path(base)
     if path.is_dir():
         if adapter_dir(path) is not None:
             raise ConfigError(
@@ -432,7 +434,8 @@ def _load_base(
         tok = tok or found
     elif path.suffix or "/" in base:
         raise ConfigError(
-            f"base: {base} is not a directory; expected a model folder, run dir or a preset name"
+            f"base: {base} is not a directory; expected a model folder, run dir, hub id ORG/NAME[@REVISION] "
+            "or a preset name"
         )
     else:
         if tok is None:
@@ -457,12 +460,12 @@ def load_merged_base(
 ) -> tuple[Transformer, Tokenizer, Path | None]:
     """`load_base`, except that a LoRA fine-tuning result is merged into its base first (align dpo's policy).
     Returns (model in train mode, tokenizer, the merged adapter folder or None)."""
-    adapter = adapter_dir(Path(spec))
+    adapter = adapter_dir(local_path(spec))
     if adapter is None:
         return (*load_base(spec, tokenizer=tokenizer, device=device, seed=seed), None)
     verify_adapter(adapter)
     base = str(read_adapter_config(adapter).get("base_model_name_or_path") or "")
-    if not Path(base).is_dir():
+    if not local_path(base).is_dir():
         raise ConfigError(
             f"model: {adapter} adapts {base!r}, which is not a model folder here; merge it with "
             "`lmforge lora merge` and point model= at the result"

@@ -27,6 +27,8 @@ from lmforge.device import pick_device
 from lmforge.errors import ConfigError, DataError
 from lmforge.eval.perplexity import shards_perplexity
 from lmforge.io import atomic_write_json, staged_output
+from lmforge.model.card import write_card
+from lmforge.model.hub import local_path, pinned
 from lmforge.model.quant import save_quantized
 from lmforge.model.source import load_model
 from lmforge.quant.calibrate import calibration_ids
@@ -56,7 +58,10 @@ class ReportConfig(Section):
 
 
 class QuantizeConfig(Section):
-    model: str = Field(..., description="full-precision model: run dir, lmforge model folder or HF folder")
+    model: str = Field(
+        ...,
+        description="full-precision model: run dir, lmforge model folder, HF folder or hub id ORG/NAME[@REV]",
+    )
     output: str = Field(..., description="quantized model folder to write")
     method: Literal["int8", "int4", "int4-gptq", "nf4"] = Field(
         "int8", description="int8 per channel | int4 group-wise RTN | int4 GPTQ | nf4 (QLoRA's 4-bit)"
@@ -94,8 +99,8 @@ def check_inputs(cfg: QuantizeConfig) -> int:
     group = resolve_group_size(cfg.method, cfg.group_size)
     if Path(cfg.output).exists() and not cfg.overwrite:
         raise ConfigError(f"output: {cfg.output} already exists; pass overwrite=true to replace it")
-    if not Path(cfg.model).is_dir():
-        raise ConfigError(f"model: {cfg.model} is not a directory (a run, model folder or HF folder)")
+    if not local_path(cfg.model).is_dir():
+        raise ConfigError(f"model: {cfg.model} is not a directory (a run, model folder, HF folder or hub id)")
     if cfg.method == "int4-gptq" and cfg.data is None:
         raise ConfigError("data: int4-gptq needs calibration data: set data=<tokens directory>")
     if cfg.data is not None:
@@ -127,6 +132,7 @@ def measure(model: Any, tok: Any, cfg: QuantizeConfig) -> dict[str, Any]:
 def run(cfg: QuantizeConfig) -> dict[str, Any]:
 
     console = Console(stderr=True)
+    cfg = cfg.model_copy(update={"model": pinned(cfg.model)})  # a hub id's commit, saved in config.yaml
     group = check_inputs(cfg)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -238,6 +244,7 @@ def write_output(
         report["size"] = size_report(fp_numel, model, stage / "model.safetensors")
         atomic_write_json(stage / "quant_report.json", report)
         save_config(cfg, stage, COMMAND)
+        write_card(stage, stage=stage, kind="quantized", mcfg=getattr(model, "cfg", None), tags=[cfg.method])
         write_manifest(stage, stage=COMMAND)
 
 

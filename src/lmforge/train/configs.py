@@ -32,7 +32,8 @@ class PretrainConfig(TrainConfig):
     data: str = Field(..., description="tokens directory written by `lmforge tokenize`")
     output: str = Field(..., description="run directory (checkpoints, metrics, final model)")
     model: str = Field(
-        "tiny", description="a preset name (tiny, small, gpt2-124m, ...), a model YAML, or an HF folder"
+        "tiny",
+        description="a preset name (tiny, small, gpt2-124m, ...), a model YAML, an HF folder or hub id ORG/NAME[@REV]",
     )
     model_overrides: dict[str, Any] = Field(
         default_factory=dict, description="ModelConfig fields to change, e.g. {n_layers: 4}"
@@ -72,7 +73,8 @@ class FinetuneEvalConfig(Section):
 class FinetuneConfig(TrainConfig):
     base: str = Field(
         ...,
-        description="base model: HF folder, lmforge model folder / run dir / checkpoint, or a preset (random init)",
+        description="base model: HF folder, hub id ORG/NAME[@REV] (pinned to its commit in config.yaml), lmforge "
+        "model folder / run dir / checkpoint, or a preset (random init)",
     )
     tokenizer: str | None = Field(
         None,

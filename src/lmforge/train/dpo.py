@@ -46,6 +46,7 @@ from lmforge.data.preference import (
 )
 from lmforge.errors import ConfigError, IntegrityError
 from lmforge.io import atomic_write_json, sha256_file
+from lmforge.model.hub import pinned
 from lmforge.model.lora import LoraConfig, adapters_disabled, read_adapter_config
 from lmforge.model.source import load_merged_base
 from lmforge.model.tensorfile import load_tensors, read_metadata, save_tensors
@@ -81,7 +82,7 @@ class DPOEvalConfig(Section):
 class DPOConfig(TrainConfig):
     model: str = Field(
         ...,
-        description="policy to start from: HF folder, lmforge model folder, pretrain/finetune run dir "
+        description="policy to start from: HF folder, hub id ORG/NAME[@REV], lmforge model folder, pretrain/finetune run dir "
         "(its model/, or its LoRA adapter/ merged into the base) or checkpoint",
     )
     tokenizer: str | None = Field(
@@ -274,6 +275,7 @@ def main(argv: list[str]) -> int:
 
 def train(cfg: DPOConfig, **trainer_kw: Any) -> int:
     """Run the configured DPO training in this process; returns the exit code (0)."""
+    cfg = cfg.model_copy(update={"model": pinned(cfg.model)})  # a hub id's commit, saved in config.yaml
     info = D.DistInfo()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)

@@ -29,6 +29,7 @@ from lmforge.data.batch import IGNORE_INDEX
 from lmforge.data.chat import Example, SFTData, collate, load_sft, pack
 from lmforge.data.order import EpochOrder
 from lmforge.io import atomic_write_json
+from lmforge.model.hub import pinned
 from lmforge.model.source import load_base
 from lmforge.model.transformer import Transformer
 from lmforge.plan.auto import auto_micro_batch, install_oom_backoff
@@ -146,6 +147,7 @@ def main(argv: list[str]) -> int:
 
 def train(cfg: FinetuneConfig, **trainer_kw: Any) -> int:
     """Run the configured fine-tuning in this process; returns the exit code (0)."""
+    cfg = cfg.model_copy(update={"base": pinned(cfg.base)})  # a hub id's commit, saved in config.yaml
     info = D.DistInfo()
     torch.manual_seed(cfg.seed)  # LoRA dropout draws from the global RNG; checkpoints save its state
     if cfg.threads:

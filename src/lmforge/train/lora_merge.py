@@ -22,6 +22,7 @@ from pydantic import Field
 from lmforge.config import EncryptionConfig, Section, encryption_field, parse_command, save_config
 from lmforge.data.manifest import write_manifest
 from lmforge.io import atomic_write_json, staged_output
+from lmforge.model.card import write_card
 from lmforge.model.hf import save_hf
 from lmforge.model.lora import load_adapter, lora_modules, merge_lora
 from lmforge.model.source import adapter_base, find_adapter, is_qlora, load_model, tokenizer_dir
@@ -94,6 +95,7 @@ def merge(cfg: LoraMergeConfig) -> dict[str, Any]:
         save_hf(model, stage, tokenizer_dir=tok_dir, overwrite=True)  # stages and swaps into `stage` itself
         save_config(cfg, stage, COMMAND)
         atomic_write_json(stage / "merge_report.json", report)
+        write_card(stage, stage=stage, kind="merged", mcfg=model.cfg, library="transformers", tags=["lora"])
         write_manifest(stage, stage="lora-merge")
     return report
 

@@ -29,6 +29,7 @@ from lmforge.data.shards import ShardSet
 from lmforge.errors import ConfigError, DataError
 from lmforge.io import partial_dir
 from lmforge.model.config import flops_per_token
+from lmforge.model.hub import pinned
 from lmforge.model.source import pretrain_model
 from lmforge.plan.auto import auto_micro_batch, install_oom_backoff
 from lmforge.tokenizer import load_tokenizer
@@ -159,6 +160,7 @@ def train(cfg: PretrainConfig, **trainer_kw: Any) -> int:
     """Run the configured training in this process (one rank of a torchrun job, or alone)."""
     info = D.from_env()
     _check_world(cfg, info)
+    cfg = cfg.model_copy(update={"model": pinned(cfg.model)})  # a hub id's commit, saved in config.yaml
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     device = D.pick_device(cfg.device, info)

@@ -20,7 +20,8 @@ from lmforge import crypt
 from lmforge.data.manifest import write_manifest
 from lmforge.errors import LmforgeError
 from lmforge.io import atomic_write_json, partial_dir, publish_dir
-from lmforge.model.config import write_model_config
+from lmforge.model.card import write_card
+from lmforge.model.config import MODEL_CONFIG, read_model_config, write_model_config
 from lmforge.model.lora import LoraConfig, save_adapter
 from lmforge.train import distributed as D
 from lmforge.train.common import model_config
@@ -53,7 +54,12 @@ def prepare_run_dir(cfg: Any, info: D.DistInfo) -> Path:
 
 
 def finish_run_dir(stage: Path, final: Path, command: str) -> None:
-    """Write the manifest and rename `<output>.partial` to `<output>` (every training command ends so)."""
+    """Write the model card of model/ or adapter/, the manifest, and rename `<output>.partial` to `<output>`
+    (every training command ends so)."""
+    for folder in (stage / "model", stage / "adapter"):
+        if folder.is_dir():
+            mcfg = read_model_config(folder / MODEL_CONFIG) if (folder / MODEL_CONFIG).is_file() else None
+            write_card(folder, stage=stage, kind=command.removeprefix("align "), mcfg=mcfg)
     write_manifest(stage, stage=command)
     publish_dir(stage, final)
 
