@@ -35,6 +35,7 @@ LAYERS: dict[str, int] = {
     "lmforge.config": 0,
     "lmforge.device": 0,
     "lmforge.wordlist": 0,
+    "lmforge.progress": 0,  # the progress bar / log lines every long command shows
     "lmforge.audit": 0,  # the audit trail: every command and the server append to it
     "lmforge.audit_cli": 0,  # the `audit verify` / `audit lineage` command leaf, over lmforge.audit only
     "lmforge.model": 1,

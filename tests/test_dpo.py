@@ -426,8 +426,13 @@ def test_bad_config_and_data_are_one_line_errors(
     assert f"{bad}:2: missing key 'chosen'" in capsys.readouterr().err
     assert main(["align", "dpo", *dpo_args(setup, tmp_path / "run", "max_prompt_len=64")]) == 2
     assert "max_prompt_len (64) must be below max_len (64)" in capsys.readouterr().err
-    assert main(["align", "dpo", *dpo_args(setup, tmp_path / "run", "max_len=512", "max_prompt_len=8")]) == 2
-    assert "max_len: 512 exceeds the model's max_seq_len 128" in capsys.readouterr().err
+    # max_len past the context is capped with a notice; the prompt limit is then checked against the cap
+    assert (
+        main(["align", "dpo", *dpo_args(setup, tmp_path / "run", "max_len=512", "max_prompt_len=200")]) == 2
+    )
+    err = capsys.readouterr().err
+    assert "notice: max_len=512 exceeds the context of" in err and "(128); using max_len=128" in err
+    assert "max_prompt_len (200) must be below max_len (128, the model's context)" in err
 
 
 # -- the shipped demo data ---------------------------------------------------------------------------

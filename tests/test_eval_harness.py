@@ -104,3 +104,17 @@ def test_harness_command_line(model_dir: Path, tmp_path: Path) -> None:
     acc = multiple_choice(model, tok, tmp_path / "mc.jsonl")["acc"]
     result = json.loads(next((tmp_path / "out").rglob("results_*.json")).read_text())
     assert result["results"]["lmforge_cli_mc"]["acc,none"] == acc
+
+
+def test_model_args_batch_size_beside_lm_eval_options(model_dir: Path) -> None:
+    """lm-eval passes its own batch_size/device beside model_args: the model_args value wins, no TypeError."""
+    from lmforge.eval.harness import LmforgeLM
+
+    cli = {"batch_size": 1, "max_batch_size": None, "device": "cpu"}
+    lm = LmforgeLM.create_from_arg_string(f"path={model_dir},batch_size=8", cli)
+    assert lm.batch_size_per_gpu == 8
+    assert lm.engine.max_batch_size == 8
+    lm = LmforgeLM.create_from_arg_string(f"path={model_dir}", {**cli, "batch_size": 3})
+    assert lm.batch_size_per_gpu == 3
+    lm = LmforgeLM.create_from_arg_obj({"path": str(model_dir), "batch_size": 5, "device": "cpu"}, cli)
+    assert lm.batch_size_per_gpu == 5

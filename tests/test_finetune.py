@@ -290,3 +290,22 @@ def test_an_adapter_is_not_a_base(base: Path, task: Path, capsys: pytest.Capture
         main(["finetune", f"base={run}", f"data.train={task / 'train1.jsonl'}", f"output={task / 'x'}"]) == 2
     )
     assert "is a LoRA adapter, not a model" in capsys.readouterr().err
+
+
+def test_seq_len_past_the_base_context_is_capped_with_a_notice(
+    tmp_path: Path, task: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A folder base has its own context (128 here): seq_len=512 trains at 128 and says so on one line."""
+    from infer_helpers import make_tokenizer, save_hf_model
+    from lmforge.config import load_config
+    from lmforge.train.configs import FinetuneConfig
+
+    save_hf_model("llama", make_tokenizer(), tmp_path / "hf")
+    out = tmp_path / "run"
+    args = [f"base={tmp_path / 'hf'}", "method=lora", "max_steps=1", f"output={out}", "data.val_fraction=0.1"]
+    assert main(["finetune", *args, *COMMON, "seq_len=512", f"data.train={task / 'train1.jsonl'}"]) == 0
+    notices = [line for line in capsys.readouterr().err.splitlines() if line.startswith("notice:")]
+    assert notices == [
+        f"notice: seq_len=512 exceeds the context of {tmp_path / 'hf'} (128); using seq_len=128"
+    ]
+    assert load_config(FinetuneConfig, out / "config.yaml").seq_len == 128

@@ -307,3 +307,29 @@ def test_continued_pretraining_starts_from_hf_weights(tokens: Path, tmp_path: Pa
     assert main(["pretrain", *args, "eval.every=0", "eval.sample_tokens=0"]) == 0
     assert losses(out)[1] == pytest.approx(expected, abs=1e-4)  # measured: equal to ~1e-6
     assert expected > 6.0  # random HF init: ~ln(512), so a match is not a coincidence of training
+
+
+def test_continued_pretraining_caps_seq_len_at_the_folder_context(
+    tokens: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An HF folder with a 32-token context and seq_len=64: trains at 32, with one notice line."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    hf_cfg = LlamaConfig(
+        vocab_size=512, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=1, max_position_embeddings=32, bos_token_id=1, eos_token_id=0, pad_token_id=0,
+    )  # fmt: skip
+    LlamaForCausalLM(hf_cfg).save_pretrained(tmp_path / "hf")
+    out = tmp_path / "run"
+    args = [
+        *BASE,
+        f"data={tokens}",
+        f"output={out}",
+        f"model={tmp_path / 'hf'}",
+        "max_steps=1",
+        "eval.every=0",
+    ]
+    assert main(["pretrain", *args, "eval.sample_tokens=0"]) == 0
+    notices = [line for line in capsys.readouterr().err.splitlines() if line.startswith("notice:")]
+    assert notices == [f"notice: seq_len=64 exceeds the context of {tmp_path / 'hf'} (32); using seq_len=32"]
+    assert "seq_len: 32\n" in (out / "config.yaml").read_text()

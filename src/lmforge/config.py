@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import difflib
 import math
+import sys
 import types
 import typing
 from pathlib import Path
@@ -280,6 +281,23 @@ def save_config(cfg: BaseModel, directory: Path, command: str | None = None) -> 
     path = Path(directory) / CONFIG_FILE
     atomic_write_text(path, to_yaml(cfg, command))
     return path
+
+
+def capped(key: str, value: int, limit: int, what: str = "the model's context", *, say: bool = True) -> int:
+    """`value` capped at `limit`, with a one-line notice on stderr when it is.
+
+    A window longer than the model can attend over has one sensible reading (use the whole context), so a
+    command caps it and says so rather than stopping: `notice: seq_len=4096 exceeds ... (2048); using 2048`.
+    """
+    if value <= limit:
+        return value
+    if say:
+        print(
+            f"notice: {key}={value} exceeds {what} ({limit}); using {key}={limit}",
+            file=sys.stderr,
+            flush=True,
+        )
+    return limit
 
 
 def _help_epilog(schema: type[BaseModel]) -> str:

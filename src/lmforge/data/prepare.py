@@ -32,7 +32,6 @@ from typing import Any, Literal
 
 import zstandard
 from pydantic import Field
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from lmforge import __version__, crypt
 from lmforge.config import EncryptionConfig, Section, encryption_field, parse_command, save_config
@@ -57,6 +56,7 @@ from lmforge.data.scan_stage import DROP_RULE, PrepareScanConfig, StageScan, sca
 from lmforge.data.scan_stage import render_markdown as scan_markdown
 from lmforge.errors import ConfigError, DataError
 from lmforge.io import atomic_write_text, staged_output
+from lmforge.progress import Progress
 
 STAGE = "prepare"
 WORK = "work"
@@ -280,39 +280,6 @@ def _batches(
         yield batch
 
 
-class _Progress:
-    """A rich progress line with docs/s and MB/s (silent when stderr is not a terminal)."""
-
-    def __init__(self, total_bytes: int | None) -> None:
-
-        self.t0 = time.perf_counter()
-        self.progress = Progress(
-            TextColumn("prepare"),
-            BarColumn(),
-            TextColumn("{task.fields[docs]:,} docs  {task.fields[rate]}"),
-            TimeElapsedColumn(),
-            disable=not sys.stderr.isatty(),
-            transient=True,
-        )
-        self.task = self.progress.add_task("prepare", total=total_bytes, docs=0, rate="")
-        self.docs = 0
-        self.bytes = 0
-
-    def __enter__(self) -> _Progress:
-        self.progress.__enter__()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.progress.__exit__(None, None, None)
-
-    def advance(self, docs: int, nbytes: int) -> None:
-        self.docs += docs
-        self.bytes += nbytes
-        dt = max(time.perf_counter() - self.t0, 1e-9)
-        rate = f"{self.docs / dt:,.1f} docs/s  {self.bytes / dt / 1e6:.2f} MB/s"
-        self.progress.update(self.task, advance=nbytes, docs=self.docs, rate=rate)
-
-
 def _results(
     cfg: PrepareConfig, batches: Iterator[list[tuple[int, str, str, str]]], work: Path
 ) -> Iterator[tuple[list[dict[str, Any]], bool]]:
@@ -418,11 +385,14 @@ def _process(
     tally = Tally(cfg)
     reused = 0
     batches = _batches(iter_documents(files, cfg.ingest), tally, cfg.batch_docs, cfg.batch_mb * 1e6)
-    with _Progress(total) as bar:
+    docs = 0
+    with Progress("prepare", total, "bytes") as bar:  # input bytes; no total for compressed inputs
         for n, (records, was_done) in enumerate(_results(cfg, batches, work), 1):
             tally.absorb(records)
             reused += was_done
-            bar.advance(len(records), sum(r["bytes"] for r in records))
+            docs += len(records)
+            rate = docs / max(time.perf_counter() - bar.started, 1e-9)
+            bar.advance(sum(r["bytes"] for r in records), note=f"{docs} docs, {rate:,.1f} docs/s")
             if crash_after_batches is not None and n >= crash_after_batches:
                 raise RuntimeError(f"injected crash after {n} batches")
     return tally, reused

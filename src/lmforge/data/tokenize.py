@@ -32,7 +32,6 @@ from typing import Any
 import numpy as np
 from pydantic import Field
 from rich.console import Console
-from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
 from lmforge import crypt
 from lmforge.config import EncryptionConfig, Section, encryption_field, parse_command, save_config
@@ -49,6 +48,7 @@ from lmforge.data.shards import (
 )
 from lmforge.errors import DataError
 from lmforge.io import atomic_write_json, sha256_file, staged_output
+from lmforge.progress import Progress
 from lmforge.tokenizer import TOKENIZER_FILES, TOKENIZER_JSON, load_tokenizer
 
 PARTS = "parts"
@@ -279,6 +279,14 @@ def _read_plan(path: Path) -> Any:
         return None
 
 
+def curated_documents(directory: Path) -> int | None:
+    """Documents in a curated directory, from prepare's report.json (None without one): progress's total."""
+    try:
+        return int(json.loads((directory / "report.json").read_text("utf-8"))["documents"]["out"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def _progress_line(t: Totals, elapsed: float) -> str:
     el = max(elapsed, 1e-9)
     return (
@@ -305,7 +313,7 @@ def run(cfg: TokenizeConfig, *, stop_after_parts: int | None = None) -> dict[str
     totals = Totals()
     with staged_output(cfg.output, overwrite=cfg.overwrite, resume=cfg.resume) as stage:
         parts_dir = _parts_dir(stage, cfg, tokenizer_sha)
-        markers = _tokenize_parts(cfg, tok, parts_dir, dtype, totals, t0, console, stop_after_parts)
+        markers = _tokenize_parts(cfg, tok, parts_dir, dtype, totals, t0, stop_after_parts)
         if totals.documents == 0:
             raise DataError(f"{cfg.input}: no documents to tokenize")
         ordered = [markers[i] for i in sorted(markers)]
@@ -359,7 +367,6 @@ def _tokenize_parts(
     dtype: str,
     totals: Totals,
     t0: float,
-    console: Console,
     stop_after_parts: int | None,
 ) -> dict[int, dict[str, Any]]:
     """Tokenize every part not already finished in `parts_dir` (here or in worker processes), adding to
@@ -380,18 +387,15 @@ def _tokenize_parts(
             if stop_after_parts is not None and totals.parts_done >= stop_after_parts:
                 raise KeyboardInterrupt
 
-    columns = (
-        SpinnerColumn(),
-        TextColumn("tokenize"),
-        TextColumn("{task.fields[line]}"),
-        TimeElapsedColumn(),
-    )
     pool = _worker_pool(cfg)
     if pool is None:  # workers=1: tokenize here (Rust threads allowed)
         _set_worker_tokenizer(tok, cfg.parse_special_tokens)
     try:
-        with Progress(*columns, console=console, disable=not console.is_terminal) as progress:
-            task = progress.add_task("tokenize", line="")
+        with Progress("tokenize", curated_documents(cfg.input), "docs") as progress:
+
+            def show() -> None:
+                progress.update(totals.documents, note=_progress_line(totals, time.perf_counter() - t0))
+
             inflight: set[Future[dict[str, Any]]] = set()
 
             def drain(block_until: int) -> None:
@@ -400,7 +404,7 @@ def _tokenize_parts(
                     done, inflight = wait(inflight, return_when=FIRST_COMPLETED)
                     for fut in done:  # order is irrelevant: parts are keyed by index
                         record(fut.result(), skipped=False)
-                    progress.update(task, line=_progress_line(totals, time.perf_counter() - t0))
+                    show()
 
             for part in _plan_parts(iter_curated(cfg.input), cfg):
                 found = _finished_part(parts_dir, part.index, itemsize)
@@ -411,7 +415,7 @@ def _tokenize_parts(
                 else:
                     inflight.add(pool.submit(_tokenize_part, str(parts_dir), part, dtype))
                     drain(2 * cfg.workers)  # bounded: parts in flight hold their text in memory
-                progress.update(task, line=_progress_line(totals, time.perf_counter() - t0))
+                show()
             drain(0)
     finally:
         if pool is not None:

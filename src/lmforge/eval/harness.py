@@ -9,8 +9,10 @@ ours. This module is that command with one addition: it registers `LmforgeLM` un
 first, then hands every argument to lm-eval's own CLI (`lm_eval.__main__.cli_evaluate`). From Python,
 `import lmforge.eval.harness` before `lm_eval.simple_evaluate(model="lmforge", ...)` does the same.
 
-model_args: path (required; any folder `lmforge.model.source.load_model` accepts), batch_size (8),
-device (auto), max_length (the model's max_seq_len), max_gen_toks (256).
+model_args: path (required; any folder `lmforge.model.source.load_model` accepts), batch_size (else
+lm-eval's --batch_size, whose default is 1), device (else --device, else auto), max_length (the model's
+max_seq_len), max_gen_toks (256). A key in model_args wins over the same lm-eval option: lm-eval passes its
+own batch_size/device beside model_args, which for a key given twice would be a TypeError.
 Log-likelihoods come from `lmforge.eval.tasks.score_continuations` (the same code `lmforge eval` scores
 multiple-choice tasks with), generation from the lmforge `Engine`, rolling log-likelihoods from
 `lmforge.eval.perplexity.stream_nll`.
@@ -24,6 +26,7 @@ import lm_eval.models  # noqa: F401  (fills the registry with lm-eval's own mode
 import torch
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
+from lm_eval.utils import simple_parse_args_string
 
 from lmforge.device import pick_device
 from lmforge.errors import ConfigError
@@ -48,6 +51,17 @@ def _int(kwargs: dict[str, Any], key: str, default: int | None) -> int | None:
 class LmforgeLM(TemplateLM):
     """An lmforge model as an lm-eval `LM` (causal; log-likelihood, rolling log-likelihood, generation)."""
 
+    @classmethod
+    def create_from_arg_string(cls, arg_string: str, additional_config: dict[str, Any] | None = None) -> Any:
+        return cls.create_from_arg_obj(simple_parse_args_string(arg_string), additional_config)
+
+    @classmethod
+    def create_from_arg_obj(
+        cls, arg_dict: dict[str, Any], additional_config: dict[str, Any] | None = None
+    ) -> Any:
+        extra = {k: v for k, v in (additional_config or {}).items() if v is not None and k not in arg_dict}
+        return cls(**arg_dict, **extra)
+
     def __init__(self, path: str | None = None, **kwargs: Any) -> None:
         super().__init__()
 
@@ -63,6 +77,7 @@ class LmforgeLM(TemplateLM):
         self.max_length = _int(kwargs, "max_length", None) or self.model.cfg.max_seq_len
         self.max_gen_toks = _int(kwargs, "max_gen_toks", 256) or 256
         kwargs.pop("dtype", None)
+        kwargs.pop("max_batch_size", None)  # for batch_size=auto, which takes the default here
         kwargs.pop("trust_remote_code", None)
         if kwargs:
             raise ConfigError(

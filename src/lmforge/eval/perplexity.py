@@ -28,6 +28,7 @@ from torch import nn
 from lmforge.data.shards import ShardSet
 from lmforge.errors import DataError
 from lmforge.io import read_text
+from lmforge.progress import Progress
 
 
 def _windows(n: int, seq_len: int, stride: int) -> Iterator[tuple[int, int, int]]:
@@ -120,15 +121,21 @@ def text_perplexity(
     seq_len: int,
     stride: int | None = None,
     batch_size: int = 8,
+    progress: Progress | None = None,
 ) -> dict[str, Any]:
     """Each file is its own stream ([EOS] + tokens); the totals are summed over files."""
     nll, tokens, nbytes = 0.0, 0, 0
     t0 = time.perf_counter()
+    streams = []
     for f in files:
         text = read_text(f, "text file")
-        ids = [tokenizer.eos_id, *tokenizer.encode(text)]
-        s, c = stream_nll(model, ids, seq_len=seq_len, stride=stride, batch_size=batch_size)
-        nll, tokens, nbytes = nll + s, tokens + c, nbytes + len(text.encode("utf-8"))
+        streams.append(([tokenizer.eos_id, *tokenizer.encode(text)], len(text.encode("utf-8"))))
+    if progress is not None:
+        progress.set_total(sum(max(len(ids) - 1, 0) for ids, _ in streams))
+    tick = progress.advance if progress is not None else None
+    for ids, size in streams:
+        s, c = stream_nll(model, ids, seq_len=seq_len, stride=stride, batch_size=batch_size, progress=tick)
+        nll, tokens, nbytes = nll + s, tokens + c, nbytes + size
     if tokens == 0:  # otherwise an empty file would score a perfect perplexity of 1
         raise DataError(f"{', '.join(str(f) for f in files)}: no text to score (empty files)")
     out = summarize(nll, tokens, nbytes)
@@ -146,6 +153,7 @@ def shards_perplexity(
     batch_size: int = 8,
     max_tokens: int | None = None,
     verify: bool = True,
+    progress: Progress | None = None,
 ) -> dict[str, Any]:
     """Score a tokens directory's split. With `max_tokens`, only the first tokens are scored and the bytes
     are prorated (bytes x scored / total tokens), as pretraining's validation does."""
@@ -155,6 +163,8 @@ def shards_perplexity(
     t0 = time.perf_counter()
     nll, tokens = 0.0, 0
     budget = max_tokens or shards.num_tokens
+    if progress is not None:
+        progress.set_total(min(budget, shards.num_tokens))
     for arr in shards.arrays:
         if tokens >= budget:
             break
@@ -165,6 +175,7 @@ def shards_perplexity(
             seq_len=seq_len,
             stride=stride,
             batch_size=batch_size,
+            progress=progress.advance if progress is not None else None,
         )
         nll, tokens = nll + s, tokens + c
     nbytes = round(shards.num_bytes * tokens / shards.num_tokens)

@@ -24,7 +24,7 @@ import torch
 from pydantic import Field
 from rich.console import Console
 
-from lmforge.config import EncryptionConfig, Section, encryption_field, parse_command, save_config
+from lmforge.config import EncryptionConfig, Section, capped, encryption_field, parse_command, save_config
 from lmforge.data.manifest import ensure_verified, write_manifest
 from lmforge.device import pick_device
 from lmforge.errors import DataError
@@ -33,6 +33,7 @@ from lmforge.infer.engine import Engine
 from lmforge.io import atomic_write_json, atomic_write_text, check_output, staged_output
 from lmforge.model.hub import pinned
 from lmforge.model.source import load_model
+from lmforge.progress import Progress
 
 COMMAND = "eval"
 
@@ -105,11 +106,18 @@ def _task_name(task: Any) -> str:
     return Path(data).stem if task.type != "perplexity" else data
 
 
-def run_task(task: Any, model: Any, tok: Any, engine: Any, cfg: EvalConfig) -> dict[str, Any]:
+UNITS = {"perplexity": "tokens", "multiple_choice": "choices", "generation": "answers"}
+
+
+def run_task(
+    task: Any, model: Any, tok: Any, engine: Any, cfg: EvalConfig, progress: Progress | None = None
+) -> dict[str, Any]:
 
     max_len = model.cfg.max_seq_len
     if task.type == "perplexity":
-        seq_len = min(task.seq_len or max_len, max_len)
+        seq_len = (
+            capped(f"tasks[{_task_name(task)}].seq_len", task.seq_len, max_len) if task.seq_len else max_len
+        )
         files = [task.data] if isinstance(task.data, str) else task.data
         if len(files) == 1 and Path(files[0]).is_dir():
             if cfg.verify_input:
@@ -123,6 +131,7 @@ def run_task(task: Any, model: Any, tok: Any, engine: Any, cfg: EvalConfig) -> d
                 batch_size=cfg.batch_size,
                 max_tokens=task.max_tokens,
                 verify=cfg.verify_input,
+                progress=progress,
             )
         return perplexity.text_perplexity(
             model,
@@ -131,6 +140,7 @@ def run_task(task: Any, model: Any, tok: Any, engine: Any, cfg: EvalConfig) -> d
             seq_len=seq_len,
             stride=task.stride or max(1, seq_len // 2),
             batch_size=cfg.batch_size,
+            progress=progress,
         )
     if task.type == "generation":
         return tasks.generation(
@@ -143,6 +153,7 @@ def run_task(task: Any, model: Any, tok: Any, engine: Any, cfg: EvalConfig) -> d
             temperature=task.temperature,
             seed=cfg.seed,
             limit=task.limit,
+            progress=progress,
         )
     return tasks.multiple_choice(
         model,
@@ -154,6 +165,7 @@ def run_task(task: Any, model: Any, tok: Any, engine: Any, cfg: EvalConfig) -> d
         target_delimiter=task.target_delimiter,
         batch_size=cfg.batch_size,
         limit=task.limit,
+        progress=progress,
     )
 
 
@@ -200,7 +212,8 @@ def run(cfg: EvalConfig) -> dict[str, Any]:
     results = []
     for name, task in zip(names, cfg.tasks, strict=True):
         console.print(f"eval: {name} ({task.type}) ...")
-        metrics = run_task(task, model, tok, engine, cfg)
+        with Progress(f"eval {name}", None, UNITS[task.type]) as bar:
+            metrics = run_task(task, model, tok, engine, cfg, bar)
         shown = ", ".join(f"{k} {_fmt(v)}" for k, v in metrics.items() if k not in ("examples",))
         console.print(f"  {shown}")
         results.append({"name": name, "type": task.type, "metrics": metrics})

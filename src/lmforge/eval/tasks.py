@@ -15,7 +15,7 @@ by the choice's length in characters, as lm-eval does (= bytes for ASCII).
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +27,7 @@ from lmforge.errors import DataError
 from lmforge.infer.engine import GenerationRequest
 from lmforge.infer.sampling import SamplingParams
 from lmforge.io import iter_jsonl
+from lmforge.progress import Progress
 
 CONTEXT_FIELDS = ("query", "ctx", "question", "goal", "context")
 
@@ -67,6 +68,7 @@ def score_continuations(
     *,
     max_len: int,
     batch_size: int = 8,
+    progress: Callable[[int], object] | None = None,
 ) -> list[tuple[float, bool]]:
     """(sum of log p(continuation | context), whether greedy decoding would produce it) per pair.
 
@@ -96,6 +98,8 @@ def score_continuations(
             ll = float(rows.gather(-1, tgt[:, None]).sum())
             greedy = bool((rows.argmax(-1) == tgt).all())
             out[i] = (ll, greedy)
+        if progress is not None:
+            progress(len(chunk))
     return out
 
 
@@ -146,6 +150,7 @@ def multiple_choice(
     max_len: int | None = None,
     batch_size: int = 8,
     limit: int | None = None,
+    progress: Progress | None = None,
 ) -> dict[str, Any]:
     t0 = time.perf_counter()
     examples = mc_requests(
@@ -156,7 +161,15 @@ def multiple_choice(
         context_field=context_field,
     )
     pairs = [encode_pair(tok, ctx, target_delimiter + c) for ctx, choices, _ in examples for c in choices]
-    scores = score_continuations(model, pairs, max_len=max_len or _max_len(model), batch_size=batch_size)
+    if progress is not None:
+        progress.set_total(len(pairs))
+    scores = score_continuations(
+        model,
+        pairs,
+        max_len=max_len or _max_len(model),
+        batch_size=batch_size,
+        progress=progress.advance if progress is not None else None,
+    )
     acc = acc_norm = 0
     k = 0
     for _, choices, gold in examples:
@@ -198,6 +211,7 @@ def generation(
     seed: int = 0,
     limit: int | None = None,
     keep_outputs: int = 5,
+    progress: Progress | None = None,
 ) -> dict[str, Any]:
     t0 = time.perf_counter()
     rows = read_jsonl(path, limit)
@@ -215,7 +229,9 @@ def generation(
     params = SamplingParams(max_tokens=max_tokens, stop=list(stop), temperature=temperature, seed=seed)
     tok = engine.tokenizer
     reqs = [GenerationRequest(tok.encode(p) or [tok.eos_id], params) for p in prompts]
-    hyps = [c.text for c in engine.generate(reqs)]
+    if progress is not None:
+        progress.set_total(len(reqs))
+    hyps = [c.text for c in engine.generate(reqs, on_finish=progress.advance if progress else None)]
     return {
         "bleu": corpus_bleu(hyps, refs),
         "exact_match": exact_match(hyps, refs),

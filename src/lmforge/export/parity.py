@@ -73,6 +73,28 @@ def greedy(run: Runner, prompt: Sequence[int], n: int, max_len: int) -> list[int
     return out
 
 
+def forward_passes(
+    prompt_ids: Sequence[Sequence[int]], text_ids: Sequence[int], new_tokens: int, seq_len: int, max_len: int
+) -> int:
+    """How many runner calls `parity` makes with these arguments (the total of its progress bar)."""
+    calls = 2 * len(range(0, len(text_ids) - 1, seq_len))  # perplexity windows, both runners
+    for p in prompt_ids:
+        k = max(0, min(new_tokens, max_len - len(p)))  # greedy tokens the reference generates
+        calls += 2 * k + 2  # both runners generate k tokens and score prompt + continuation once
+    return calls
+
+
+def counted(run: Runner, tick: Callable[[], None]) -> Runner:
+    """`run` calling `tick` after every call (progress)."""
+
+    def wrapped(ids: Sequence[int]) -> np.ndarray:
+        out = run(ids)
+        tick()
+        return out
+
+    return wrapped
+
+
 def _log_softmax(x: np.ndarray) -> np.ndarray:
     x = x.astype(np.float64)
     m = x.max(axis=-1, keepdims=True)
@@ -166,4 +188,14 @@ def print_table(report: dict[str, Any], title: str) -> None:
     Console(stderr=True).print(table)
 
 
-__all__ = ["DEFAULT_PROMPTS", "DEFAULT_TEXT", "Runner", "greedy", "parity", "print_table", "torch_runner"]
+__all__ = [
+    "DEFAULT_PROMPTS",
+    "DEFAULT_TEXT",
+    "Runner",
+    "counted",
+    "forward_passes",
+    "greedy",
+    "parity",
+    "print_table",
+    "torch_runner",
+]

@@ -24,16 +24,26 @@ import torch
 from pydantic import Field
 
 from lmforge import crypt
-from lmforge.config import EncryptionConfig, Section, encryption_field, parse_command, save_config
+from lmforge.config import EncryptionConfig, Section, capped, encryption_field, parse_command, save_config
 from lmforge.data.manifest import write_manifest
 from lmforge.errors import ConfigError, DataError
 from lmforge.export import gguf, hf, onnx
-from lmforge.export.parity import DEFAULT_PROMPTS, DEFAULT_TEXT, greedy, parity, print_table, torch_runner
+from lmforge.export.parity import (
+    DEFAULT_PROMPTS,
+    DEFAULT_TEXT,
+    counted,
+    forward_passes,
+    greedy,
+    parity,
+    print_table,
+    torch_runner,
+)
 from lmforge.io import atomic_write_json, staged_output
 from lmforge.model.card import model_name, write_card
 from lmforge.model.hub import local_path, pinned
 from lmforge.model.source import load_model
 from lmforge.model.transformer import Transformer
+from lmforge.progress import Progress
 
 QUANT_MARKER = "quant_config.json"  # written by `lmforge quantize` next to its model
 
@@ -205,6 +215,7 @@ def run_export(cfg: ExportConfig) -> dict[str, Any]:
     )  # plaintext=true (checked above): the export is for other runtimes
     t0 = time.perf_counter()
     report: dict[str, Any] = {"format": cfg.format, "source": str(cfg.model)}
+    print(f"export {cfg.format}: writing {cfg.output}", file=sys.stderr, flush=True)
     with staged_output(cfg.output, overwrite=cfg.overwrite, resume=False) as stage:
         if cfg.format == "hf":
             hf.write_hf(model, tok, stage)
@@ -242,20 +253,24 @@ def run_export(cfg: ExportConfig) -> dict[str, Any]:
 
 def verify(cfg: ExportConfig, model: Any, tok: Any, artefact: Path) -> dict[str, Any]:
     max_len = model.cfg.max_seq_len
+    print(f"export {cfg.format}: loading the export back for the parity check", file=sys.stderr, flush=True)
     runner, runtime, checks = _runner(cfg, artefact, tok, max_len)
     text = cfg.text.read_text("utf-8") if cfg.text is not None else None
     text_ids = [tok.eos_id, *tok.encode(text if text is not None else DEFAULT_TEXT)]
     prompt_ids = [tok.encode(p)[: max_len - 1] or [tok.eos_id] for p in cfg.prompts]
+    seq_len = capped("seq_len", cfg.seq_len, max_len, say="seq_len" in cfg.model_fields_set)
     t0 = time.perf_counter()
-    numbers = parity(
-        torch_runner(model),
-        runner,
-        prompt_ids=prompt_ids,
-        text_ids=text_ids,
-        new_tokens=cfg.new_tokens,
-        seq_len=min(cfg.seq_len, max_len),
-        max_len=max_len,
-    )
+    total = forward_passes(prompt_ids, text_ids, cfg.new_tokens, seq_len, max_len)
+    with Progress(f"export {cfg.format} parity", total, "passes") as bar:
+        numbers = parity(
+            counted(torch_runner(model), bar.advance),
+            counted(runner, bar.advance),
+            prompt_ids=prompt_ids,
+            text_ids=text_ids,
+            new_tokens=cfg.new_tokens,
+            seq_len=seq_len,
+            max_len=max_len,
+        )
     if cfg.format == "onnx" and (artefact.parent / DECODE_GRAPH).is_file():
         checks["decode_graph_greedy_identical"] = _decode_graph_check(
             artefact.parent / DECODE_GRAPH, model, prompt_ids, cfg
@@ -279,9 +294,11 @@ def _decode_graph_check(path: Path, model: Any, prompt_ids: list[list[int]], cfg
     ref = torch_runner(model)
     n_max = model.cfg.max_seq_len
     same = 0
-    for p in prompt_ids:
-        want = greedy(ref, p, cfg.new_tokens, n_max)
-        same += int(dec.generate(p, len(want)) == want)
+    with Progress("export onnx decode-graph check", len(prompt_ids), "prompts") as bar:
+        for p in prompt_ids:
+            want = greedy(ref, p, cfg.new_tokens, n_max)
+            same += int(dec.generate(p, len(want)) == want)
+            bar.advance()
     return same
 
 

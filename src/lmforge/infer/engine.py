@@ -190,7 +190,10 @@ class Engine:
         for events in self.stream_batch([request]):
             yield from events
 
-    def generate(self, requests: Sequence[GenerationRequest]) -> list[Completion]:
+    def generate(
+        self, requests: Sequence[GenerationRequest], on_finish: Callable[[], object] | None = None
+    ) -> list[Completion]:
+        """Every request to its end; `on_finish()` is called as each one finishes (progress)."""
         ids: list[list[int]] = [[] for _ in requests]
         texts: list[list[str]] = [[] for _ in requests]
         reasons = ["length"] * len(requests)
@@ -201,6 +204,8 @@ class Engine:
                 texts[ev.index].append(ev.text)
                 if ev.finish_reason is not None:
                     reasons[ev.index] = ev.finish_reason
+                    if on_finish is not None:
+                        on_finish()
         return [
             Completion(ids[i], "".join(texts[i]), reasons[i], len(r.prompt_ids))
             for i, r in enumerate(requests)

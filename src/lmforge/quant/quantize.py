@@ -20,11 +20,9 @@ GPTQ's codes and of round-to-nearest codes is measured on the same inputs and ke
 from __future__ import annotations
 
 import contextlib
-import sys
 from typing import Any
 
 import torch
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from torch import Tensor, nn
 
 from lmforge.errors import ConfigError
@@ -39,6 +37,7 @@ from lmforge.model.quant import (
     set_module,
 )
 from lmforge.model.transformer import unfuse_projections
+from lmforge.progress import Progress
 from lmforge.quant.gptq import dequantize_codes, gptq_int4, output_error
 
 BITS = {"int8": 8, "int4": 4, "int4-gptq": 4, "nf4": 4}
@@ -88,19 +87,6 @@ def rtn_layer(linear: nn.Linear, method: str, group_size: int) -> nn.Module:
     raise ConfigError(f"unknown quantization method {method!r}")
 
 
-def _progress(total: int, enabled: bool) -> Any:
-    live = enabled and sys.stderr.isatty()
-    p = Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("{task.fields[layer]}"),
-        TimeElapsedColumn(),
-        disable=not live,
-    )
-    return p
-
-
 @torch.no_grad()
 def quantize_model(
     model: nn.Module,
@@ -141,12 +127,11 @@ def quantize_model(
             raise ConfigError("int4-gptq needs calibration data (a tokens directory: data=...)")
         spec.errors = _gptq_model(model, calib, names, g, act_order, damp, batch_size, progress)
     else:
-        with _progress(len(names), progress) as bar:
-            task = bar.add_task(f"quantize {method}", total=len(names), layer="")
+        with Progress(f"quantize {method}", len(names), "layers", enabled=progress) as bar:
             for name in names:
                 linear: Any = model.get_submodule(name)
                 set_module(model, name, rtn_layer(linear, method, g))
-                bar.update(task, advance=1, layer=name)
+                bar.advance(note=name)
     setattr(model, "quant_spec", spec)  # noqa: B010 - a plain attribute, not a submodule
     return model
 
@@ -233,8 +218,7 @@ def _gptq_model(
     xs = [args[0] for args in inputs]
     rest = inputs[0][1:4]  # cos, sin, mask: the same for every batch (equal lengths, no cache)
     errors: dict[str, dict[str, float]] = {}
-    with _progress(len(names), progress) as bar:
-        task = bar.add_task("GPTQ", total=len(names), layer="")
+    with Progress("quantize GPTQ", len(names), "layers", enabled=progress) as bar:
         for i, block in enumerate(blocks):
             prefix = f"layers.{i}."
             local = [n.removeprefix(prefix) for n in names if n.startswith(prefix)]
@@ -245,13 +229,12 @@ def _gptq_model(
 
             hs, _ = _hessians(block, local, run)
             for name in local:
-                bar.update(task, layer=prefix + name)
                 new, err = _gptq_layer(
                     block.get_submodule(name), hs[name], group_size, act_order, damp, prefix + name
                 )
                 set_module(block, name, new)
                 errors[prefix + name] = err
-                bar.update(task, advance=1)
+                bar.advance(note=prefix + name)
             xs = [block(x, *rest, None, i) for x in xs]  # what the next block sees: quantized outputs
         if "output" in names:
             head: Any = model.output
@@ -260,7 +243,7 @@ def _gptq_model(
             new, err = _gptq_layer(head, hs["output"], group_size, act_order, damp, "output")
             set_module(model, "output", new)
             errors["output"] = err
-            bar.update(task, advance=1, layer="output")
+            bar.advance(note="output")
     return errors
 
 

@@ -20,7 +20,7 @@ from pydantic import Field
 from rich.console import Console
 from torch import Tensor, nn
 
-from lmforge.config import EncryptionConfig, Section, encryption_field, parse_command, save_config
+from lmforge.config import EncryptionConfig, Section, capped, encryption_field, parse_command, save_config
 from lmforge.data.manifest import ensure_verified, write_manifest
 from lmforge.data.shards import read_index
 from lmforge.device import pick_device
@@ -31,6 +31,7 @@ from lmforge.model.card import write_card
 from lmforge.model.hub import local_path, pinned
 from lmforge.model.quant import save_quantized
 from lmforge.model.source import load_model
+from lmforge.progress import Progress
 from lmforge.quant.calibrate import calibration_ids
 from lmforge.quant.quantize import quantize_model, resolve_group_size
 from lmforge.quant.report import decode_speed, format_table, numel_by_name, pct, size_report
@@ -109,20 +110,24 @@ def check_inputs(cfg: QuantizeConfig) -> int:
     return group
 
 
-def measure(model: Any, tok: Any, cfg: QuantizeConfig) -> dict[str, Any]:
+def measure(model: Any, tok: Any, cfg: QuantizeConfig, when: str) -> dict[str, Any]:
+    """Perplexity (with a tokens directory) and decode speed of the model `when` ("before"/"after")."""
     out: dict[str, Any] = {}
     if cfg.data is not None:
         max_len = model.cfg.max_seq_len
         r = cfg.report
-        out["perplexity"] = shards_perplexity(
-            model,
-            cfg.data,
-            split=r.split,
-            seq_len=min(r.seq_len or max_len, max_len),
-            batch_size=r.batch_size,
-            max_tokens=r.max_tokens,
-            verify=False,  # checked once in check_inputs
-        )
+        seq_len = capped("report.seq_len", r.seq_len, max_len, say=when == "before") if r.seq_len else max_len
+        with Progress(f"quantize perplexity {when}", None, "tokens") as bar:
+            out["perplexity"] = shards_perplexity(
+                model,
+                cfg.data,
+                split=r.split,
+                seq_len=seq_len,
+                batch_size=r.batch_size,
+                max_tokens=r.max_tokens,
+                verify=False,  # checked once in check_inputs
+                progress=bar,
+            )
     out["decode"] = decode_speed(
         model, tok, prompt=cfg.report.prompt, tokens=cfg.report.decode_tokens, repeats=cfg.report.repeats
     )
@@ -142,7 +147,7 @@ def run(cfg: QuantizeConfig) -> dict[str, Any]:
         raise ConfigError(f"model: {cfg.model} is already quantized; start from a full-precision model")
     check_vocab(cfg, model)
     fp_numel = numel_by_name(model)
-    before = measure(model, tok, cfg) if cfg.report.enabled else {}
+    before = measure(model, tok, cfg, "before") if cfg.report.enabled else {}
     calib, calib_info = calibration(cfg, model)
     t0 = time.perf_counter()
     quantize_model(
@@ -158,7 +163,7 @@ def run(cfg: QuantizeConfig) -> dict[str, Any]:
         progress=True,
     )
     seconds = time.perf_counter() - t0
-    after = measure(model, tok, cfg) if cfg.report.enabled else {}
+    after = measure(model, tok, cfg, "after") if cfg.report.enabled else {}
     report = build_report(cfg, model, group, seconds, device, before, after)
     write_output(cfg, model, tok, fp_numel, report)
     console.print(format_table(report))
@@ -184,7 +189,9 @@ def calibration(cfg: QuantizeConfig, model: Any) -> tuple[Tensor | None, dict[st
         return None, None
     assert cfg.data is not None
     c = cfg.calibration
-    seq_len = min(c.seq_len, model.cfg.max_seq_len)
+    seq_len = capped(
+        "calibration.seq_len", c.seq_len, model.cfg.max_seq_len, say="seq_len" in c.model_fields_set
+    )
     calib = calibration_ids(cfg.data, n=c.samples, seq_len=seq_len, seed=c.seed, split=c.split, verify=False)
     info = {"data": cfg.data, "split": c.split, "samples": c.samples, "seq_len": seq_len, "seed": c.seed}
     return calib, info

@@ -31,10 +31,9 @@ from typing import Any, Literal
 
 import torch
 from pydantic import Field, model_validator
-from rich.progress import Progress
 from torch import nn
 
-from lmforge.config import Section, save_config
+from lmforge.config import Section, capped, save_config
 from lmforge.data.preference import (
     Pair,
     PairSampler,
@@ -50,6 +49,7 @@ from lmforge.model.hub import pinned
 from lmforge.model.lora import LoraConfig, adapters_disabled, read_adapter_config
 from lmforge.model.source import load_merged_base
 from lmforge.model.tensorfile import load_tensors, read_metadata, save_tensors
+from lmforge.progress import Progress
 from lmforge.train import distributed as D
 from lmforge.train.common import TrainConfig, parse_single_process, precision_setup
 from lmforge.train.loop import LoopState, Trainer, settings_from
@@ -179,14 +179,13 @@ def compute_reference(
     model.eval()
     device = next(model.parameters()).device
     out = []
-    with Progress(disable=not (progress and sys.stderr.isatty())) as bar:
-        task = bar.add_task(f"reference log-probs ({what})", total=len(batches))
+    with Progress(f"reference log-probs ({what})", len(batches), "batches", enabled=progress) as bar:
         for b in batches:
             with scope(), autocast():
                 lp = sequence_logps(model, b["input_ids"].to(device), b["labels"].to(device)).float().cpu()
             m = lp.shape[0] // 2
             out.append(torch.stack([lp[:m], lp[m:]], dim=1))
-            bar.advance(task)
+            bar.advance()
     model.train(was_training)
     return torch.cat(out) if out else torch.zeros(0, 2)
 
@@ -282,8 +281,12 @@ def train(cfg: DPOConfig, **trainer_kw: Any) -> int:
     device = D.pick_device(cfg.device, info)
     model, tok = load_policy(cfg, device)
     limit = int(getattr(model, "cfg").max_seq_len)  # noqa: B009 - an nn.Module attribute, typed loosely
-    if cfg.max_len > limit:
-        raise ConfigError(f"max_len: {cfg.max_len} exceeds the model's max_seq_len {limit}")
+    max_len = capped("max_len", cfg.max_len, limit, f"the context of {cfg.model}")
+    if cfg.max_prompt_len >= max_len:
+        raise ConfigError(
+            f"max_prompt_len ({cfg.max_prompt_len}) must be below max_len ({max_len}, the model's context)"
+        )
+    cfg = cfg.model_copy(update={"max_len": max_len})
     train_pairs, held, stats = _load_pairs(cfg, tok)
 
     train_model, summary = prepare_model(

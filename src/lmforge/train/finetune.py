@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lmforge.config import save_config
+from lmforge.config import capped, save_config
 from lmforge.data.batch import IGNORE_INDEX
 from lmforge.data.chat import Example, SFTData, collate, load_sft, pack
 from lmforge.data.order import EpochOrder
@@ -153,14 +153,7 @@ def train(cfg: FinetuneConfig, **trainer_kw: Any) -> int:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     device = D.pick_device(cfg.device, info)
-    model, tok = load_base(
-        cfg.base,
-        tokenizer=cfg.tokenizer,
-        model_overrides=cfg.model_overrides,
-        seq_len=cfg.seq_len,
-        device=device,
-        seed=cfg.seed,
-    )
+    model, tok, cfg = _base_model(cfg, device)
     data = load_sft(cfg.data, tok, seq_len=cfg.seq_len, seed=cfg.seed)
     val = data.val[: cfg.eval.max_examples] if cfg.eval.max_examples else data.val
     train_model, summary = prepare_model(
@@ -225,6 +218,24 @@ def train(cfg: FinetuneConfig, **trainer_kw: Any) -> int:
         logger.close()
     _finish(cfg, run_dir, state, model, tok, {"trainable": summary, "data": data.stats})
     return 0
+
+
+def _base_model(cfg: FinetuneConfig, device: torch.device) -> tuple[Transformer, Any, FinetuneConfig]:
+    """The base model and tokenizer, and cfg with seq_len capped (with a notice) at a trained base's context."""
+    folder = Path(cfg.base).is_dir()  # a trained base has its context; a preset is sized to seq_len
+    model, tok = load_base(
+        cfg.base,
+        tokenizer=cfg.tokenizer,
+        model_overrides=cfg.model_overrides,
+        seq_len=0 if folder else cfg.seq_len,
+        device=device,
+        seed=cfg.seed,
+    )
+    limit = int(model.cfg.max_seq_len)
+    cfg = cfg.model_copy(
+        update={"seq_len": capped("seq_len", cfg.seq_len, limit, f"the context of {cfg.base}")}
+    )
+    return model, tok, cfg
 
 
 def _auto_micro_batch(cfg: FinetuneConfig, model: Transformer, device: torch.device, prec: str) -> int:

@@ -39,6 +39,7 @@ from torch import nn
 
 from lmforge.errors import ConfigError, LmforgeError
 from lmforge.model.integrity import latest_checkpoint
+from lmforge.progress import clock, eta
 from lmforge.train import distributed as D
 from lmforge.train.checkpoint import (
     load_checkpoint,
@@ -457,6 +458,7 @@ class Trainer:
         s, st = self.state, self.settings
         with stop_signals(self._signal), self._progress() as bar:
             task = bar.add_task(st.name, total=st.total_steps, completed=s.step, loss="-", rate="-", mfu="")
+            start_step, started = s.step, time.perf_counter()  # for the ETA of the log lines (wall time)
             if self.evaluator is not None and st.eval_at_start and s.step == 0:
                 results = self.evaluator(self.model, 0)
                 if self.logger is not None:
@@ -496,8 +498,11 @@ class Trainer:
                         task, completed=s.step, loss=f"{out['loss']:.4f}", rate=f"{rate:,.0f}", mfu=mfu
                     )
                     if not bar.live.is_started and self.info.is_main and st.progress:
+                        steps_per_s = (s.step - start_step) / max(time.perf_counter() - started, 1e-9)
+                        left = clock(eta(s.step, st.total_steps, steps_per_s))
                         print(
-                            f"step {s.step}/{st.total_steps} loss {out['loss']:.4f} {rate:,.0f} {st.unit}/s {mfu}",
+                            f"step {s.step}/{st.total_steps} loss {out['loss']:.4f} {rate:,.0f} {st.unit}/s "
+                            f"eta {left} {mfu}".rstrip(),
                             flush=True,
                         )
                     busy, tok0 = 0.0, s.tokens

@@ -23,14 +23,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from lmforge.config import parse_command, save_config
+from lmforge.config import capped, parse_command, save_config
 from lmforge.data.manifest import ensure_verified
 from lmforge.data.shards import ShardSet
 from lmforge.errors import ConfigError, DataError
 from lmforge.io import partial_dir
+from lmforge.model import source
 from lmforge.model.config import flops_per_token
 from lmforge.model.hub import pinned
-from lmforge.model.source import pretrain_model
 from lmforge.plan.auto import auto_micro_batch, install_oom_backoff
 from lmforge.tokenizer import load_tokenizer
 from lmforge.train import distributed as D
@@ -166,7 +166,7 @@ def train(cfg: PretrainConfig, **trainer_kw: Any) -> int:
     device = D.pick_device(cfg.device, info)
     D.init(info, device, cfg.dist.timeout_s)
     try:
-        _run(cfg, info, device, trainer_kw)
+        _run(_capped_seq_len(cfg, info), info, device, trainer_kw)
         D.barrier()
         return 0
     finally:
@@ -190,9 +190,19 @@ def _check_world(cfg: PretrainConfig, info: D.DistInfo) -> None:
         )
 
 
+def _capped_seq_len(cfg: PretrainConfig, info: D.DistInfo) -> PretrainConfig:
+    """Continued pretraining: seq_len capped (with a notice) at the folder's context. A preset or model YAML is
+    sized to seq_len instead."""
+    if not Path(cfg.model).is_dir():
+        return cfg
+    limit = source.model_config(cfg.model).max_seq_len
+    seq_len = capped("seq_len", cfg.seq_len, limit, f"the context of {cfg.model}", say=info.is_main)
+    return cfg.model_copy(update={"seq_len": seq_len})
+
+
 def _run(cfg: PretrainConfig, info: D.DistInfo, device: torch.device, trainer_kw: dict[str, Any]) -> None:
     train_set, val_set, windows, val_windows = _load_data(cfg, info)
-    model = pretrain_model(
+    model = source.pretrain_model(
         cfg.model,
         vocab_size=train_set.vocab_size,
         seq_len=cfg.seq_len,
