@@ -280,13 +280,7 @@ def train(cfg: DPOConfig, **trainer_kw: Any) -> int:
         torch.set_num_threads(cfg.threads)
     device = D.pick_device(cfg.device, info)
     model, tok = load_policy(cfg, device)
-    limit = int(getattr(model, "cfg").max_seq_len)  # noqa: B009 - an nn.Module attribute, typed loosely
-    max_len = capped("max_len", cfg.max_len, limit, f"the context of {cfg.model}")
-    if cfg.max_prompt_len >= max_len:
-        raise ConfigError(
-            f"max_prompt_len ({cfg.max_prompt_len}) must be below max_len ({max_len}, the model's context)"
-        )
-    cfg = cfg.model_copy(update={"max_len": max_len})
+    cfg = _cap_lengths(cfg, int(getattr(model, "cfg").max_seq_len))  # noqa: B009 - typed loosely
     train_pairs, held, stats = _load_pairs(cfg, tok)
 
     train_model, summary = prepare_model(
@@ -353,6 +347,16 @@ def train(cfg: DPOConfig, **trainer_kw: Any) -> int:
     finish_run_dir(run_dir, Path(cfg.output), COMMAND)
     print(f"wrote {cfg.output} ({out.name}/, step {state.step}, {state.tokens:,} pairs)")
     return 0
+
+
+def _cap_lengths(cfg: DPOConfig, limit: int) -> DPOConfig:
+    """`max_len` capped at the model's context (with a notice); the prompt must still leave room."""
+    max_len = capped("max_len", cfg.max_len, limit, f"the context of {cfg.model}")
+    if cfg.max_prompt_len >= max_len:
+        raise ConfigError(
+            f"max_prompt_len ({cfg.max_prompt_len}) must be below max_len ({max_len}, the model's context)"
+        )
+    return cfg.model_copy(update={"max_len": max_len})
 
 
 def _load_pairs(cfg: DPOConfig, tok: Any) -> tuple[list[Pair], list[Pair], PreferenceStats]:
