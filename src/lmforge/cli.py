@@ -58,6 +58,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "finetune": ("lmforge.train.finetune:main", "supervised fine-tuning: full, LoRA or QLoRA"),
     "lora merge": ("lmforge.train.lora_merge:main", "fold a LoRA adapter into its base model"),
     "align dpo": ("lmforge.train.dpo:main", "direct preference optimisation on chosen/rejected pairs"),
+    "sweep": (
+        "lmforge.sweep.run:main",
+        "Optuna hyperparameter sweep over a training command's config keys, with pruning",
+    ),
     "quantize": ("lmforge.quant.run:main", "weight-only int8, int4 (RTN/GPTQ) or NF4 with a quality report"),
     "export": ("lmforge.export.run:main", "export to an HF folder, GGUF or ONNX with a parity report"),
     "plan": (
