@@ -265,7 +265,8 @@ def _run_block(block: Block, request: pytest.FixtureRequest, tmp_path: Path) -> 
     commands = [substitute(c) for c in block.commands]
     written = {o for c in commands for o in outputs(c)}
     (tmp_path / "configs").symlink_to(ROOT / "configs")
-    if any("runs/demo" in c or "input=raw" in c for c in commands):  # only then build the demo run
+    # only then build the demo run (the demo configs read runs/demo/* themselves)
+    if any("runs/demo" in c or "configs/demo/" in c or "input=raw" in c for c in commands):
         built: Path = request.getfixturevalue("demo")
         (tmp_path / "runs" / "demo").mkdir(parents=True)
         for name in FIXTURES:
