@@ -22,8 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from lmforge.serve.guard import is_json_type
-from lmforge.serve.limits import RateLimited, TooLarge, read_capped
+from lmforge.serve.limits import RateLimited, TooLarge
 from lmforge.serve.protocol import ApiError, EmbeddingRequest, parse_request
 from lmforge.serve.state import ServerState, check_text
 
@@ -90,16 +89,8 @@ def mean_pooled(model: Any, rows: list[list[int]], batch: int, pad_id: int) -> l
 
 async def embeddings(state: ServerState, request: Any) -> dict[str, Any]:
     """Admit (rate limit, body cap, content type, schema, model, limits), pool, answer."""
-    key_id = request.scope.get("lmforge.key") or f"ip:{request.client.host if request.client else '?'}"
     try:
-        ticket = state.limiter.count(key_id)
-        body = await read_capped(
-            request.stream(), state.cfg.max_body_bytes, request.headers.get("content-length")
-        )
-        if not is_json_type(request.headers.get("content-type")):
-            raise ApiError(
-                415, "send the body as JSON (Content-Type: application/json)", code="unsupported_media_type"
-            )
+        _, ticket, body = await state.admit_body(request)
         req = parse_request(body, EmbeddingRequest)
         state.check_model(req.model)
         dim = int(state.engine.model.cfg.dim)

@@ -23,8 +23,7 @@ from lmforge.serve.batcher import DONE, EngineFailure, Job, QueueFull
 from lmforge.serve.edge import chat_page, log, page_headers
 from lmforge.serve.embeddings import embeddings
 from lmforge.serve.filters import OutputFilter
-from lmforge.serve.guard import is_json_type
-from lmforge.serve.limits import BodyTimeout, BodyTooLarge, RateLimited, TooLarge, read_capped
+from lmforge.serve.limits import BodyTimeout, BodyTooLarge, RateLimited, TooLarge
 from lmforge.serve.protocol import (
     ApiError,
     ApiRequest,
@@ -89,18 +88,8 @@ async def admit(state: ServerState, request: Any, chat: bool) -> Admitted:
     """Rate limit (before reading or tokenizing anything), body cap, JSON content type, schema, counts and
     sizes, prompts (tokenized in a thread), sampling, budget."""
     started = time.monotonic()
-    key_id = request.scope.get("lmforge.key") or f"ip:{request.client.host if request.client else '?'}"
     try:
-        ticket = state.limiter.count(key_id)
-        body = await read_capped(
-            request.stream(), state.cfg.max_body_bytes, request.headers.get("content-length")
-        )
-        if not is_json_type(request.headers.get("content-type")):
-            raise ApiError(
-                415,
-                "send the body as JSON (Content-Type: application/json)",
-                code="unsupported_media_type",
-            )
+        key_id, ticket, body = await state.admit_body(request)
         req: ApiRequest = parse_request(body, ChatRequest) if chat else parse_request(body, CompletionRequest)
         state.check_shape(req)  # counts and sizes before any tokenization
         if check_format(req):

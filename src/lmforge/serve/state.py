@@ -20,7 +20,8 @@ from lmforge.infer.watermark import Watermark, WatermarkConfig
 from lmforge.serve.audit_trail import ServerAudit
 from lmforge.serve.batcher import Batcher
 from lmforge.serve.filters import OutputFilter
-from lmforge.serve.limits import RateLimiter
+from lmforge.serve.guard import is_json_type
+from lmforge.serve.limits import RateLimiter, read_capped
 from lmforge.serve.protocol import ApiError, ApiRequest, ChatRequest, CompletionRequest
 from lmforge.tokenizer import Tokenizer
 
@@ -234,6 +235,20 @@ class ServerState:
                 param=param,
                 code="context_length_exceeded",
             )
+
+    async def admit_body(self, request: Any) -> tuple[str, Any, bytes]:
+        """(caller id, the rate limiter's ticket, body) for a JSON API request: counted against the rate
+        limit before anything is read (RateLimited), the body capped, its content type JSON (415)."""
+        key_id = request.scope.get("lmforge.key") or f"ip:{request.client.host if request.client else '?'}"
+        ticket = self.limiter.count(key_id)
+        body = await read_capped(
+            request.stream(), self.cfg.max_body_bytes, request.headers.get("content-length")
+        )
+        if not is_json_type(request.headers.get("content-type")):
+            raise ApiError(
+                415, "send the body as JSON (Content-Type: application/json)", code="unsupported_media_type"
+            )
+        return key_id, ticket, body
 
     def check_model(self, model: str | None) -> None:
         """404 for a model id this server does not serve, in OpenAI's shape (code model_not_found)."""
