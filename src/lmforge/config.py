@@ -157,7 +157,8 @@ def set_dotted(tree: dict[str, Any], parts: list[str], value: Any, source: str) 
     node[parts[-1]] = value
 
 
-def _read_yaml(path: Path) -> dict[str, Any]:
+def read_yaml(path: Path) -> dict[str, Any]:
+    """A YAML file holding a mapping ({} when empty); ConfigError naming the file otherwise."""
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
     try:
@@ -186,7 +187,7 @@ def file_relative(tree: Any, folder: Path) -> Any:
 
 def read_config_file(path: Path) -> dict[str, Any]:
     """A config file's mapping, with its ./ and ../ paths resolved against its folder."""
-    tree: dict[str, Any] = file_relative(_read_yaml(path), path.resolve().parent)
+    tree: dict[str, Any] = file_relative(read_yaml(path), path.resolve().parent)
     return tree
 
 

@@ -358,7 +358,7 @@ def atomic_writer(path: Path | str, encrypt: bool | None = None) -> Iterator[Bin
     it is complete and fsynced; an exception leaves the old file, if any, untouched."""
     path = Path(path)
     encrypt = encrypting() if encrypt is None else encrypt
-    key = current_key()
+    key = current_key() if encrypt else None  # a plaintext write never reads the key
     if encrypt and key is None:
         raise ConfigError(f"{path}: encrypting needs encryption.key_file or {KEY_ENV}")
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -391,7 +391,8 @@ def write_text(path: Path | str, text: str, encrypt: bool | None = None) -> None
 
 
 def write_json(path: Path | str, obj: Any, encrypt: bool | None = None) -> None:
-    """`io.atomic_write_json`'s bytes (sorted keys, trailing newline), sealed when encrypting."""
+    """JSON with sorted keys and a trailing newline (byte-identical for identical content), sealed when
+    encrypting."""
     write_text(path, json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False) + "\n", encrypt)
 
 

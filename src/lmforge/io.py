@@ -25,16 +25,8 @@ _CHUNK = 1 << 20
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write `data` to `path` so that readers see either the old file or the whole new one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
+    """Write `data` to `path` in plaintext so that readers see either the old file or the whole new one."""
+    crypt.write_bytes(path, data, encrypt=False)
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -43,7 +35,7 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 def atomic_write_json(path: Path, obj: Any) -> None:
     """JSON with sorted keys and a trailing newline: byte-identical for identical content."""
-    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
+    crypt.write_json(path, obj, encrypt=False)
 
 
 def sha256_file(path: Path) -> str:

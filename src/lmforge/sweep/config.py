@@ -13,7 +13,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import Field, model_validator
 
-from lmforge.config import Section
+from lmforge.config import Section, read_yaml
 from lmforge.errors import ConfigError
 from lmforge.io import atomic_write_text
 
@@ -120,18 +120,10 @@ class SweepConfig(Section):
 
 def read_base(path: str) -> dict[str, Any]:
     """The training command's YAML config as a tree (validated later by the command itself)."""
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"train.config: {path}: config file not found")
     try:
-        data = yaml.safe_load(p.read_text("utf-8"))
-    except (yaml.YAMLError, UnicodeDecodeError) as e:
-        raise ConfigError(f"train.config: {path}: not valid YAML ({str(e).splitlines()[0]})") from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"train.config: {path}: expected a mapping of keys to values at the top level")
-    return data
+        return read_yaml(Path(path))
+    except ConfigError as e:
+        raise ConfigError(f"train.config: {e}") from None
 
 
 def merge(tree: dict[str, Any], key: str, value: Any) -> None:
