@@ -33,6 +33,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "lmforge.data.scan_run:main",
         "flag backdoor-like poisoning in documents, SFT and DPO data",
     ),
+    "data feedback": (
+        "lmforge.data.feedback:main",
+        "turn the server's feedback log (ratings, comparisons) into preference pairs",
+    ),
     "tokenizer train": (
         "lmforge.data.tokenizer_train:main",
         "train a byte-level BPE tokenizer with a chat template",

@@ -182,9 +182,10 @@ def body_deadline(receive: Any, seconds: float) -> Any:
     return receive_body
 
 
-def chat_page() -> str:
-    """The chat page (static/index.html), served at GET /."""
-    return resources.files("lmforge.serve").joinpath("static/index.html").read_text("utf-8")
+def chat_page(feedback: bool = False) -> str:
+    """The chat page (static/index.html), served at GET /; with `feedback`, its rating controls are on."""
+    page = resources.files("lmforge.serve").joinpath("static/index.html").read_text("utf-8")
+    return page.replace("<body>", '<body data-feedback="on">', 1) if feedback else page
 
 
 def page_headers() -> dict[str, str]:

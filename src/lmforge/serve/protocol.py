@@ -154,6 +154,14 @@ def parse_request(body: bytes, schema: type[Schema]) -> Schema:
         raise ApiError(400, "request body is nested too deeply") from None
 
 
+def check_text(text: str, param: str) -> None:
+    """400 naming `param` for text that is not valid Unicode (a lone surrogate, "\\ud800" in JSON)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ApiError(400, f"{param}: not valid Unicode (lone surrogate)", param=param) from None
+
+
 def sse(data: Any, ensure_ascii: bool = False) -> str:
     """One server-sent event carrying `data` as JSON."""
     return f"data: {json.dumps(data, ensure_ascii=ensure_ascii)}\n\n"
@@ -195,6 +203,7 @@ __all__ = [
     "SamplingFields",
     "StreamOptions",
     "TextPart",
+    "check_text",
     "choice_body",
     "delta_body",
     "parse_request",

@@ -1,5 +1,5 @@
 """The endpoints: /health, /v1/models, /v1/completions, /v1/chat/completions (JSON or SSE), /v1/embeddings
-(serve.embeddings), the chat page.
+(serve.embeddings), /v1/feedback (serve.feedback; 404 unless feedback.enabled), the chat page.
 
 A completion request goes through `admit` (rate limit, body cap, schema, prompts, sampling, token
 budget), then a `Generation` puts its choices on the engine's worker and gathers their events, into
@@ -22,6 +22,7 @@ from lmforge.infer.sampling import SamplingParams
 from lmforge.serve.batcher import DONE, EngineFailure, Job, QueueFull
 from lmforge.serve.edge import chat_page, log, page_headers
 from lmforge.serve.embeddings import embeddings
+from lmforge.serve.feedback import feedback_record, parse_feedback
 from lmforge.serve.filters import OutputFilter
 from lmforge.serve.limits import BodyTimeout, BodyTooLarge, RateLimited, TooLarge
 from lmforge.serve.protocol import (
@@ -288,6 +289,28 @@ async def generate(state: ServerState, request: Any, chat: bool) -> Any:
     return event_stream(gen.events(), gen.finish)
 
 
+async def feedback(state: ServerState, request: Any) -> dict[str, Any]:
+    """POST /v1/feedback: one rating or comparison, on disk (fsynced) before the answer."""
+    if state.feedback is None:
+        raise ApiError(
+            404,
+            "feedback is off on this server (start it with feedback.enabled=true)",
+            type="not_found",
+            code="feedback_disabled",
+        )
+    try:
+        _, _, body = await state.admit_body(request)
+    except RateLimited as e:
+        raise ApiError(
+            429, str(e), type="rate_limit_exceeded", headers={"Retry-After": str(e.retry_after)}
+        ) from None
+    fb = parse_feedback(body, state.cfg.feedback)
+    state.check_model(fb.model)
+    record = feedback_record(fb, state.model_id, request.scope.get("lmforge.key"))
+    await asyncio.to_thread(state.feedback.append, record)
+    return {"object": "feedback", "id": record["id"], "recorded": True}
+
+
 def add_error_handlers(app: Any) -> None:
     """Every error, ours or the framework's, answered in OpenAI's error shape."""
     from fastapi.exceptions import RequestValidationError
@@ -359,7 +382,11 @@ def add_routes(app: Any, state: ServerState) -> None:
     async def embeddings_route(request: Request) -> Any:
         return await embeddings(state, request)
 
-    page = chat_page()
+    @app.post("/v1/feedback")
+    async def feedback_route(request: Request) -> Any:
+        return await feedback(state, request)
+
+    page = chat_page(feedback=state.feedback is not None)
 
     @app.get("/")
     async def index() -> Any:
@@ -374,5 +401,6 @@ __all__ = [
     "add_routes",
     "admit",
     "event_stream",
+    "feedback",
     "generate",
 ]

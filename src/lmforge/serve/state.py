@@ -19,10 +19,11 @@ from lmforge.infer.sampling import SamplingParams
 from lmforge.infer.watermark import Watermark, WatermarkConfig
 from lmforge.serve.audit_trail import ServerAudit
 from lmforge.serve.batcher import Batcher
+from lmforge.serve.feedback import FeedbackConfig, FeedbackLog
 from lmforge.serve.filters import OutputFilter
 from lmforge.serve.guard import is_json_type
 from lmforge.serve.limits import RateLimiter, read_capped
-from lmforge.serve.protocol import ApiError, ApiRequest, ChatRequest, CompletionRequest
+from lmforge.serve.protocol import ApiError, ApiRequest, ChatRequest, CompletionRequest, check_text
 from lmforge.tokenizer import Tokenizer
 
 
@@ -64,6 +65,11 @@ class ServeConfig(Section):
         default_factory=WatermarkConfig,
         description="watermark every sampled answer with a keyed green list (docs/watermark.md)",
     )
+    feedback: FeedbackConfig = Field(
+        default_factory=FeedbackConfig,
+        description="record ratings and comparisons of answers from the chat page and POST /v1/feedback "
+        "(docs/feedback.md)",
+    )
     requests_per_minute: int = Field(120, ge=0, description="per-key request limit (0 = none)")
     tokens_per_minute: int = Field(
         200_000, ge=0, description="per-key prompt + generated tokens limit (0 = none)"
@@ -91,13 +97,6 @@ class ServeConfig(Section):
     log_prompts: bool = Field(False, description="log prompt text (off: logs never hold prompts or outputs)")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="server log level")
     encryption: EncryptionConfig = encryption_field()
-
-
-def check_text(text: str, param: str) -> None:
-    try:
-        text.encode("utf-8")  # lone surrogates ("\ud800" in JSON) are not text
-    except UnicodeEncodeError:
-        raise ApiError(400, f"{param}: not valid Unicode (lone surrogate)", param=param) from None
 
 
 def stop_strings(req: ApiRequest) -> list[str]:
@@ -172,10 +171,14 @@ class ServerState:
         self.chat_stop_ids = sorted({int(i) for i in tokenizer.special_tokens.values()})
         self.created = int(time.time())
         self.audit = ServerAudit()
+        # Opened (or refused: ConfigError) before the engine's worker starts.
+        self.feedback = FeedbackLog(cfg.feedback.path) if cfg.feedback.enabled else None
         self.batcher.start()
 
     def close(self) -> None:
         self.batcher.close()
+        if self.feedback is not None:
+            self.feedback.close()
         self.audit.close({"model": self.cfg.model, "host": self.cfg.host, "port": self.cfg.port})
 
     # -- request -> prompts + sampling params ----------------------------------------------------------
