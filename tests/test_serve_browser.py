@@ -7,10 +7,12 @@ skipped with that reason when they are absent.
 
 from __future__ import annotations
 
+import json
 import shutil
 import tempfile
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -114,6 +116,8 @@ def test_chat_page_streams_an_answer(browser: Any) -> None:
                     "content"
                 ]
             assert shown == expected and len(shown) > 0
+            assert not browser.find_elements(By.CSS_SELECTOR, ".fb")  # feedback is off: no controls
+            assert not browser.find_element(By.ID, "feedback-note").is_displayed()
             users = browser.find_elements(By.CSS_SELECTOR, ".msg.user")
             assert [u.text for u in users] == ["Hello there"]
             # A second turn sends the history along: the prompt is longer than the first one's.
@@ -124,6 +128,58 @@ def test_chat_page_streams_an_answer(browser: Any) -> None:
             browser.find_element(By.ID, "clear").click()
             assert not browser.find_elements(By.CSS_SELECTOR, ".msg")
             assert "No messages yet" in browser.find_element(By.ID, "hint").text  # back after clear
+    finally:
+        close(app)
+
+
+def _wait_text(element: Any, text: str, timeout: float = 60) -> None:
+    t0 = time.monotonic()
+    while text not in element.text and time.monotonic() - t0 < timeout:
+        time.sleep(0.1)
+    assert text in element.text, element.text
+
+
+def test_chat_page_records_feedback(browser: Any, tmp_path: Path) -> None:
+    """With feedback on: the page says so, a thumbs up and a comparison land in the log on disk."""
+    from selenium.webdriver.common.by import By
+
+    log = tmp_path / "feedback.jsonl"
+    app = make_app(default_max_tokens=12, feedback={"enabled": True, "path": str(log)})
+    try:
+        with BackgroundServer(app) as srv:
+            browser.get(srv.url + "/")
+            note = browser.find_element(By.ID, "feedback-note")
+            assert note.is_displayed() and "recorded" in note.text
+            field = browser.find_element(By.ID, "temperature")
+            field.clear()
+            field.send_keys("0")
+            answer = _chat(browser, "Hello there")
+            assert answer.get_attribute("data-state") == "done", answer.text
+            shown = browser.execute_script("return arguments[0].firstChild.textContent", answer)
+            answer.find_element(By.CSS_SELECTOR, ".fb-up").click()
+            status = answer.find_element(By.CSS_SELECTOR, ".fb-status")
+            _wait_text(status, "feedback recorded")
+            [up] = [json.loads(line) for line in log.read_text(encoding="utf-8").splitlines()]
+            assert (up["kind"], up["rating"], up["answer"], up["model"]) == (
+                "rating",
+                "up",
+                shown,
+                "tiny-test",
+            )
+            assert up["messages"] == [{"role": "user", "content": "Hello there"}]
+            # compare: two samples at temperature 1 (greedy would repeat itself); pick B
+            answer.find_element(By.CSS_SELECTOR, ".fb-compare").click()
+            _wait_text(status, "which answer is better?")
+            options = answer.find_elements(By.CSS_SELECTOR, ".fb-option")
+            options[1].find_element(By.CSS_SELECTOR, ".fb-pick").click()
+            _wait_text(status, "feedback recorded")
+            records = [json.loads(line) for line in log.read_text(encoding="utf-8").splitlines()]
+            assert len(records) == 2 and records[1]["kind"] == "comparison" and records[1]["choice"] == 1
+            texts = browser.execute_script(
+                "return [...arguments[0]].map(o => o.firstChild.textContent.slice(0, -1))", options
+            )
+            assert records[1]["answers"] == texts and texts[0] != texts[1]
+            assert "chosen" in (options[1].get_attribute("class") or "")
     finally:
         close(app)
 
