@@ -5,7 +5,9 @@
 
 Routes: `GET /health` (no key), `GET /v1/models`, `POST /v1/completions`, `POST /v1/chat/completions`
 (`stream: true` for server-sent events; `response_format: {"type": "json_object"}` constrains the answer to
-a JSON object), `POST /v1/embeddings` (mean-pooled final hidden states), `GET /` (the chat page). Any OpenAI client works:
+a JSON object), `POST /v1/embeddings` (mean-pooled final hidden states), `POST /v1/feedback` (ratings
+and comparisons of answers, with `feedback.enabled`: serve.feedback), `GET /` (the chat page). Any OpenAI
+client works:
 `OpenAI(base_url="http://127.0.0.1:8000/v1", api_key=...)`.
 
 What a request goes through, in order (each refusal is an OpenAI-style `{"error": {...}}`):
