@@ -130,7 +130,8 @@ def parse_feedback(body: bytes, cfg: FeedbackConfig) -> Feedback:
         raise ApiError(400, "request body must be a JSON object")
     kind = obj.get("kind")
     if kind not in KINDS:
-        raise ApiError(400, f"kind: expected 'rating' or 'comparison', got {str(kind)[:40]!r}", param="kind")
+        # The message names the field, never echoes the value: refusal reasons go to the audit log.
+        raise ApiError(400, "kind: expected 'rating' or 'comparison'", param="kind")
     schema: type[Rating] | type[Comparison] = Rating if kind == "rating" else Comparison
     try:
         fb = schema.model_validate(obj)
