@@ -1,6 +1,6 @@
 """Human feedback: POST /v1/feedback (strict validation, 404 when off, keys, durable one-line records that
-survive a kill -9 of the real `lmforge serve`) and `lmforge data feedback` (log -> exactly the expected
-preference pairs, which align dpo's loader accepts)."""
+survive a kill -9 of the real `lmforge serve`, under -m slow) and `lmforge data feedback` (log -> exactly
+the expected preference pairs, which align dpo's loader accepts)."""
 
 from __future__ import annotations
 
@@ -51,6 +51,7 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+@pytest.mark.slow  # a child process imports torch and loads a model: 5-35 s
 def test_records_survive_kill_9_of_the_server(tmp_path: Path) -> None:
     model, tok = tiny_model()
     folder = tmp_path / "tiny-hf"
@@ -208,12 +209,6 @@ def test_a_torn_last_line_does_not_swallow_the_next_record(tmp_path: Path) -> No
     assert lines == ['{"kind": "rating"}', '{"kind": "rat', '{"kind":"comparison"}']
 
 
-def test_unwritable_path_is_a_config_error(tmp_path: Path) -> None:
-    (tmp_path / "file").write_text("")
-    with pytest.raises(Exception, match=r"feedback.path .*file/x.jsonl: cannot open for appending"):
-        make_app(feedback={"enabled": True, "path": str(tmp_path / "file" / "x.jsonl")})
-
-
 def write_log(path: Path, events: list[Any]) -> None:
     lines = [e if isinstance(e, str) else json.dumps({"model": "m1", **e}) for e in events]
     path.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
@@ -284,3 +279,32 @@ def test_data_feedback_bad_lines(tmp_path: Path, capsys: pytest.CaptureFixture[s
     write_log(log, [rating("x", True)])
     assert cli_main(["data", "feedback", f"input={log}", f"output={tmp_path / 'c'}"]) == 2
     assert "no preference pairs (1 events" in capsys.readouterr().err
+
+
+def test_a_failing_disk_is_a_503_and_the_server_lives_on(tmp_path: Path) -> None:
+    app = make_app(feedback={"enabled": True, "path": str(tmp_path / "feedback.jsonl")})
+    try:
+        with BackgroundServer(app) as srv:
+            os.close(app.state.feedback._fd)  # the descriptor gone: every write fails with EBADF
+            app.state.feedback._fd = os.open(os.devnull, os.O_RDONLY)
+            r = httpx.post(srv.url + "/v1/feedback", json=rating("a", True))
+            assert r.status_code == 503 and "not be recorded" in r.json()["error"]["message"]
+            assert httpx.get(srv.url + "/health").status_code == 200
+    finally:
+        close(app)
+
+
+@pytest.mark.slow  # a child process imports torch and loads a model: 5-35 s
+def test_serve_refuses_an_unwritable_feedback_path_before_loading(tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("")
+    cmd = [sys.executable, "-m", "lmforge", "serve", str(tmp_path / "no-model"), "feedback.enabled=true"]
+    cmd.append(f"feedback.path={tmp_path / 'file' / 'x.jsonl'}")
+    proc = subprocess.run(
+        cmd,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "LMFORGE_API_KEYS": ""},
+    )
+    assert proc.returncode == 2
+    assert f"feedback.path {tmp_path / 'file' / 'x.jsonl'}: cannot open for appending" in proc.stderr

@@ -44,6 +44,7 @@ from lmforge.model.source import load_model
 from lmforge.serve.audit_trail import config_hash
 from lmforge.serve.auth import check_bind, fingerprint, load_keys
 from lmforge.serve.edge import Edge, log
+from lmforge.serve.feedback import FeedbackLog
 from lmforge.serve.filters import OutputFilter
 from lmforge.serve.routes import add_error_handlers, add_routes
 from lmforge.serve.state import ServeConfig, ServerState
@@ -112,6 +113,8 @@ def main(argv: list[str]) -> int:
     check_bind(cfg.host, keys)
     if cfg.output_wordlist:
         OutputFilter.from_file(cfg.output_wordlist)  # fail before loading the model
+    if cfg.feedback.enabled:
+        FeedbackLog(cfg.feedback.path).close()  # an unwritable feedback.path fails before the model loads
     try:
         import uvicorn
     except ImportError:

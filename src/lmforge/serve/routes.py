@@ -307,7 +307,11 @@ async def feedback(state: ServerState, request: Any) -> dict[str, Any]:
     fb = parse_feedback(body, state.cfg.feedback)
     state.check_model(fb.model)
     record = feedback_record(fb, state.model_id, request.scope.get("lmforge.key"))
-    await asyncio.to_thread(state.feedback.append, record)
+    try:
+        await asyncio.to_thread(state.feedback.append, record)
+    except OSError as e:  # a full or failing disk: say it was not recorded, the server lives on
+        log.error("feedback log %s: not written (%s)", state.feedback.path, e.strerror)
+        raise ApiError(503, "feedback could not be recorded; try again later", type="server_error") from None
     return {"object": "feedback", "id": record["id"], "recorded": True}
 
 
