@@ -49,7 +49,8 @@ class ParamSpec(Section):
 
 class TrainTarget(Section):
     command: Literal["pretrain", "finetune", "align dpo", "align reward"] = Field(
-        ..., description="the training command each trial runs: pretrain | finetune | align dpo | align reward"
+        ...,
+        description="the training command each trial runs: pretrain | finetune | align dpo | align reward",
     )
     config: str = Field(..., description="that command's YAML config (the base of every trial)")
     fixed: dict[str, Any] = Field(
