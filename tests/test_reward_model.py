@@ -13,6 +13,7 @@ import math
 import random
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -310,7 +311,10 @@ def test_eval_scores_a_responses_jsonl(trained: Path, setup: dict[str, Path], tm
     from lmforge.cli import main
 
     recs = [json.loads(x) for x in setup["eval"].read_text().splitlines()][:10]
-    rows = [{"prompt": r["prompt"], "response": r[k]} for r in recs for k in ("chosen", "rejected")]
+    rows: list[dict[str, object]] = [
+        {"prompt": r["prompt"], "response": r[k]} for r in recs for k in ("chosen", "rejected")
+    ]
+    rows.append({"prompt": [{"role": "user", "content": recs[0]["prompt"]}], "response": recs[0]["chosen"]})
     data = write_jsonl(tmp_path / "responses.jsonl", rows)
     out = tmp_path / "scores"
     assert (
@@ -319,12 +323,13 @@ def test_eval_scores_a_responses_jsonl(trained: Path, setup: dict[str, Path], tm
     )
     report = json.loads((out / "report.json").read_text())["scores"]
     model, tok = load_reward_model(trained / "model")
-    want = score_texts(model, tok, [r["prompt"] for r in rows], [r["response"] for r in rows], batch_size=20)
-    assert report["n"] == 20 and report["scores"] == pytest.approx(want, abs=1e-5)
-    mean = sum(want) / 20
+    prompts: list[Any] = [r["prompt"] for r in rows]
+    want = score_texts(model, tok, prompts, [str(r["response"]) for r in rows], batch_size=21)
+    assert report["n"] == 21 and report["scores"] == pytest.approx(want, abs=1e-5)
+    mean = sum(want) / 21
     assert report["mean"] == pytest.approx(mean, abs=1e-5)
-    assert report["std"] == pytest.approx(math.sqrt(sum((w - mean) ** 2 for w in want) / 20), abs=1e-5)
-    assert sum(report["scores"][0::2]) > sum(report["scores"][1::2])  # chosen ("Ay, ") scores higher
+    assert report["std"] == pytest.approx(math.sqrt(sum((w - mean) ** 2 for w in want) / 21), abs=1e-5)
+    assert sum(report["scores"][0:20:2]) > sum(report["scores"][1:20:2])  # chosen ("Ay, ") scores higher
 
 
 def test_bad_input_is_one_line_exit_2(
@@ -362,3 +367,37 @@ def test_grpo_reward_function_scores_completions(trained: Path) -> None:
     assert got == pytest.approx(want, abs=1e-6) and len(got) == 2
     cfg = RewardModelRewardConfig.model_validate({"kind": "reward_model", "path": "x", "weight": 0.5})
     assert cfg.batch_size == 8 and cfg.weight == 0.5
+
+
+def test_an_untied_decoder_saves_without_its_lm_head_and_loads_back(tok: Tokenizer, tmp_path: Path) -> None:
+    """The LM head a reward model never reads is dropped; transformers and our loader agree on the scores."""
+    import transformers
+
+    from lmforge.model.reward import pad_rows, save_reward_hf
+
+    cfg = ModelConfig(
+        vocab_size=VOCAB, dim=32, n_layers=1, n_heads=2, n_kv_heads=1, hidden_dim=64, max_seq_len=64,
+        tie_embeddings=False,
+    )  # fmt: skip
+    model = RewardModel(build_model(cfg, seed=3), tok.pad_id, seed=4)
+    assert model.backbone.output is None and model.cfg.tie_embeddings
+    save_reward_hf(model, tok, tmp_path / "rm")
+    rows = [encode_scored(tok, "To be, or not\n", r) for r in ("to be", "that is the question")]
+    rows.append(encode_scored(tok, [{"role": "user", "content": "Speak"}], "Ay"))
+    ids = pad_rows(rows, tok.pad_id)
+    mask = (torch.arange(ids.shape[1])[None] < torch.tensor([len(r) for r in rows])[:, None]).long()
+    hf = transformers.AutoModelForSequenceClassification.from_pretrained(str(tmp_path / "rm")).eval()
+    loaded, _ = load_reward_model(tmp_path / "rm")
+    with torch.no_grad():
+        ours, back, theirs = model(ids), loaded(ids), hf(input_ids=ids, attention_mask=mask).logits[:, 0]
+    assert torch.equal(ours, back) and torch.allclose(ours, theirs, atol=1e-5, rtol=0)
+
+
+def test_eval_needs_one_of_its_two_modes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from lmforge.cli import main
+
+    assert main(["eval", f"output={tmp_path / 'o'}"]) == 2
+    assert "give model and tasks (or reward_model and data" in capsys.readouterr().err
+    assert main(["eval", "reward_model=x", "model=y", f"data={tmp_path}", f"output={tmp_path / 'o'}"]) == 2
+    err = capsys.readouterr().err.lower()
+    assert "reward_model: give data (a responses jsonl), and no model or tasks" in err
