@@ -53,6 +53,7 @@ SUBSTITUTIONS: list[tuple[str, str]] = [
     (CMD + r"lmforge pretrain .*)$", rf"\1 {TINY_PRETRAIN}"),
     (CMD + r"lmforge finetune .*)$", rf"\1 seq_len=64 {TINY_TRAIN} eval.every=0"),
     (CMD + r"lmforge align dpo .*)$", rf"\1 {TINY_TRAIN} max_len=64 max_prompt_len=32 eval.every=0"),
+    (CMD + r"lmforge align reward .*)$", rf"\1 {TINY_TRAIN} max_len=64 max_prompt_len=32 eval.every=0"),
     (CMD + r"lmforge (generate|chat) .*)$", r"\1 sampling.max_tokens=4"),
     (CMD + r"lmforge generate .*watermark.*)$", r"\1 sampling.max_tokens=48"),  # enough tokens to detect
     (CMD + r"lmforge generate .*plain\.jsonl.*)$", r"\1 sampling.max_tokens=48"),

@@ -62,6 +62,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "finetune": ("lmforge.train.finetune:main", "supervised fine-tuning: full, LoRA or QLoRA"),
     "lora merge": ("lmforge.train.lora_merge:main", "fold a LoRA adapter into its base model"),
     "align dpo": ("lmforge.train.dpo:main", "direct preference optimisation on chosen/rejected pairs"),
+    "align reward": (
+        "lmforge.train.reward:main",
+        "train a reward model (Bradley-Terry) on chosen/rejected pairs",
+    ),
     "sweep": (
         "lmforge.sweep.run:main",
         "Optuna hyperparameter sweep over a training command's config keys, with pruning",

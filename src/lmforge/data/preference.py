@@ -13,13 +13,14 @@ prompt is the template with the generation prompt (`<|im_start|>assistant\\n`), 
 full conversation adds after it (`5<|im_end|>\\n`), so the end-of-turn marker is a trained target.
 
 Each pair becomes two rows, chosen and rejected, sharing the prompt; labels are the next token on the
-response and -100 on the prompt. A pair longer than `max_len` keeps the end of its prompt (at most
+response and -100 on the prompt. An optional numeric "margin" per record stays with its pair (the
+reward model's Bradley-Terry loss subtracts it; DPO ignores it). A pair longer than `max_len` keeps the end of its prompt (at most
 `max_prompt_len` tokens) and then the start of each response; such pairs are counted as truncated.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -48,6 +49,7 @@ class Pair:
     rejected: np.ndarray
     prompt_len: int
     line: int  # where it came from, for messages about it
+    margin: float = 0.0  # optional per-record "margin": how much better chosen is (reward models use it)
 
 
 @dataclass
@@ -135,6 +137,13 @@ class PairEncoder:
                     raise DataError(f"{where}: {key}[{i}] contains the special token {special!r}")
 
 
+def _margin(rec: dict[str, Any], where: str) -> float:
+    m = rec.get("margin", 0.0)
+    if isinstance(m, bool) or not isinstance(m, (int, float)) or m != m:
+        raise DataError(f"{where}: key 'margin' must be a number, got {m!r:.40}")
+    return float(m)
+
+
 def _fit(
     prompt: list[int], chosen: list[int], rejected: list[int], max_len: int, max_prompt_len: int
 ) -> tuple[list[int], list[int], list[int], bool]:
@@ -165,6 +174,7 @@ def load_pairs(
     for line, rec in iter_jsonl(Path(path)):
         stats.records += 1
         prompt, chosen, rejected, chat = enc.encode(rec, f"{path}:{line}")
+        margin = _margin(rec, f"{path}:{line}")
         prompt, chosen, rejected, cut = _fit(prompt, chosen, rejected, max_len, max_prompt_len)
         if chosen == rejected:
             stats.identical += 1
@@ -178,6 +188,7 @@ def load_pairs(
                 rejected=np.asarray(prompt + rejected, dtype=np.int64),
                 prompt_len=len(prompt),
                 line=line,
+                margin=margin,
             )
         )
     stats.pairs = len(pairs)
@@ -239,6 +250,7 @@ class PairSampler:
         rank: int = 0,
         world_size: int = 1,
         seed: int = 0,
+        collate_fn: Callable[..., dict[str, torch.Tensor]] = collate,
     ) -> None:
         assert global_batch % (micro_batch * world_size) == 0, "checked by the config"
         assert pairs, "checked by load_pairs"
@@ -251,6 +263,7 @@ class PairSampler:
         self.world_size = world_size
         self.seed = seed
         self.order = EpochOrder(len(pairs), seed)
+        self.collate = collate_fn  # DPO's shifted rows, or a reward model's whole sequences
 
     @property
     def accum_steps(self) -> int:
@@ -266,11 +279,25 @@ class PairSampler:
         for m in range(self.accum_steps):
             idx = rows[m * self.micro_batch : (m + 1) * self.micro_batch]
             ref = self.ref[torch.from_numpy(idx)] if self.ref is not None else None
-            out.append(collate([self.pairs[int(i)] for i in idx], self.pad_id, ref))
+            out.append(self.collate([self.pairs[int(i)] for i in idx], self.pad_id, ref))
         return out
 
     def state(self, step: int) -> dict[str, int]:
         return {"seed": self.seed, "step": step, "global_batch": self.global_batch, "pairs": len(self.pairs)}
+
+
+def score_collate(
+    pairs: Sequence[Pair], pad_id: int, ref: torch.Tensor | None = None
+) -> dict[str, torch.Tensor]:
+    """A reward model's batch: whole sequences [chosen_0..chosen_{m-1}, rejected_0..rejected_{m-1}]
+    right-padded with `pad_id` (2m, T), each pair's `margin` (m,) and `count` (m,) ones (per-pair loss)."""
+    del ref  # no reference model
+    seqs = [p.chosen for p in pairs] + [p.rejected for p in pairs]
+    ids = torch.full((len(seqs), max(len(s) for s in seqs)), pad_id, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, : len(s)] = torch.from_numpy(s)
+    margin = torch.tensor([p.margin for p in pairs], dtype=torch.float32)
+    return {"input_ids": ids, "margin": margin, COUNT: torch.ones(len(pairs))}
 
 
 def fixed_batches(pairs: list[Pair], batch_size: int) -> list[list[int]]:

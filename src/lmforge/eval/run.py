@@ -10,6 +10,12 @@
       - {type: generation, data: qa.jsonl, prompt_field: question, reference_field: answer, max_tokens: 32}
       - {type: multiple_choice, name: arc-mini, data: arc.jsonl}         # {"query", "choices", "gold"}
 
+    lmforge eval reward_model=runs/rm/model data=responses.jsonl output=runs/rm/scores
+
+With `reward_model` (an `lmforge align reward` model/ folder) and `data` ({"prompt", "response"} JSONL)
+instead of `model` and `tasks`, eval scores each response: report.json holds n, mean, std, min, max and
+every row's score in file order.
+
 The output directory appears atomically and holds report.json, report.md, config.yaml and manifest.json.
 """
 
@@ -21,7 +27,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 from rich.console import Console
 
 from lmforge.config import EncryptionConfig, Section, capped, encryption_field, parse_command, save_config
@@ -29,9 +35,11 @@ from lmforge.data.manifest import ensure_verified, write_manifest
 from lmforge.device import pick_device
 from lmforge.errors import DataError
 from lmforge.eval import perplexity, tasks
+from lmforge.eval.reward_score import score_responses
 from lmforge.infer.engine import Engine
 from lmforge.io import atomic_write_json, atomic_write_text, check_output, staged_output
 from lmforge.model.hub import pinned
+from lmforge.model.reward import load_reward_model
 from lmforge.model.source import load_model
 from lmforge.progress import Progress
 
@@ -77,11 +85,17 @@ Task = Annotated[PerplexityTask | GenerationTask | MultipleChoiceTask, Field(dis
 
 
 class EvalConfig(Section):
-    model: str = Field(
-        ..., description="HF folder, hub id ORG/NAME[@REV], lmforge run / model folder, or checkpoint"
+    model: str | None = Field(
+        None, description="HF folder, hub id ORG/NAME[@REV], lmforge run / model folder, or checkpoint"
     )
     output: str = Field(..., description="report directory (report.json, report.md)")
-    tasks: list[Task] = Field(..., min_length=1, description="tasks to run (see docs/eval.md)")
+    tasks: list[Task] = Field(default_factory=list, description="tasks to run (see docs/eval.md)")
+    reward_model: str | None = Field(
+        None, description="instead of model + tasks: a reward model folder (`lmforge align reward` model/)"
+    )
+    data: str | None = Field(None, description='with reward_model: JSONL of {"prompt", "response"} to score')
+    prompt_field: str = Field("prompt", description="with reward_model: field holding the prompt")
+    response_field: str = Field("response", description="with reward_model: field holding the response")
     batch_size: int = Field(8, ge=1, description="sequences per forward pass")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="where to run")
     threads: int | None = Field(None, ge=1, description="torch CPU threads (null = torch default)")
@@ -90,11 +104,21 @@ class EvalConfig(Section):
     overwrite: bool = Field(False, description="replace an existing report directory")
     encryption: EncryptionConfig = encryption_field()
 
+    @model_validator(mode="after")
+    def _one_mode(self) -> EvalConfig:
+        if self.reward_model is not None:
+            if self.data is None or self.model is not None or self.tasks:
+                raise ValueError("reward_model: give data (a responses JSONL), and no model or tasks")
+        elif self.model is None or not self.tasks:
+            raise ValueError("give model and tasks (or reward_model and data to score responses)")
+        return self
+
 
 CONFIG = EvalConfig
 DESCRIPTION = (
     "Evaluate a model: perplexity and bits per byte on token shards or text files, generation tasks "
-    "(BLEU, exact match) and multiple-choice tasks (acc, acc_norm) from local JSONL."
+    "(BLEU, exact match) and multiple-choice tasks (acc, acc_norm) from local JSONL; or score a JSONL "
+    "of responses with a reward model (reward_model=DIR data=FILE)."
 )
 EXAMPLE = "lmforge eval -c eval.yaml model=runs/demo/pretrain output=runs/demo/eval"
 
@@ -176,6 +200,13 @@ def _fmt(v: Any) -> str:
 
 
 def report_markdown(report: dict[str, Any]) -> str:
+    if "reward_model" in report:
+        r = report["scores"]
+        return (
+            f"# Reward-model scores of `{report['data']}` by `{report['reward_model']}`\n\n| n | mean | std | "
+            f"min | max |\n|---|---|---|---|---|\n| {r['n']} | {r['mean']:.4f} | {r['std']:.4f} | {r['min']:.4f} "
+            f"| {r['max']:.4f} |\n"
+        )
     lines = [f"# Evaluation of `{report['model']}`", ""]
     metrics = ("loss", "perplexity", "bits_per_byte", "tokens", "acc", "acc_norm", "bleu", "exact_match", "n")
     lines += ["| task | type | " + " | ".join(metrics) + " | seconds |", "|" + "---|" * (len(metrics) + 3)]
@@ -198,14 +229,20 @@ def report_markdown(report: dict[str, Any]) -> str:
 def run(cfg: EvalConfig) -> dict[str, Any]:
 
     console = Console(stderr=True)
-    cfg = cfg.model_copy(update={"model": pinned(cfg.model)})  # a hub id's commit, saved in config.yaml
+    if cfg.model is not None:  # a hub id's commit, saved in config.yaml
+        cfg = cfg.model_copy(update={"model": pinned(cfg.model)})
     check_output(Path(cfg.output), cfg.overwrite)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
+    if cfg.reward_model is not None:
+        report = _score(cfg, console)
+        _write(cfg, report)
+        return report
     names = [_task_name(t) for t in cfg.tasks]
     if len(set(names)) != len(names):
         raise DataError(f"tasks: two tasks share a name ({names}); give them distinct `name`s")
+    assert cfg.model is not None
     model, tok = load_model(cfg.model, device=pick_device(cfg.device))
     engine = Engine(model, tok, max_batch_size=cfg.batch_size)
     t0 = time.perf_counter()
@@ -218,13 +255,35 @@ def run(cfg: EvalConfig) -> dict[str, Any]:
         console.print(f"  {shown}")
         results.append({"name": name, "type": task.type, "metrics": metrics})
     report = {"model": cfg.model, "tasks": results, "seconds": time.perf_counter() - t0}
+    _write(cfg, report)
+    console.print(f"eval: report -> {cfg.output}/report.md")
+    return report
+
+
+def _score(cfg: EvalConfig, console: Console) -> dict[str, Any]:
+    """The reward-model mode: every response of `data` scored."""
+    assert cfg.reward_model is not None and cfg.data is not None
+    model, tok = load_reward_model(cfg.reward_model, device=pick_device(cfg.device))
+    t0 = time.perf_counter()
+    scores = score_responses(
+        model,
+        tok,
+        cfg.data,
+        prompt_field=cfg.prompt_field,
+        response_field=cfg.response_field,
+        batch_size=cfg.batch_size,
+    )
+    console.print(f"eval: {scores['n']} responses, mean score {scores['mean']:.4f}, std {scores['std']:.4f}")
+    elapsed = time.perf_counter() - t0
+    return {"reward_model": cfg.reward_model, "data": cfg.data, "scores": scores, "seconds": elapsed}
+
+
+def _write(cfg: EvalConfig, report: dict[str, Any]) -> None:
     with staged_output(Path(cfg.output), overwrite=cfg.overwrite, resume=False) as stage:
         atomic_write_json(stage / "report.json", report)
         atomic_write_text(stage / "report.md", report_markdown(report))
         save_config(cfg, stage, COMMAND)
         write_manifest(stage, stage=COMMAND)
-    console.print(f"eval: report -> {cfg.output}/report.md")
-    return report
 
 
 def main(argv: list[str]) -> int:

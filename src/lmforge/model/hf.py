@@ -87,6 +87,13 @@ ARCHITECTURES: dict[str, tuple[str, str, tuple[Rule, ...]]] = {
     "GPT2LMHeadModel": ("gpt2", "gpt2", _GPT2),
 }
 KEY_MAPS = {arch: rules for arch, (_, _, rules) in ARCHITECTURES.items()}
+# Reward models (model/reward.py): the same decoder under a scalar `score` head instead of `lm_head`.
+SEQUENCE_CLASSIFIERS = {
+    "LlamaForSequenceClassification": "LlamaForCausalLM",
+    "MistralForSequenceClassification": "MistralForCausalLM",
+    "Qwen2ForSequenceClassification": "Qwen2ForCausalLM",
+}
+SCORE_KEY = "score.weight"
 
 # Checkpoint entries that are buffers, not weights: skipped on load.
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq", ".attn.bias", ".attn.masked_bias")
@@ -143,6 +150,8 @@ def _architecture(d: dict[str, Any]) -> str:
     for a in archs:
         if a in ARCHITECTURES:
             return a
+        if a in SEQUENCE_CLASSIFIERS:  # its decoder; the score head is read by model/reward.py
+            return SEQUENCE_CLASSIFIERS[a]
     by_type = {mt: a for a, (mt, _, _) in ARCHITECTURES.items()}
     if not archs and d.get("model_type") in by_type:
         return by_type[d["model_type"]]
@@ -393,6 +402,8 @@ def load_hf(
             found[key] = t
         elif key == "lm_head.weight" and cfg.tie_embeddings:
             continue  # some tied checkpoints store the shared weight twice
+        elif key == SCORE_KEY and set(hf_cfg.get("architectures") or []) & set(SEQUENCE_CLASSIFIERS):
+            continue  # a reward model's head: not part of the decoder
         elif not key.endswith(_IGNORED_SUFFIXES):
             unexpected.append(key)
     missing = [k for k in expected if k not in found]

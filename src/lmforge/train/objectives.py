@@ -146,3 +146,34 @@ def reward_metrics(sums: torch.Tensor) -> dict[str, float]:
         "reward_chosen": float(sums[3]) / n,
         "reward_rejected": float(sums[4]) / n,
     }
+
+
+# -- reward models (Bradley-Terry) ------------------------------------------------------------------------
+def bradley_terry_loss(chosen: torch.Tensor, rejected: torch.Tensor, margin: torch.Tensor) -> torch.Tensor:
+    """Per-pair -logsigmoid(r_chosen - r_rejected - margin) (Ouyang et al. 2022; margin as in Llama 2)."""
+    return -F.logsigmoid(chosen - rejected - margin)
+
+
+class RewardObjective:
+    """`(reward model, batch) -> (summed pair losses, pairs)` on rows [chosen..., rejected...] (whole
+    sequences, data/preference.py:score_collate). Score statistics accumulate until `pop_metrics()`."""
+
+    def __init__(self) -> None:
+        self._sums = torch.zeros(5, dtype=torch.float64)
+
+    def pair_terms(self, model: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(losses, chosen scores, rejected scores) of the batch's pairs."""
+        scores = model(batch["input_ids"]).float()  # (2m,)
+        m = scores.shape[0] // 2
+        margin = batch["margin"].to(scores.device, scores.dtype)
+        return bradley_terry_loss(scores[:m], scores[m:], margin), scores[:m].detach(), scores[m:].detach()
+
+    def __call__(self, model: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        losses, chosen, rejected = self.pair_terms(model, batch)
+        self._sums += reward_sums(chosen, rejected)
+        return losses.sum(), torch.tensor(losses.shape[0])
+
+    def pop_metrics(self) -> dict[str, float]:
+        sums = all_reduce_sum(self._sums.clone())
+        self._sums.zero_()
+        return reward_metrics(sums)
