@@ -142,20 +142,25 @@ def isolation(requested: Mode = "auto") -> Isolation:
     )
 
 
-def _live_pids_of(uid: int) -> list[int]:
-    """Pids of processes (not zombies) whose real uid is `uid`."""
+def _run_tag(uid: int) -> str:
+    return f"{MARKER} run={uid}\n"
+
+
+def _live_pids(uid: int, own_uid: bool) -> list[int]:
+    """Live (not zombie) processes of one run: by its uid when it has its own, else by the run tag that
+    every fork keeps in its command line (a process that execs another program loses it)."""
+    tag = _run_tag(uid).encode()
     pids = []
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
         try:
             status = Path(f"/proc/{entry}/status").read_text()
+            by_uid = own_uid and re.search(rf"^Uid:\s+{uid}\s", status, re.M) is not None
+            ours = by_uid or tag in Path(f"/proc/{entry}/cmdline").read_bytes()
         except OSError:
             continue
-        fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
-        if fields.get("Uid", "").split()[:1] == [str(uid)] and not fields.get("State", "").strip().startswith(
-            "Z"
-        ):
+        if ours and not re.search(r"^State:\s+Z", status, re.M):
             pids.append(int(entry))
     return pids
 
@@ -218,14 +223,12 @@ class _Pipes:
 
 
 def _kill(proc: subprocess.Popen[bytes], iso: Isolation, uid: int) -> None:
-    """Kill the child's process group, reap it, and (own uid) every process left under its uid."""
+    """Kill the child's process group, reap it, then every process of the run still alive (`_live_pids`)."""
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    if not iso.own_uid:
-        return
     end = time.monotonic() + _REAP_S
-    while (pids := _live_pids_of(uid)) and time.monotonic() < end:
+    while (pids := _live_pids(uid, iso.own_uid)) and time.monotonic() < end:
         for pid in pids:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.kill(pid, signal.SIGKILL)
@@ -281,7 +284,7 @@ def _workdir(code: str, tests: str, iso: Isolation, uid: int) -> Path:
 def _spawn(iso: Isolation, uid: int, work: Path, limits: str, report_fd: int) -> subprocess.Popen[bytes]:
     env = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": str(work), "OMP_NUM_THREADS": "1"}
     return subprocess.Popen(
-        _command(iso, uid, ["-c", f"{MARKER}\n{BOOT_SOURCE}", limits]),
+        _command(iso, uid, ["-c", _run_tag(uid) + BOOT_SOURCE, limits]),
         cwd=work,
         env=env,
         stdin=subprocess.PIPE,
