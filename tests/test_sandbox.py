@@ -4,6 +4,7 @@ allows (`namespace` needs unshare and a kernel that permits namespaces; `process
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -143,11 +144,17 @@ def test_network_call_scores_zero_and_reaches_nothing(mode: str) -> None:
         code = f"import socket\ns = socket.socket()\ns.settimeout(1)\ns.connect(('127.0.0.1', {port}))\n"
         result = _hostile(code, mode)
         assert result.reason == "network"
-        if mode == "namespace":  # the real boundary: bypassing the Python-level block still reaches nothing
-            raw = "import socket\nraw = socket.socket.__mro__[2](socket.AF_INET, socket.SOCK_STREAM)\n"
-            raw += f"raw.settimeout(1)\nraw.connect(('127.0.0.1', {port}))\n"
+        assert (
+            _hostile(code.replace("socket.socket()", "socket.socket.__mro__[1]()"), mode).reason == "network"
+        )
+        if mode == "namespace":  # the real boundary: libc's connect, past the audit hook, reaches nothing
+            raw = (
+                "import ctypes, struct\nlibc = ctypes.CDLL(None, use_errno=True)\nfd = libc.socket(2, 1, 0)\n"
+            )
+            raw += f"addr = struct.pack('<H', 2) + struct.pack('!H', {port}) + bytes([127, 0, 0, 1]) + bytes(8)\n"
+            raw += "assert libc.connect(fd, addr, 16) == 0, ctypes.get_errno()\n"
             bypass = _hostile(raw, mode)
-            assert bypass.reason == "failed" and "OSError" in bypass.detail, bypass
+            assert bypass.reason == "failed" and "AssertionError: 101" in bypass.detail, bypass  # ENETUNREACH
         time.sleep(0.2)
         with pytest.raises(BlockingIOError):
             server.accept()  # no connection ever arrived
@@ -231,3 +238,15 @@ def test_code_reward_config() -> None:
         CodeRewardConfig.model_validate({"kind": "code", "timout_s": 2})
     with pytest.raises(pydantic.ValidationError):
         CodeRewardConfig.model_validate({"kind": "code", "timeout_s": 0})
+
+
+def test_shipped_code_tasks_are_solvable() -> None:
+    """configs/rl/data/code-tasks.jsonl: each row's reference solution passes its tests, a wrong one fails."""
+    path = Path(__file__).resolve().parents[1] / "configs/rl/data/code-tasks.jsonl"
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    assert len(rows) == 8 and all({"prompt", "tests", "solution"} <= set(r) for r in rows)
+    reward = CodeReward(workers=2)
+    prompts = [r["prompt"] for r in rows]
+    assert reward(prompts, [f"```python\n{r['solution']}```" for r in rows], rows) == [1.0] * 8
+    wrong = [f"```python\n{r['solution'].replace('return', 'return None and')}```" for r in rows]
+    assert reward(prompts, wrong, rows) == [0.0] * 8

@@ -17,7 +17,7 @@ Isolation is chosen once per process (`isolation()`), strongest first:
 - `process`: a new session only. As root, again a uid of its own (fork limit, kill by uid). As another
   user the fork limit is the user's current task count + `max_procs`, the kill is by process group, and
   the network is blocked only at the Python level (see docs/sandbox.md for what that does not stop).
-In both, IP sockets and DNS lookups are refused at the Python level too, so a network attempt is
+In both, an audit hook refuses IP sockets and DNS lookups at the Python level too, so a network attempt is
 reported as `network` rather than as a connect error.
 
 A crash, a timeout or anything else the code does gives `passed=False` and a reason; `run_tests` never
@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-import json
 import math
 import os
 import re
@@ -236,14 +235,13 @@ def _kill(proc: subprocess.Popen[bytes], iso: Isolation, uid: int) -> None:
 
 
 def _verdict(report: bytes, nonce: str) -> tuple[str, str] | None:
-    """(reason, detail) from the child's report line, if it carries our nonce."""
+    """(reason, detail) from the child's report line `NONCE REASON DETAIL_HEX`, if it carries our nonce."""
     try:
-        data = json.loads(report.decode("utf-8").splitlines()[0])
-    except (ValueError, IndexError, UnicodeDecodeError):
+        got, reason, detail = report.decode("ascii").split("\n", 1)[0].split(" ")
+        text = bytes.fromhex(detail).decode("utf-8", "replace")
+    except (ValueError, UnicodeDecodeError):
         return None
-    if not isinstance(data, dict) or data.get("nonce") != nonce:
-        return None
-    return str(data.get("reason", "crash")), str(data.get("detail", ""))
+    return (reason, text) if secrets.compare_digest(got, nonce) else None
 
 
 def _outcome(verdict: tuple[str, str] | None, timed_out: bool, rc: int | None) -> tuple[Reason, str]:
@@ -256,19 +254,18 @@ def _outcome(verdict: tuple[str, str] | None, timed_out: bool, rc: int | None) -
     return "crash", f"no verdict; exit status {rc}"
 
 
-def _limits(memory_mb: int, timeout_s: float, max_procs: int, iso: Isolation, report_fd: int) -> str:
+def _limits(memory_mb: int, timeout_s: float, max_procs: int, iso: Isolation, report_fd: int) -> list[str]:
     nproc = max_procs
     if iso.mode == "process" and not iso.own_uid:
         nproc += _user_tasks(os.getuid())  # RLIMIT_NPROC counts every task of this user
-    return json.dumps(
-        {
-            "memory_bytes": memory_mb << 20,
-            "cpu_s": math.ceil(timeout_s) + 1,
-            "file_bytes": 16 << 20,
-            "nproc": nproc,
-            "report_fd": report_fd,
-        }
-    )
+    limits = {
+        "memory_bytes": memory_mb << 20,
+        "cpu_s": math.ceil(timeout_s) + 1,
+        "file_bytes": 16 << 20,
+        "nproc": nproc,
+        "report_fd": report_fd,
+    }
+    return [f"{k}={v}" for k, v in limits.items()]
 
 
 def _workdir(code: str, tests: str, iso: Isolation, uid: int) -> Path:
@@ -281,10 +278,12 @@ def _workdir(code: str, tests: str, iso: Isolation, uid: int) -> Path:
     return work
 
 
-def _spawn(iso: Isolation, uid: int, work: Path, limits: str, report_fd: int) -> subprocess.Popen[bytes]:
+def _spawn(
+    iso: Isolation, uid: int, work: Path, limits: list[str], report_fd: int
+) -> subprocess.Popen[bytes]:
     env = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": str(work), "OMP_NUM_THREADS": "1"}
     return subprocess.Popen(
-        _command(iso, uid, ["-c", _run_tag(uid) + BOOT_SOURCE, limits]),
+        _command(iso, uid, ["-c", _run_tag(uid) + BOOT_SOURCE, *limits]),
         cwd=work,
         env=env,
         stdin=subprocess.PIPE,
