@@ -204,6 +204,14 @@ def test_output_capped_and_workdir_removed(mode: str) -> None:
     assert workdir.name.startswith("lmforge-sandbox-") and not workdir.exists()
 
 
+def test_odd_text_never_raises_and_no_fd_leaks() -> None:
+    fds = len(os.listdir("/proc/self/fd"))
+    assert run_tests("x = 1\x00", "assert True").reason == "syntax"
+    assert run_tests("x = '\ud800'", "assert x == '?'").passed  # a lone surrogate is replaced, not raised
+    assert run_tests("print('\u00e9' * 3)", "").stdout == "\u00e9\u00e9\u00e9\n"
+    assert len(os.listdir("/proc/self/fd")) == fds
+
+
 def test_extract_code() -> None:
     text = "Here:\n```text\nnot code\n```\n```python\ndef f():\n    return 2\n```\n```py\nother\n```"
     assert extract_code(text) == "def f():\n    return 2\n"

@@ -270,8 +270,9 @@ def _limits(memory_mb: int, timeout_s: float, max_procs: int, iso: Isolation, re
 
 def _workdir(code: str, tests: str, iso: Isolation, uid: int) -> Path:
     work = Path(tempfile.mkdtemp(prefix="lmforge-sandbox-"))
-    (work / "solution.py").write_text(code, encoding="utf-8")
-    (work / "tests.py").write_text(tests, encoding="utf-8")
+    # errors="replace": a lone surrogate in generated text must not raise in the trainer
+    (work / "solution.py").write_text(code, encoding="utf-8", errors="replace")
+    (work / "tests.py").write_text(tests, encoding="utf-8", errors="replace")
     if iso.own_uid:
         for path in (work, work / "solution.py", work / "tests.py"):
             os.chown(path, uid, uid)
@@ -295,6 +296,27 @@ def _spawn(
     )
 
 
+def _supervise(
+    proc: subprocess.Popen[bytes], iso: Isolation, uid: int, report: Any, deadline: float, cap: int
+) -> tuple[Reason, str, str, str]:
+    """Hand the child its nonce, read its pipes until it ends or the deadline, kill what is left, judge."""
+    assert proc.stdin is not None and proc.stdout is not None and proc.stderr is not None
+    nonce = secrets.token_hex(16)
+    with contextlib.suppress(OSError):  # the child may die before reading it
+        proc.stdin.write(nonce.encode() + b"\n")
+        proc.stdin.close()
+    pipes = _Pipes([proc.stdout, proc.stderr, report], cap)
+    try:
+        timed_out = not pipes.until(deadline, proc)
+        _kill(proc, iso, uid)
+        pipes.until(time.monotonic() + 1.0, None)  # the last output, now that everything is dead
+    finally:
+        pipes.sel.close()
+    reason, detail = _outcome(_verdict(bytes(pipes.data[report.fileno()]), nonce), timed_out, proc.returncode)
+    out, err = (bytes(pipes.data[f.fileno()]).decode("utf-8", "replace") for f in (proc.stdout, proc.stderr))
+    return reason, detail, out, err
+
+
 def run_tests(
     code: str,
     tests: str,
@@ -309,41 +331,27 @@ def run_tests(
     iso = isolation(mode)
     uid = _sandbox_uid()
     start = time.monotonic()
-    work = _workdir(code, tests, iso, uid)
-    read_fd, write_fd = os.pipe()
+    work: Path | None = None
     proc = None
     try:
-        limits = _limits(memory_mb, timeout_s, max_procs, iso, write_fd)
-        proc = _spawn(iso, uid, work, limits, write_fd)
-        os.close(write_fd)
-        write_fd = -1
-        nonce = secrets.token_hex(16)
-        assert proc.stdin is not None and proc.stdout is not None and proc.stderr is not None
-        try:
-            proc.stdin.write(nonce.encode() + b"\n")
-            proc.stdin.close()
-        except OSError:  # the child died before reading it
-            pass
-        report = os.fdopen(read_fd, "rb")
-        pipes = _Pipes([proc.stdout, proc.stderr, report], output_bytes)
-        timed_out = not pipes.until(start + timeout_s, proc)
-        _kill(proc, iso, uid)
-        pipes.until(time.monotonic() + 1.0, None)  # the last output, now that everything is dead
-        reason, detail = _outcome(_verdict(bytes(pipes.data[read_fd]), nonce), timed_out, proc.returncode)
-        out, err = (
-            bytes(pipes.data[f.fileno()]).decode("utf-8", "replace") for f in (proc.stdout, proc.stderr)
-        )
-        for f in (proc.stdout, proc.stderr, report):
-            f.close()
-        pipes.sel.close()
-    except OSError as e:  # the machine refused a pipe or a process: score 0, say why, keep training
+        work = _workdir(code, tests, iso, uid)
+        read_fd, write_fd = os.pipe()
+        with os.fdopen(read_fd, "rb") as report:
+            try:
+                proc = _spawn(
+                    iso, uid, work, _limits(memory_mb, timeout_s, max_procs, iso, write_fd), write_fd
+                )
+            finally:
+                os.close(write_fd)  # the child holds its copy; EOF comes when it (and its forks) end
+            with proc:  # closes the pipes and reaps the child on the way out
+                reason, detail, out, err = _supervise(proc, iso, uid, report, start + timeout_s, output_bytes)
+    except OSError as e:  # the machine refused a file, a pipe or a process: score 0, say why, keep training
         if proc is not None:
             _kill(proc, iso, uid)
         reason, detail, out, err = "crash", f"sandbox could not run: {e}", "", ""
     finally:
-        if write_fd >= 0:
-            os.close(write_fd)
-        shutil.rmtree(work, ignore_errors=True)
+        if work is not None:
+            shutil.rmtree(work, ignore_errors=True)
     return SandboxResult(reason == "passed", reason, time.monotonic() - start, detail, out, err)
 
 
