@@ -119,6 +119,20 @@ def test_fork_bomb_scores_zero(mode: str) -> None:
 
 
 @pytest.mark.parametrize("mode", MODES)
+def test_fork_limit_counts_the_run_alone(mode: str) -> None:
+    # Forks until the kernel refuses: the count is bounded by max_procs (the interpreter itself is one task).
+    code = "import os, time\nn = 0\ntry:\n    while True:\n        if os.fork() == 0:\n            time.sleep(60)\n"
+    code += "            os._exit(0)\n        n += 1\nexcept OSError as e:\n    print('forks', n, e.errno, flush=True)\n"
+    code += "raise SystemExit(1)\n"
+    result = _hostile(code, mode)
+    words = result.stdout.split()
+    assert words[0] == "forks" and words[2] == "11", result  # EAGAIN
+    slack = 8 if mode == "process" and os.geteuid() != 0 else 0  # the user's other processes come and go
+    assert 8 <= int(words[1]) <= 16 - 1 + slack, result
+    assert result.reason == "failed"
+
+
+@pytest.mark.parametrize("mode", MODES)
 def test_fork_bomb_escaping_its_session_is_killed(mode: str) -> None:
     # Children that leave the process group (setsid) must still die with the sandbox.
     code = "import os, time\nfor _ in range(8):\n    if os.fork() == 0:\n        os.setsid()\n        time.sleep(60)\n"
