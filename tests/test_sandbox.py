@@ -256,6 +256,11 @@ def test_code_reward_config() -> None:
     )
     reward = CodeReward.from_config(cfg)
     assert (reward.tests_field, reward.limits["timeout_s"], reward.workers) == ("checks", 2, 2)
+    with pytest.raises(ConfigError, match=r"no interpreter among \['/nonexistent/python3'\]"):
+        CodeReward.from_config(CodeRewardConfig(python="/nonexistent/python3"))
+    chosen = CodeReward.from_config(CodeRewardConfig(python=sandbox.isolation().python))
+    assert chosen([""], ["```python\nimport sys\nprint(sys.executable)\n```"], [{"tests": ""}]) == [1.0]
+    assert chosen.last_results[0].stdout.strip() == sandbox.isolation().python
     with pytest.raises(pydantic.ValidationError):
         CodeRewardConfig.model_validate({"kind": "code", "timout_s": 2})
     with pytest.raises(pydantic.ValidationError):

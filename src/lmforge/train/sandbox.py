@@ -122,10 +122,11 @@ def _probe(iso: Isolation) -> bool:
 
 
 @cache
-def isolation(requested: Mode = "auto") -> Isolation:
-    """The strongest isolation this machine allows (probed once), or the requested one; ConfigError if none."""
+def isolation(requested: Mode = "auto", python: str | None = None) -> Isolation:
+    """The strongest isolation this machine allows (probed once), or the requested one; ConfigError if none.
+    `python`: the interpreter for the code; default the trainer's, else the system's (see the module doc)."""
     own_uid = os.geteuid() == 0 and hasattr(os, "setuid")
-    pythons = list(dict.fromkeys([sys.executable, *_PYTHONS]))
+    pythons = [python] if python else list(dict.fromkeys([sys.executable, *_PYTHONS]))
     modes: list[Literal["namespace", "process"]] = (
         ["namespace", "process"] if requested == "auto" else [requested]
     )
@@ -326,9 +327,10 @@ def run_tests(
     max_procs: int = 16,
     output_bytes: int = 64 << 10,
     mode: Mode = "auto",
+    python: str | None = None,
 ) -> SandboxResult:
     """Run `code`, then `tests` (asserts and `test*` functions), in a sandbox; see the module doc."""
-    iso = isolation(mode)
+    iso = isolation(mode, python)
     uid = _sandbox_uid()
     start = time.monotonic()
     work: Path | None = None
@@ -386,6 +388,11 @@ class CodeRewardConfig(Section):
     isolation: Mode = Field(
         "auto", description="auto: namespaces where the kernel allows them, else process; see docs/sandbox.md"
     )
+    python: str | None = Field(
+        None,
+        description="interpreter for the candidate code (null: the trainer's if the sandbox's uid can run it, "
+        "else /usr/bin/python3)",
+    )
 
 
 class CodeReward:
@@ -401,11 +408,12 @@ class CodeReward:
         workers: int = 2,
         max_procs: int = 16,
         isolation_mode: Mode = "auto",
+        python: str | None = None,
     ) -> None:
         self.tests_field, self.extract, self.workers = tests_field, extract, workers
         self.limits = {"timeout_s": timeout_s, "memory_mb": memory_mb, "max_procs": max_procs}
-        self.mode = isolation_mode
-        self.isolation = isolation(isolation_mode)  # fail at start-up, not at the first batch
+        self.mode, self.python = isolation_mode, python
+        self.isolation = isolation(isolation_mode, python)  # fail at start-up, not at the first batch
         self.last_results: list[SandboxResult] = []
 
     @classmethod
@@ -418,6 +426,7 @@ class CodeReward:
             cfg.workers,
             cfg.max_procs,
             cfg.isolation,
+            cfg.python,
         )
 
     def _tests(self, row: dict[str, Any], index: int) -> str:
@@ -434,7 +443,7 @@ class CodeReward:
         code = extract_code(completion, self.extract)
         if code is None:
             return SandboxResult(False, "no_code", 0.0, "no ```python block in the completion")
-        return run_tests(code, tests, mode=self.mode, **self.limits)  # type: ignore[arg-type]
+        return run_tests(code, tests, mode=self.mode, python=self.python, **self.limits)  # type: ignore[arg-type]
 
     def __call__(self, prompts: list[str], completions: list[str], rows: list[dict[str, Any]]) -> list[float]:
         if not len(prompts) == len(completions) == len(rows):
