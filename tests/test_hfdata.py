@@ -72,7 +72,10 @@ def _curated(cfg: dict[str, Any]) -> tuple[list[str], dict[str, Any]]:
 def test_prepare_reads_every_hf_source_like_jsonl(tmp_path: Path, hub: Path) -> None:
     paras = _paragraphs()
     ref_texts, ref_counts = _curated(
-        {"input": str(_jsonl(tmp_path / "d.jsonl", [{"text": t} for t in paras])), "output": str(tmp_path / "j")}
+        {
+            "input": str(_jsonl(tmp_path / "d.jsonl", [{"text": t} for t in paras])),
+            "output": str(tmp_path / "j"),
+        }
     )
     assert 0 < len(ref_texts) < len(paras)  # the duplicates were dropped
     ds = datasets.Dataset.from_dict({"text": paras, "n": list(range(len(paras)))})
@@ -85,7 +88,10 @@ def test_prepare_reads_every_hf_source_like_jsonl(tmp_path: Path, hub: Path) -> 
         {"input": str(tmp_path / "dd")},
         {"input": str(arrow)},
         {"input": "hf:org/tiny", "ingest": {"text_field": "body"}},
-        {"input": f"hf:org/tiny@{COMMIT}", "ingest": {"hf": {"columns": {"text": "body"}, "streaming": True}}},
+        {
+            "input": f"hf:org/tiny@{COMMIT}",
+            "ingest": {"hf": {"columns": {"text": "body"}, "streaming": True}},
+        },
     ]
     for i, extra in enumerate(sources):
         texts, counts = _curated({**extra, "output": str(tmp_path / f"o{i}")})
@@ -136,7 +142,11 @@ def test_hub_ids_splits_and_revisions_offline(hub: Path) -> None:
     rows = [r for _, _, r in iter_records("hf:org/tiny", HFDataConfig())]
     assert len(rows) == len(_paragraphs()) and rows[0]["n"] == 0
     test = [(n, w, r["n"]) for n, w, r in iter_records("hf:org/tiny#test", HFDataConfig())]
-    assert test == [(1, "hf:org/tiny[test]:1", 0), (2, "hf:org/tiny[test]:2", 1), (3, "hf:org/tiny[test]:3", 2)]
+    assert test == [
+        (1, "hf:org/tiny[test]:1", 0),
+        (2, "hf:org/tiny[test]:2", 1),
+        (3, "hf:org/tiny[test]:3", 2),
+    ]
     streamed = [r for _, _, r in iter_records(f"hf:org/tiny@{COMMIT}", HFDataConfig(streaming=True))]
     assert streamed == rows
     assert parse_hub_id("hf:a/b:cfg@v1#test") == parse_hub_id("hf:a/b:cfg@v1")
@@ -170,7 +180,10 @@ def test_eval_tasks_read_datasets(tmp_path: Path) -> None:
 
     save_hf_model("llama", make_tokenizer(), tmp_path / "m", seed=1)
     words = shakespeare_text(20_000).split()
-    mc = [{"query": " ".join(words[i : i + 6]), "choices": words[i + 6 : i + 9], "gold": i % 3} for i in range(8)]
+    mc = [
+        {"query": " ".join(words[i : i + 6]), "choices": words[i + 6 : i + 9], "gold": i % 3}
+        for i in range(8)
+    ]
     gen = [{"prompt": " ".join(words[i : i + 5]), "reference": words[i + 5]} for i in range(0, 40, 5)]
     renamed = [{"question": r["query"], "options": r["choices"], "label": r["gold"]} for r in mc]
     datasets.DatasetDict({"test": datasets.Dataset.from_list(renamed)}).save_to_disk(tmp_path / "mc")
@@ -178,7 +191,13 @@ def test_eval_tasks_read_datasets(tmp_path: Path) -> None:
     task = {"choices_field": "options", "gold_field": "label", "context_field": "question"}
     tasks = [
         {"type": "multiple_choice", "name": "j", "data": str(_jsonl(tmp_path / "mc.jsonl", mc))},
-        {"type": "multiple_choice", "name": "h", "data": str(tmp_path / "mc"), "hf": {"split": "test"}, **task},
+        {
+            "type": "multiple_choice",
+            "name": "h",
+            "data": str(tmp_path / "mc"),
+            "hf": {"split": "test"},
+            **task,
+        },
         {"type": "generation", "name": "gj", "data": str(_jsonl(tmp_path / "g.jsonl", gen)), "max_tokens": 3},
         {"type": "generation", "name": "gh", "data": str(tmp_path / "gen"), "max_tokens": 3},
     ]
