@@ -202,7 +202,7 @@ def _load_batch(path: Path) -> list[dict[str, Any]]:
 def _fingerprint(cfg: PrepareConfig, files: list[InputFile]) -> str:
     """What a finished batch depends on: the config (less output/run options) and the input files."""
     conf = cfg.model_dump(mode="json", exclude={"output", "overwrite", "resume", "workers"})
-    stats = []
+    stats: list[list[Any]] = []
     for f in files:
         if f.hf:
             stats.append([f.source, source_signature(f.source)])

@@ -155,7 +155,7 @@ def _read_sp_proto(path: Path) -> Any:
         from sentencepiece import sentencepiece_model_pb2 as spm_pb2
     except ImportError as e:
         raise DataError(f"{path}: reading SentencePiece needs `pip install 'lmforge[sentencepiece]'`") from e
-    proto = spm_pb2.ModelProto()
+    proto: Any = spm_pb2.ModelProto()  # type: ignore[attr-defined]  # generated protobuf module
     try:
         proto.ParseFromString(path.read_bytes())
     except Exception as e:  # protobuf's DecodeError
