@@ -31,6 +31,18 @@ from lmforge.tokenizer import Tokenizer, train_tokenizer  # noqa: E402
 from train_helpers import shakespeare_text  # noqa: E402
 
 COMMIT = commit_hash("tiny-v1")
+README = """---
+configs:
+- config_name: default
+  default: true
+  data_files:
+  - {split: train, path: data/train-*.parquet}
+  - {split: test, path: data/test-*.parquet}
+- config_name: small
+  data_files:
+  - {split: train, path: small/train-*.parquet}
+---
+"""
 
 
 def _paragraphs() -> list[str]:
@@ -52,6 +64,9 @@ def hub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     rows = [{"body": t, "n": i} for i, t in enumerate(_paragraphs())]
     pq.write_table(pa.Table.from_pylist(rows), src / "train-00000-of-00001.parquet")
     pq.write_table(pa.Table.from_pylist(rows[:3]), src / "test-00000-of-00001.parquet")
+    (src.parent / "small").mkdir()
+    pq.write_table(pa.Table.from_pylist(rows[:2]), src.parent / "small" / "train-00000-of-00001.parquet")
+    (src.parent / "README.md").write_text(README)
     add_snapshot(home / "hub", "org/tiny", src.parent, COMMIT, kind="datasets")
     monkeypatch.setenv("HF_HOME", str(home))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
@@ -149,6 +164,8 @@ def test_hub_ids_splits_and_revisions_offline(hub: Path) -> None:
     ]
     streamed = [r for _, _, r in iter_records(f"hf:org/tiny@{COMMIT}", HFDataConfig(streaming=True))]
     assert streamed == rows
+    small = [r["n"] for _, _, r in iter_records(f"hf:org/tiny:small@{COMMIT}", HFDataConfig())]
+    assert small == [0, 1]
     assert parse_hub_id("hf:a/b:cfg@v1#test") == parse_hub_id("hf:a/b:cfg@v1")
     assert (parse_hub_id("hf:a/b:cfg@v1").config, parse_hub_id("hf:a/b:cfg@v1").revision) == ("cfg", "v1")
     assert is_hf_source("hf:a/b") and not is_hf_source("a/b.jsonl")

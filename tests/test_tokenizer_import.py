@@ -48,14 +48,14 @@ def corpus() -> list[str]:
     return _lines()[:1500] + EXTRA
 
 
-def _sp_model(tmp: Path, kind: str) -> Path:
+def _sp_model(tmp: Path, kind: str, byte_fallback: bool = True) -> Path:
     buf = io.BytesIO()
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(_lines()[1500:]),
         model_writer=buf,
         vocab_size=700,
         model_type=kind,
-        byte_fallback=True,
+        byte_fallback=byte_fallback,
         minloglevel=2,
     )
     path = tmp / f"{kind}.model"
@@ -74,6 +74,26 @@ def test_sentencepiece_ids_equal_on_every_line(tmp_path: Path, corpus: list[str]
         assert tok.decode(ids) == sp.decode(ids), line
     assert sp.encode("😀") != [sp.unk_id()]  # byte fallback is exercised
     assert tok.special_tokens["<|endoftext|>"] == sp.get_piece_size()  # appended after the pieces
+
+
+@pytest.mark.parametrize("kind", ["bpe", "unigram"])
+def test_sentencepiece_without_byte_fallback_and_own_specials(
+    tmp_path: Path, corpus: list[str], kind: str
+) -> None:
+    """Unknown characters become the unknown piece as in sentencepiece; `</s>` reuses the model's id."""
+    model = _sp_model(tmp_path, kind, byte_fallback=False)
+    sp = spm.SentencePieceProcessor(model_file=str(model))
+    special = {"eos": "</s>", "bos": "<s>", "pad": "<|pad|>"}
+    tok = import_tokenizer(TokenizerImportConfig(input=model, output=tmp_path / "o", special_tokens=special))
+    unknown = 0
+    for line in [*corpus, "unknown: ♞♜ ⅋ ☃☃☃ x"]:
+        ids = sp.encode(line)
+        assert tok.encode(line) == ids, line
+        unknown += ids.count(sp.unk_id())
+        if ids[:1] != [sp.unk_id()]:  # a leading unknown keeps sentencepiece's space before " ⁇ "
+            assert tok.decode(ids) == sp.decode(ids), line
+    assert unknown > 10
+    assert (tok.eos_id, tok.bos_id, tok.pad_id) == (sp.eos_id(), sp.bos_id(), sp.get_piece_size())
 
 
 def _rank_file(tmp: Path) -> tuple[Path, dict[bytes, int]]:

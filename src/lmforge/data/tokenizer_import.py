@@ -204,6 +204,8 @@ def sentencepiece_backend(path: Path) -> Any:
     split = bool(proto.trainer_spec.split_by_whitespace)
     backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme=prepend, split=split)
     steps = [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
+    if unk is not None and proto.trainer_spec.unk_surface:  # what sentencepiece prints for <unk>: " ⁇ "
+        steps.insert(1, decoders.Replace(pieces[unk][0], proto.trainer_spec.unk_surface))
     if norm.add_dummy_prefix:
         steps.append(decoders.Strip(" ", 1, 0))  # the dummy prefix's space
     backend.decoder = decoders.Sequence(steps)
