@@ -171,9 +171,7 @@ def test_hub_ids_splits_and_revisions_offline(hub: Path) -> None:
     assert is_hf_source("hf:a/b") and not is_hf_source("a/b.jsonl")
 
 
-def test_errors_are_one_line_and_name_what_exists(
-    tmp_path: Path, hub: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
+def test_errors_are_one_line_and_name_what_exists(tmp_path: Path, hub: Path) -> None:
     datasets.DatasetDict({"train": datasets.Dataset.from_dict({"q": ["x"]})}).save_to_disk(tmp_path / "dd")
     with pytest.raises(DataError, match=r"no split 'test'; available: train \(set hf.split\)"):
         list(iter_records(str(tmp_path / "dd"), HFDataConfig(split="test")))
@@ -185,6 +183,12 @@ def test_errors_are_one_line_and_name_what_exists(
         list(iter_records("hf:org/none", HFDataConfig()))
     with pytest.raises(ConfigError, match="expected hf:ORG/NAME"):
         parse_hub_id("hf:noslash")
+
+
+def test_prepare_command_exits_2_naming_the_columns(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    datasets.DatasetDict({"train": datasets.Dataset.from_dict({"q": ["x"]})}).save_to_disk(tmp_path / "dd")
     assert cli(["prepare", f"input={tmp_path / 'dd'}", f"output={tmp_path / 'o'}"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].endswith("ingest.text_field: no column 'text' in " + f"{tmp_path / 'dd'}; available: q")

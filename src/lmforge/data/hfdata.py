@@ -113,6 +113,9 @@ def _load_hub(spec: str, split: str, streaming: bool) -> Any:
         source, revision = hub.repo, hub.revision  # the `datasets` cache, then the hub unless offline
     except HFValidationError as e:
         raise ConfigError(f"{spec}: not a valid hub id ({str(e).splitlines()[0]})") from None
+    # `datasets` reads the offline variables once, at import: honour them as they are now.
+    was_offline = datasets.config.HF_HUB_OFFLINE
+    datasets.config.HF_HUB_OFFLINE = was_offline or offline()
     try:
         return datasets.load_dataset(
             source, name=hub.config, revision=revision, split=split, streaming=streaming
@@ -127,6 +130,8 @@ def _load_hub(spec: str, split: str, streaming: bool) -> Any:
             f"{spec}: not in the Hugging Face cache ({constants.HF_HUB_CACHE}) and {where} "
             f"({str(e).splitlines()[0][:120]}); {_how_to_get(hub)}"
         ) from None
+    finally:
+        datasets.config.HF_HUB_OFFLINE = was_offline
 
 
 def _load_local(spec: str, path: Path, split: str) -> Any:
