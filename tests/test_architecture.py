@@ -80,6 +80,8 @@ OPTIONAL_IMPORTS: dict[str, str] = {
     "wandb": "in no extra; only metrics.wandb=true",
     "torch.utils.tensorboard": "imports tensorboard (the [track] extra); only metrics.tensorboard=true",
     "pyarrow": "the [parquet] extra; only parquet inputs",
+    "sentencepiece": "the [sentencepiece] extra; only `tokenizer import` of a .model file",
+    "datasets": "the [datasets] extra; only Hugging Face dataset inputs (data/hfdata.py)",
     "cryptography": "the [audit] and [encrypt] extras; Ed25519 audit records, AES-GCM encryption at rest",
     "optuna": "the [sweep] extra; only `lmforge sweep`",
     "matplotlib": "the [sweep] extra; only the sweep's PNG plots",

@@ -41,6 +41,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "lmforge.data.tokenizer_train:main",
         "train a byte-level BPE tokenizer with a chat template",
     ),
+    "tokenizer import": (
+        "lmforge.data.tokenizer_import:main",
+        "convert a SentencePiece .model or tiktoken rank file into a tokenizer folder",
+    ),
     "tokenize": ("lmforge.data.tokenize:main", "turn curated documents into token shards"),
     "model info": ("lmforge.model.info:main", "parameters, shapes, FLOPs and memory of a model"),
     "model pull": (

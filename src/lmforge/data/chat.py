@@ -30,7 +30,6 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -38,8 +37,8 @@ from pydantic import Field, field_validator
 
 from lmforge.config import Section
 from lmforge.data.batch import IGNORE_INDEX
+from lmforge.data.hfdata import HFDataConfig, iter_records
 from lmforge.errors import DataError
-from lmforge.io import iter_jsonl
 from lmforge.tokenizer import CHATML_TEMPLATE
 
 Format = Literal["chat", "prompt_completion", "alpaca"]
@@ -53,10 +52,13 @@ _KEYS: dict[str, tuple[str, ...]] = {
 
 class SFTDataConfig(Section):
     train: list[str] = Field(
-        ..., description="training JSONL file(s): chat, prompt/completion or Alpaca records"
+        ...,
+        description="training JSONL file(s) or Hugging Face datasets (data/hfdata.py): chat, "
+        "prompt/completion or Alpaca records",
     )
     val: list[str] = Field(
-        default_factory=list, description="validation JSONL file(s) (empty: use val_fraction)"
+        default_factory=list,
+        description="validation JSONL file(s) or datasets, e.g. `hf:ORG/NAME#validation` (empty: val_fraction)",
     )
     val_fraction: float = Field(
         0.0,
@@ -76,6 +78,9 @@ class SFTDataConfig(Section):
     )
     packing: bool = Field(True, description="pack several examples per row (no attention across examples)")
     max_examples: int = Field(0, ge=0, description="use at most this many training records (0 = all)")
+    hf: HFDataConfig = Field(
+        default_factory=HFDataConfig, description="Hugging Face dataset inputs: split, columns, streaming"
+    )
 
     @field_validator("train", "val", mode="before")
     @classmethod
@@ -240,10 +245,8 @@ def read_examples(
     """Tokenize every record of `paths`; truncate to seq_len + 1 tokens, drop examples left without targets."""
     out: list[Example] = []
     for name in paths:
-        path = Path(name)
         fmt: Format | None = None if cfg.format == "auto" else cfg.format
-        for line, rec in iter_jsonl(path):
-            where = f"{path}:{line}"
+        for _, where, rec in iter_records(name, cfg.hf):
             if fmt is None:
                 fmt = detect_format(rec, where)
             ex = encode_record(tok, rec, fmt, cfg, where)

@@ -6,7 +6,9 @@
 
 Formats (by suffix): `.txt`, `.md` and any file named explicitly are one document per file; `.jsonl`,
 `.jsonl.gz`, `.jsonl.zst` are one document per line (field `text_field`); `.parquet` is one document per
-row (column `text_field`, read in record batches). Memory is bounded by one text file, one JSON line or one
+row (column `text_field`, read in record batches). Hugging Face datasets (a `save_to_disk` folder, an
+`.arrow` file, `hf:ORG/NAME[:config][@revision]`; see data/hfdata.py) are one document per row (column
+`text_field`, after `hf.columns`), split `hf.split`. Memory is bounded by one text file, one JSON line or one
 parquet batch. Binary (NUL bytes) and non-UTF-8 files are skipped and counted with the reason; a malformed
 JSON line is reported as `file:line` and skipped, or fatal with `on_bad_line: error`.
 """
@@ -26,6 +28,7 @@ from pydantic import Field
 
 from lmforge.config import Section
 from lmforge.data.demo import demo_files, is_demo
+from lmforge.data.hfdata import HFDataConfig, check_columns, column_names, is_hf_source, open_dataset
 from lmforge.errors import DataError
 
 _SNIFF = 8192
@@ -42,12 +45,16 @@ class IngestConfig(Section):
         description="file suffixes picked up when an input is a directory (files named explicitly are always read)",
     )
     max_file_mb: float = Field(256.0, description="skip whole-text files larger than this (reason too_large)")
+    hf: HFDataConfig = Field(
+        default_factory=HFDataConfig, description="Hugging Face dataset inputs: split, columns, streaming"
+    )
 
 
 @dataclass(frozen=True)
 class InputFile:
     path: Path
     source: str  # the name documents carry: the path as given, or `demo:<corpus>/<file>`
+    hf: bool = False  # a Hugging Face dataset (data/hfdata.py), read row by row
 
 
 @dataclass(frozen=True)
@@ -81,7 +88,8 @@ def expand_inputs(specs: str | list[str], extensions: list[str] | None = None) -
     """Every input file, in a deterministic order: specs in the given order, each expanded sorted.
 
     A spec is a file, a directory (walked recursively for `extensions`), a glob (`**` allowed) or a
-    built-in corpus `demo:<name>`. A spec that matches nothing is an error naming it.
+    built-in corpus `demo:<name>`, or a Hugging Face dataset (`is_hf_source`). A spec that matches
+    nothing is an error naming it.
     """
     exts = tuple(e.lower() for e in (extensions or IngestConfig().extensions))
     specs = [specs] if isinstance(specs, str) else list(specs)
@@ -90,13 +98,16 @@ def expand_inputs(specs: str | list[str], extensions: list[str] | None = None) -
     out: list[InputFile] = []
     seen: set[Path] = set()
 
-    def add(path: Path, source: str) -> None:
+    def add(path: Path, source: str, hf: bool = False) -> None:
         key = path.resolve()
         if key not in seen:
             seen.add(key)
-            out.append(InputFile(path, source))
+            out.append(InputFile(path, source, hf))
 
     for spec in specs:
+        if is_hf_source(spec):
+            add(Path(spec).expanduser(), spec, hf=True)
+            continue
         if is_demo(spec):
             for path, source in demo_files(spec):
                 add(path, source)
@@ -232,11 +243,27 @@ def _read_parquet(f: InputFile, cfg: IngestConfig) -> Iterator[RawDoc | Skipped]
                 yield Skipped(f"{f.source}:{row}", "bad_line", f"{cfg.text_field!r} is not a string")
 
 
+def _read_hf(f: InputFile, cfg: IngestConfig) -> Iterator[RawDoc | Skipped]:
+    ds, label = open_dataset(f.source, cfg.hf)
+    names = column_names(ds)
+    check_columns(f.source, names, {f"hf.columns.{k}": v for k, v in cfg.hf.columns.items()})
+    column = cfg.hf.columns.get(cfg.text_field, cfg.text_field)
+    check_columns(f.source, names, {"ingest.text_field": column})
+    for row, rec in enumerate(ds.select_columns([column]), 1):
+        text = rec[column]
+        if isinstance(text, str):
+            yield RawDoc(f"{label}:{row}", text, f.source)
+        else:
+            yield Skipped(f"{label}:{row}", "bad_line", f"{column!r} is not a string")
+
+
 def iter_documents(files: list[InputFile], cfg: IngestConfig) -> Iterator[RawDoc | Skipped]:
     """Documents and skips of every file, in file order then line order."""
     for f in files:
         kind = _fmt(f.path)
-        if kind == "text":
+        if f.hf:
+            yield from _read_hf(f, cfg)
+        elif kind == "text":
             yield from _read_text(f, cfg)
         elif kind == "parquet":
             yield from _read_parquet(f, cfg)

@@ -1,4 +1,4 @@
-"""Preference pairs for DPO: JSONL records -> token ids with the prompt masked, batches, a seeded sampler.
+"""Preference pairs for DPO: JSONL records (or Hugging Face dataset rows, data/hfdata.py) -> token ids with the prompt masked, batches, a seeded sampler.
 
 One record per line, the prompt either plain text or a chat conversation:
 
@@ -29,9 +29,9 @@ import numpy as np
 import torch
 
 from lmforge.data.batch import COUNT, IGNORE_INDEX
+from lmforge.data.hfdata import HFDataConfig, iter_records
 from lmforge.data.order import EpochOrder
 from lmforge.errors import DataError
-from lmforge.io import iter_jsonl
 from lmforge.tokenizer import Tokenizer
 
 KEYS = ("prompt", "chosen", "rejected")
@@ -165,16 +165,17 @@ def load_pairs(
     max_prompt_len: int,
     append_eos: bool = True,
     add_bos: bool = False,
+    hf: HFDataConfig | None = None,
 ) -> tuple[list[Pair], PreferenceStats]:
-    """Read and tokenise a preference JSONL file; DataError with file:line for a malformed record."""
+    """Read and tokenise a preference JSONL file or HF dataset; DataError with file:line for a bad record."""
     assert 0 < max_prompt_len < max_len, "checked by the config"
     enc = PairEncoder(tokenizer, append_eos=append_eos, add_bos=add_bos)
     pairs: list[Pair] = []
     stats = PreferenceStats()
-    for line, rec in iter_jsonl(Path(path)):
+    for line, where, rec in iter_records(path, hf):
         stats.records += 1
-        prompt, chosen, rejected, chat = enc.encode(rec, f"{path}:{line}")
-        margin = _margin(rec, f"{path}:{line}")
+        prompt, chosen, rejected, chat = enc.encode(rec, where)
+        margin = _margin(rec, where)
         prompt, chosen, rejected, cut = _fit(prompt, chosen, rejected, max_len, max_prompt_len)
         if chosen == rejected:
             stats.identical += 1

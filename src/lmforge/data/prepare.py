@@ -48,6 +48,7 @@ from lmforge.data.clean import (
 from lmforge.data.curated import PATTERN, CuratedWriter
 from lmforge.data.decontam import Decontaminator
 from lmforge.data.dedup import DedupConfig, Deduper, exact_key, signature
+from lmforge.data.hfdata import source_signature
 from lmforge.data.ingest import IngestConfig, InputFile, RawDoc, Skipped, expand_inputs, iter_documents
 from lmforge.data.manifest import write_manifest
 from lmforge.data.pii import PII_KINDS, check_kinds, mask_pii
@@ -201,8 +202,11 @@ def _load_batch(path: Path) -> list[dict[str, Any]]:
 def _fingerprint(cfg: PrepareConfig, files: list[InputFile]) -> str:
     """What a finished batch depends on: the config (less output/run options) and the input files."""
     conf = cfg.model_dump(mode="json", exclude={"output", "overwrite", "resume", "workers"})
-    stats = []
+    stats: list[list[Any]] = []
     for f in files:
+        if f.hf:
+            stats.append([f.source, source_signature(f.source)])
+            continue
         st = f.path.stat()
         stats.append([f.source, st.st_size, st.st_mtime_ns])
     blob = json.dumps({"version": __version__, "config": conf, "files": stats}, sort_keys=True)
@@ -380,7 +384,7 @@ def _process(
     cfg: PrepareConfig, files: list[InputFile], work: Path, crash_after_batches: int | None
 ) -> tuple[Tally, int]:
     """Every document through the per-document pipeline, in batch order: (tally, batches reused)."""
-    plain = all(not f.path.name.endswith((".gz", ".zst", ".parquet")) for f in files)
+    plain = all(not f.hf and not f.path.name.endswith((".gz", ".zst", ".parquet")) for f in files)
     total = sum(f.path.stat().st_size for f in files) if plain else None
     tally = Tally(cfg)
     reused = 0
@@ -541,7 +545,8 @@ def _report(
 
 
 DESCRIPTION = (
-    "Ingest raw text (txt/md/jsonl(.gz/.zst)/parquet files, directories, globs, demo:shakespeare, "
+    "Ingest raw text (txt/md/jsonl(.gz/.zst)/parquet files, directories, globs, Hugging Face datasets: "
+    "save_to_disk folders, .arrow files, hf:ORG/NAME[:config][@revision]; demo:shakespeare, "
     "demo:python-stdlib), normalise, strip boilerplate, apply quality rules, mask PII, decontaminate against "
     "eval files, drop exact and near duplicates (MinHash LSH), optionally scan for planted backdoors "
     "(scan.enabled=true, scan.drop=true), and write curated shards with report.json, "

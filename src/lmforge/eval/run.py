@@ -31,6 +31,7 @@ from pydantic import Field, model_validator
 from rich.console import Console
 
 from lmforge.config import EncryptionConfig, Section, capped, encryption_field, parse_command, save_config
+from lmforge.data.hfdata import HFDataConfig
 from lmforge.data.manifest import ensure_verified, write_manifest
 from lmforge.device import pick_device
 from lmforge.errors import DataError
@@ -61,24 +62,33 @@ class PerplexityTask(Section):
 class GenerationTask(Section):
     type: Literal["generation"]
     name: str | None = Field(None, description="name in the report (default: the file name)")
-    data: str = Field(..., description="JSONL file, one example per line")
+    data: str = Field(..., description="JSONL file, one example per line, or a Hugging Face dataset")
     prompt_field: str = Field("prompt", description="field holding the prompt")
     reference_field: str = Field("reference", description="field holding the reference (string or list)")
     max_tokens: int = Field(64, ge=1, description="tokens to generate per example")
     stop: list[str] = Field(default_factory=lambda: ["\n"], description="stop strings")
     temperature: float = Field(0.0, ge=0, description="0 = greedy")
     limit: int | None = Field(None, ge=1, description="use only the first N examples")
+    hf: HFDataConfig = Field(
+        default_factory=HFDataConfig, description="Hugging Face dataset input: split, columns, streaming"
+    )
 
 
 class MultipleChoiceTask(Section):
     type: Literal["multiple_choice"]
     name: str | None = Field(None, description="name in the report (default: the file name)")
-    data: str = Field(..., description="JSONL: a context field (query/ctx/question/goal), choices, gold")
+    data: str = Field(
+        ...,
+        description="JSONL or Hugging Face dataset: a context field (query/ctx/question/goal), choices, gold",
+    )
     context_field: str | None = Field(None, description="context field (null = first of query, ctx, ...)")
     choices_field: str = Field("choices", description="field with the list of choices")
     gold_field: str = Field("gold", description="field with the index of the right choice")
     target_delimiter: str = Field(" ", description="put between the context and each choice (lm-eval's)")
     limit: int | None = Field(None, ge=1, description="use only the first N examples")
+    hf: HFDataConfig = Field(
+        default_factory=HFDataConfig, description="Hugging Face dataset input: split, columns, streaming"
+    )
 
 
 Task = Annotated[PerplexityTask | GenerationTask | MultipleChoiceTask, Field(discriminator="type")]
@@ -178,6 +188,7 @@ def run_task(
             seed=cfg.seed,
             limit=task.limit,
             progress=progress,
+            hf=task.hf,
         )
     return tasks.multiple_choice(
         model,
@@ -190,6 +201,7 @@ def run_task(
         batch_size=cfg.batch_size,
         limit=task.limit,
         progress=progress,
+        hf=task.hf,
     )
 
 

@@ -23,21 +23,23 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lmforge.data.hfdata import HFDataConfig, is_hf_source, iter_records
 from lmforge.errors import DataError
 from lmforge.infer.engine import GenerationRequest
 from lmforge.infer.sampling import SamplingParams
-from lmforge.io import iter_jsonl
 from lmforge.progress import Progress
 
 CONTEXT_FIELDS = ("query", "ctx", "question", "goal", "context")
 
 
-def read_jsonl(path: str | Path, limit: int | None = None) -> list[dict[str, Any]]:
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: task file not found")
+def read_jsonl(
+    path: str | Path, limit: int | None = None, hf: HFDataConfig | None = None
+) -> list[dict[str, Any]]:
+    """A task's examples: a JSONL file, or a Hugging Face dataset's rows (data/hfdata.py)."""
+    if not is_hf_source(path) and not Path(path).is_file():
+        raise DataError(f"{Path(path)}: task file not found")
     rows: list[dict[str, Any]] = []
-    for _, rec in iter_jsonl(path):
+    for _, _, rec in iter_records(path, hf):
         rows.append(rec)
         if limit is not None and len(rows) >= limit:
             break
@@ -151,10 +153,11 @@ def multiple_choice(
     batch_size: int = 8,
     limit: int | None = None,
     progress: Progress | None = None,
+    hf: HFDataConfig | None = None,
 ) -> dict[str, Any]:
     t0 = time.perf_counter()
     examples = mc_requests(
-        read_jsonl(path, limit),
+        read_jsonl(path, limit, hf),
         path,
         choices_field=choices_field,
         gold_field=gold_field,
@@ -212,9 +215,10 @@ def generation(
     limit: int | None = None,
     keep_outputs: int = 5,
     progress: Progress | None = None,
+    hf: HFDataConfig | None = None,
 ) -> dict[str, Any]:
     t0 = time.perf_counter()
-    rows = read_jsonl(path, limit)
+    rows = read_jsonl(path, limit, hf)
     prompts, refs = [], []
     for n, rec in enumerate(rows, 1):
         p, r = rec.get(prompt_field), rec.get(reference_field)

@@ -34,6 +34,7 @@ from pydantic import Field, model_validator
 from torch import nn
 
 from lmforge.config import Section, capped, save_config
+from lmforge.data.hfdata import HFDataConfig
 from lmforge.data.preference import (
     Pair,
     PairSampler,
@@ -89,10 +90,16 @@ class DPOConfig(TrainConfig):
         None, description="tokenizer folder (null = the one that comes with the model)"
     )
     data: str = Field(
-        ..., description='preference JSONL: {"prompt", "chosen", "rejected"}, text or chat messages'
+        ...,
+        description="preference JSONL or Hugging Face dataset (hf:ORG/NAME, save_to_disk folder, .arrow): "
+        '{"prompt", "chosen", "rejected"}, text or chat messages',
     )
     eval_data: str | None = Field(
-        None, description="held-out preference JSONL (null = hold out eval_fraction)"
+        None,
+        description="held-out preference JSONL or dataset, e.g. `hf:ORG/NAME#test` (null = eval_fraction)",
+    )
+    hf: HFDataConfig = Field(
+        default_factory=HFDataConfig, description="Hugging Face dataset inputs: split, columns, streaming"
     )
     eval_fraction: float = Field(
         0.05, ge=0, lt=1, description="share of `data` held out (seeded) when eval_data is null; 0 = none"
@@ -365,6 +372,7 @@ def _load_pairs(cfg: DPOConfig, tok: Any) -> tuple[list[Pair], list[Pair], Prefe
         "max_len": cfg.max_len,
         "max_prompt_len": cfg.max_prompt_len,
         "append_eos": cfg.append_eos,
+        "hf": cfg.hf,
     }
     pairs, stats = load_pairs(cfg.data, tok, **opts)
     if cfg.eval_data:
