@@ -70,6 +70,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "lmforge.train.reward:main",
         "train a reward model (Bradley-Terry) on chosen/rejected pairs",
     ),
+    "align grpo": ("lmforge.train.grpo:main", "group relative policy optimisation with reward functions"),
     "sweep": (
         "lmforge.sweep.run:main",
         "Optuna hyperparameter sweep over a training command's config keys, with pruning",
