@@ -367,6 +367,17 @@ def test_grpo_reward_function_scores_completions(trained: Path) -> None:
     assert got == pytest.approx(want, abs=1e-6) and len(got) == 2
     cfg = RewardModelRewardConfig.model_validate({"kind": "reward_model", "path": "x", "weight": 0.5})
     assert cfg.batch_size == 8 and cfg.weight == 0.5
+    # through align grpo's registry: weight 0.5 and a second function, as a rewards: list declares them
+    from lmforge.train.rewards import build_rewards, score
+
+    specs = [
+        {"kind": "reward_model", "path": str(trained / "model"), "weight": 0.5, "batch_size": 2},
+        {"kind": "exact_match", "field": "answer"},
+    ]
+    rows = [{"prompt": "Speak\n", "answer": "Ay, to be"}, {"prompt": chat, "answer": "no"}]
+    totals, per = score(build_rewards(specs), ["Speak\n", "ignored"], ["Ay, to be", "Nay, to be"], rows)
+    assert per["reward_model"] == pytest.approx(want, abs=1e-6)
+    assert totals == pytest.approx([0.5 * want[0] + 1.0, 0.5 * want[1]], abs=1e-6)
 
 
 def test_an_untied_decoder_saves_without_its_lm_head_and_loads_back(tok: Tokenizer, tmp_path: Path) -> None:

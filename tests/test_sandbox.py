@@ -277,3 +277,14 @@ def test_shipped_code_tasks_are_solvable() -> None:
     assert reward(prompts, [f"```python\n{r['solution']}```" for r in rows], rows) == [1.0] * 8
     wrong = [f"```python\n{r['solution'].replace('return', 'return None and')}```" for r in rows]
     assert reward(prompts, wrong, rows) == [0.0] * 8
+
+
+def test_code_kind_in_the_grpo_rewards_list() -> None:
+    """`{kind: code}` in align grpo's rewards: weighted, named, and an infinite loop scores 0, not an error."""
+    from lmforge.train.rewards import build_rewards, score
+
+    rewards = build_rewards([{"kind": "code", "weight": 2.0, "timeout_s": 1.5, "extract": "raw"}])
+    rows = [{"tests": "assert add(2, 3) == 5"}] * 3
+    good, bad, loop = "def add(a, b):\n    return a + b", "def add(a, b):\n    return a - b", "while True: pass"
+    totals, per = score(rewards, ["p"] * 3, [good, bad, loop], rows)
+    assert per == {"code": [1.0, 0.0, 0.0]} and totals == [2.0, 0.0, 0.0]

@@ -17,7 +17,7 @@ from lmforge.config import Section, read_yaml
 from lmforge.errors import ConfigError
 from lmforge.io import atomic_write_text
 
-TRAIN_COMMANDS = ("pretrain", "finetune", "align dpo", "align reward")
+TRAIN_COMMANDS = ("pretrain", "finetune", "align dpo", "align reward", "align grpo")
 
 
 class ParamSpec(Section):
@@ -48,9 +48,10 @@ class ParamSpec(Section):
 
 
 class TrainTarget(Section):
-    command: Literal["pretrain", "finetune", "align dpo", "align reward"] = Field(
+    command: Literal["pretrain", "finetune", "align dpo", "align reward", "align grpo"] = Field(
         ...,
-        description="the training command each trial runs: pretrain | finetune | align dpo | align reward",
+        description="the training command each trial runs: "
+        "pretrain | finetune | align dpo | align reward | align grpo",
     )
     config: str = Field(..., description="that command's YAML config (the base of every trial)")
     fixed: dict[str, Any] = Field(

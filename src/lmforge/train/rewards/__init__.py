@@ -6,6 +6,8 @@
       - {kind: regex, pattern: "^\\d+$", weight: 0.2}       # 1 if the pattern matches (format check)
       - {kind: length, target: 64, weight: -0.01}           # characters beyond target (a penalty)
       - {kind: python, function: "mypkg.mod:fn", scale: 2}  # fn(prompts, completions, rows, scale=2)
+      - {kind: code, tests_field: tests, timeout_s: 5}      # 1 if its code passes row[tests] (sandboxed)
+      - {kind: reward_model, path: runs/rm/model}           # a reward model's score (`align reward`)
 
 The total reward of a completion is sum(weight * fn). A function sees the batch of prompts (the rendered
 text the model continued), the completions (text) and the prompt rows (the JSONL record, so `answer` and
@@ -26,6 +28,8 @@ from pydantic import ConfigDict, Field, ValidationError
 
 from lmforge.config import Section
 from lmforge.errors import ConfigError, LmforgeError
+from lmforge.train.rewards_rm import RewardModelReward, RewardModelRewardConfig
+from lmforge.train.sandbox import CodeReward, CodeRewardConfig
 
 
 class RewardFn(Protocol):
@@ -167,6 +171,23 @@ def python_function(cfg: PythonConfig) -> RewardFn:
     return fn
 
 
+class CodeConfig(CodeRewardConfig, RewardConfig):
+    """`kind: code`: the completion's code must pass the row's unit tests in the sandbox (train/sandbox.py)."""
+
+    kind: Literal["code"] = Field("code", description="reward kind")
+
+
+class RewardModelConfig(RewardModelRewardConfig, RewardConfig):
+    """`kind: reward_model`: the score of a reward model trained with `lmforge align reward`."""
+
+    kind: Literal["reward_model"] = Field("reward_model", description="reward kind")
+    device: str = Field("cpu", description="where the reward model runs: cpu | cuda | cuda:N | mps")
+
+
+def reward_model(cfg: RewardModelConfig) -> RewardFn:
+    return RewardModelReward(cfg.path, cfg.batch_size, cfg.device)
+
+
 Factory = Callable[[Any], RewardFn]
 KINDS: dict[str, tuple[type[RewardConfig], Factory]] = {
     "exact_match": (ExactMatchConfig, exact_match),
@@ -174,6 +195,8 @@ KINDS: dict[str, tuple[type[RewardConfig], Factory]] = {
     "regex": (RegexConfig, regex),
     "length": (LengthConfig, length),
     "python": (PythonConfig, python_function),
+    "code": (CodeConfig, CodeReward.from_config),
+    "reward_model": (RewardModelConfig, reward_model),
 }
 
 
