@@ -285,6 +285,10 @@ def test_code_kind_in_the_grpo_rewards_list() -> None:
 
     rewards = build_rewards([{"kind": "code", "weight": 2.0, "timeout_s": 1.5, "extract": "raw"}])
     rows = [{"tests": "assert add(2, 3) == 5"}] * 3
-    good, bad, loop = "def add(a, b):\n    return a + b", "def add(a, b):\n    return a - b", "while True: pass"
+    good, bad, loop = (
+        "def add(a, b):\n    return a + b",
+        "def add(a, b):\n    return a - b",
+        "while True: pass",
+    )
     totals, per = score(rewards, ["p"] * 3, [good, bad, loop], rows)
     assert per == {"code": [1.0, 0.0, 0.0]} and totals == [2.0, 0.0, 0.0]
