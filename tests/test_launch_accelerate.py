@@ -4,6 +4,7 @@ accelerate-launched CPU processes training the same losses as torchrun (`nproc=2
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -11,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from lmforge.cli import main
 from lmforge.errors import ConfigError
@@ -59,6 +61,24 @@ def test_a_single_process_trainer_refuses_a_launched_world(monkeypatch: pytest.M
         parse_single_process(["output=x", "data=x", "model=x"], FINETUNE_CONFIG, "finetune", "d", "e")
 
 
+def documented_configs() -> dict[str, str]:
+    """The accelerate config files of docs/launch.md: {first comment line: YAML text}."""
+    text = (ROOT / "docs" / "launch.md").read_text(encoding="utf-8")
+    blocks = re.findall(r"```yaml\n(# accelerate config: [^\n]*)\n(.*?)```", text, flags=re.S)
+    return {title.removeprefix("# accelerate config: "): body for title, body in blocks}
+
+
+def test_the_documented_accelerate_configs_load_in_accelerate(tmp_path: Path) -> None:
+    config_args = pytest.importorskip("accelerate.commands.config.config_args")
+    configs = documented_configs()
+    assert len(configs) == 3, sorted(configs)
+    for i, body in enumerate(configs.values()):
+        path = tmp_path / f"{i}.yaml"
+        path.write_text(body)
+        loaded = config_args.load_config_from_file(str(path))
+        assert loaded.num_processes == yaml.safe_load(body)["num_processes"]
+
+
 def losses(run: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in read_metrics(run / "metrics.jsonl", "train")}
 
@@ -101,7 +121,9 @@ def test_accelerate_launch_matches_torchrun_and_one_process(tmp_path: Path) -> N
         "--dynamo_backend",
         "no",
     ]
-    two = run([*launch, "--multi_gpu", "--num_processes", "2", "--main_process_port", str(free_port()),
+    acc = tmp_path / "accelerate.yaml"
+    acc.write_text(documented_configs()["one machine, 2 processes"])  # as docs/launch.md runs it
+    two = run([ACCELERATE, "launch", "--config_file", str(acc), "--main_process_port", str(free_port()),
                "-m", "lmforge", "pretrain", *data, "device=cpu", f"output={tmp_path / 'accelerate'}"])  # fmt: skip
     assert "launching: torchrun" not in two.stderr  # already a rank: lmforge did not launch again
     # --cpu starts one process (accelerate's multi-CPU mode is mpirun); lmforge says so and trains alone
