@@ -115,25 +115,33 @@ def main() -> None:
             for backend in ("optuna", "ray"):
                 runs.append(one_sweep(root, tokens, backend, args.trials, len(runs)))
                 print(json.dumps(runs[-1]), flush=True)
+                write(args, runs, ray.__version__)  # after each sweep: a cut run keeps what it measured
+
+
+def write(args: argparse.Namespace, runs: list[dict[str, Any]], ray_version: str) -> None:
     summary = {}
     for backend in ("optuna", "ray"):
         mine = [r for r in runs if r["backend"] == backend]
-        summary[backend] = {
-            k: round(statistics.median(r[k] for r in mine), 3)
-            for k in ("wall_s", "overhead_per_trial_s", "wall_per_trial_s")
-        }
-    ratio = {k: round(summary["ray"][k] / summary["optuna"][k], 2) for k in summary["ray"]}
+        if mine:
+            summary[backend] = {
+                k: round(statistics.median(r[k] for r in mine), 3)
+                for k in ("wall_s", "overhead_per_trial_s", "wall_per_trial_s")
+            }
+    ratio = (
+        {k: round(summary["ray"][k] / summary["optuna"][k], 2) for k in summary["ray"]}
+        if len(summary) == 2
+        else {}
+    )
     out = {
         "trials_per_sweep": args.trials,
         "rounds": args.rounds,
         "runs": runs,
         "median": summary,
         "ray_over_optuna": ratio,
-        "versions": {"ray": ray.__version__, "python": platform.python_version()},
+        "versions": {"ray": ray_version, "python": platform.python_version()},
         "machine": {"cpu_count": os.cpu_count(), "load_avg": os.getloadavg()},
     }
     args.out.write_text(json.dumps(out, indent=2) + "\n")
-    print(json.dumps({"median": summary, "ray_over_optuna": ratio}, indent=2))
 
 
 if __name__ == "__main__":
