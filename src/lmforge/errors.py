@@ -35,7 +35,9 @@ ERROR_DIR_ENV = "LMFORGE_ERROR_DIR"
 
 def report(e: LmforgeError) -> None:
     """Print a user error on one line, once per job: see ERROR_DIR_ENV."""
-    rank = os.environ.get("RANK", "0")
+    # torchrun/accelerate, then the MPI launchers behind accelerate's multi-CPU mode (train/distributed.py)
+    names = ("RANK", "OMPI_COMM_WORLD_RANK", "MV2_COMM_WORLD_RANK", "PMI_RANK")
+    rank = next((os.environ[n].strip() for n in names if os.environ.get(n, "").strip()), "0")
     folder = os.environ.get(ERROR_DIR_ENV)
     if folder:
         path = Path(folder) / f"rank-{int(rank):05d}.json"

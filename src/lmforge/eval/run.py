@@ -107,7 +107,9 @@ class EvalConfig(Section):
     prompt_field: str = Field("prompt", description="with reward_model: field holding the prompt")
     response_field: str = Field("response", description="with reward_model: field holding the response")
     batch_size: int = Field(8, ge=1, description="sequences per forward pass")
-    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="where to run")
+    device: Literal["auto", "cpu", "cuda", "mps"] = Field(
+        "auto", description="where to run: auto = cuda when present, else cpu; mps = Apple Silicon"
+    )
     threads: int | None = Field(None, ge=1, description="torch CPU threads (null = torch default)")
     seed: int = Field(0, description="seed for sampled generation tasks")
     verify_input: bool = Field(True, description="check a tokens directory against its manifest")

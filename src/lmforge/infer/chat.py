@@ -37,7 +37,9 @@ class ChatConfig(Section):
     system: str | None = Field(None, description="system prompt (null = none)")
     sampling: SamplingParams = Field(default_factory=_default_sampling, description="sampling of each reply")
     max_seq_len: int | None = Field(None, ge=1, description="context length (null = the model's)")
-    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="where to run")
+    device: Literal["auto", "cpu", "cuda", "mps"] = Field(
+        "auto", description="where to run: auto = cuda when present, else cpu; mps = Apple Silicon"
+    )
     threads: int | None = Field(None, ge=1, description="torch CPU threads (null = torch default)")
     encryption: EncryptionConfig = encryption_field()
 

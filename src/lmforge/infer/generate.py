@@ -51,7 +51,9 @@ class GenerateConfig(Section):
     max_seq_len: int | None = Field(None, ge=1, description="cap on prompt + output tokens (null = model's)")
     stream: bool = Field(True, description="print tokens as they come when there is a single prompt")
     output: str | None = Field(None, description="also write results to this JSONL file")
-    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="where to run")
+    device: Literal["auto", "cpu", "cuda", "mps"] = Field(
+        "auto", description="where to run: auto = cuda when present, else cpu; mps = Apple Silicon"
+    )
     dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="weights' dtype")
     compile: bool = Field(False, description="torch.compile the forward (worth it on GPU, slow first call)")
     threads: int | None = Field(None, ge=1, description="torch CPU threads (null = torch default)")

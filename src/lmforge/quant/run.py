@@ -78,7 +78,7 @@ class QuantizeConfig(Section):
     damp: float = Field(0.01, gt=0, description="GPTQ: damping, as a fraction of the mean Hessian diagonal")
     calibration: CalibrationConfig = CalibrationConfig()
     report: ReportConfig = ReportConfig()
-    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="where to quantize and measure")
+    device: Literal["auto", "cpu", "cuda", "mps"] = Field("auto", description="where to quantize and measure")
     threads: int | None = Field(None, ge=1, description="torch CPU threads (null = torch default)")
     verify_input: bool = Field(True, description="check `data` against its manifest first")
     overwrite: bool = Field(False, description="replace an existing output folder")

@@ -98,6 +98,15 @@ class SweepConfig(Section):
         "several machines share one study",
     )
     study_name: str | None = Field(None, description="study in the storage (null = the output's name)")
+    backend: Literal["optuna", "ray"] = Field(
+        "optuna", description="optuna (trials run by this process) | ray (trials as Ray Tune tasks)"
+    )
+    ray_address: str | None = Field(
+        None, description="ray: the cluster to join, e.g. ray://head:10001 or auto (null = start a local Ray)"
+    )
+    ray_resources: dict[str, float] = Field(
+        default_factory=lambda: {"cpu": 1.0}, description="ray: resources per trial, e.g. {cpu: 4, gpu: 1}"
+    )
     poll_s: float = Field(0.5, gt=0, description="how often a running trial's metrics.jsonl is read")
     heartbeat_s: float = Field(10.0, gt=0, description="how often a sweep says its trials are alive")
     grace_s: float = Field(

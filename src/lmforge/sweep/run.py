@@ -3,6 +3,7 @@
     lmforge sweep -c configs/sweep/demo-lr.yaml
     lmforge sweep -c configs/sweep/demo-lr.yaml trials=30 trials_in_parallel=2
     lmforge sweep -c sweep.yaml storage=postgresql://lmforge@db-host/sweeps     # on each machine
+    lmforge sweep -c sweep.yaml backend=ray ray_address=ray://head:10001        # trials as Ray Tune tasks
 
 Each trial is a real run directory (<output>/trials/NNNN) made by the training command in a subprocess;
 its evaluations are reported to the study and the pruner stops bad trials early (SIGTERM: the trainer
@@ -15,9 +16,11 @@ from __future__ import annotations
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 from lmforge.config import parse_command
 from lmforge.errors import ConfigError
+from lmforge.sweep import ray_backend
 from lmforge.sweep.config import SweepConfig, first_values, read_base, trial_config, write_yaml
 from lmforge.sweep.report import write_results
 from lmforge.sweep.study import Sweeper, open_study, parallel_slots, require_optuna
@@ -27,7 +30,7 @@ from lmforge.train.loop import Interrupted
 COMMAND = "sweep"
 CONFIG = SweepConfig
 DESCRIPTION = (
-    "Hyperparameter sweep with Optuna over any config key of a training command (pretrain, finetune, "
+    "Hyperparameter sweep with Optuna (or Ray Tune: backend=ray) over any config key of a training command (pretrain, finetune, "
     "align dpo): float/int/log/categorical ranges, fixed overrides, a median or successive-halving pruner "
     "on the validation metric, SQLite (default) or PostgreSQL storage, parallel trials, crash-safe "
     "resume. Exit codes: 0 done, 1 no trial completed, 2 bad config, 130 stopped (rerun to resume)."
@@ -56,8 +59,12 @@ def check_trial_config(cfg: SweepConfig, base: dict[str, object]) -> None:
 def main(argv: list[str]) -> int:
     cfg = parse_command(argv, SweepConfig, COMMAND, DESCRIPTION, EXAMPLE)
     require_optuna()
+    if cfg.backend == "ray":
+        ray_backend.require_ray()
     base = read_base(cfg.train.config)
     check_trial_config(cfg, base)
+    if cfg.backend == "ray":
+        return _finish(cfg, ray_backend.run(cfg, base), base, finished=True)
     study = open_study(cfg)
     n = len(study.get_trials(deepcopy=False))
     print(
@@ -66,7 +73,10 @@ def main(argv: list[str]) -> int:
         flush=True,
     )
     sweeper = Sweeper(cfg, study, base, on_finish=lambda: write_results(cfg, study, base, plots=False))
-    finished = sweeper.run()
+    return _finish(cfg, study, base, finished=sweeper.run())
+
+
+def _finish(cfg: SweepConfig, study: Any, base: dict[str, Any], *, finished: bool) -> int:
     info = write_results(cfg, study, base, plots=True)
     _say(cfg, info)
     if not finished:

@@ -25,6 +25,7 @@ from pydantic import Field, model_validator
 from torch import nn
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
+import lmforge.device as lmdevice
 from lmforge.config import EncryptionConfig, Section, encryption_field, parse_command
 from lmforge.errors import ERROR_DIR_ENV, ConfigError, LmforgeError, first_rank_error
 from lmforge.train import distributed as D
@@ -61,7 +62,9 @@ class TrainConfig(Section):
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
         "auto", description="auto = bf16 autocast on GPUs that support it, fp32 on CPU"
     )
-    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="where to train")
+    device: Literal["auto", "cpu", "cuda", "mps"] = Field(
+        "auto", description="where to train: auto = cuda when present, else cpu; mps = Apple Silicon"
+    )
     threads: int | None = Field(None, ge=1, description="torch CPU threads (null = torch default)")
     seed: int = Field(0, description="seeds data order and dropout")
     resume: str | None = Field(
@@ -143,6 +146,9 @@ def parse_single_process(
     rest, nproc = split_flags(argv)
     if nproc not in (None, 1):
         raise ConfigError(f"--nproc: {command} runs in one process")
+    world = D.from_env().world_size
+    if world > 1:  # every rank would train the same model into the same output
+        raise ConfigError(f"{command} runs in one process; it was launched as {world} (torchrun/accelerate)")
     return parse_command(rest, schema, command, description, example)
 
 
@@ -193,15 +199,22 @@ def precision_setup(
 ) -> tuple[str, torch.dtype | None, Any, torch.amp.GradScaler | None]:
     """(precision, FSDP param dtype, autocast factory, grad scaler) for this device and config.
 
-    `cfg`: any config with `precision` (and `dist`, when it can run FSDP)."""
+    `cfg`: any config with `precision` (and `dist`, when it can run FSDP). Under `accelerate launch`, an
+    `auto` precision follows the accelerate config's mixed_precision; on MPS it is checked against torch."""
     prec = cfg.precision
+    if prec == "auto":
+        prec = D.accelerate_precision(os.environ) or "auto"
+    if device.type == "mps":
+        compiled = bool(getattr(cfg, "compile", False))
+        lmdevice.check_training(device, world_size=D.from_env().world_size, compile=compiled)
+        prec = lmdevice.mps_precision(prec, lmdevice.facts())
     if prec == "auto":
         prec = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
     if prec == "fp32":
         return prec, None, contextlib.nullcontext, None
     dtype = torch.bfloat16 if prec == "bf16" else torch.float16
     dist_cfg = getattr(cfg, "dist", None)
-    if dist_cfg is not None and dist_cfg.strategy == "fsdp" and int(os.environ.get("WORLD_SIZE", 1)) > 1:
+    if dist_cfg is not None and dist_cfg.strategy == "fsdp" and D.from_env().enabled:
         if prec == "fp16":
             raise ConfigError("precision: fp16 with dist.strategy=fsdp is not supported; use bf16")
         return prec, dtype, contextlib.nullcontext, None  # FSDP's MixedPrecisionPolicy casts instead

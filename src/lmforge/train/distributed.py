@@ -1,8 +1,10 @@
-"""One code path for 1 process and N: process-group setup from torchrun's environment, DDP or FSDP2.
+"""One code path for 1 process and N: process-group setup from the launcher's environment, DDP or FSDP2.
 
     torchrun --nproc_per_node=2 -m lmforge pretrain -c configs/demo/pretrain.yaml dist.strategy=fsdp
+    accelerate launch --multi_gpu --num_processes 2 -m lmforge pretrain -c configs/demo/pretrain.yaml
 
-Without torchrun's variables (RANK, WORLD_SIZE, LOCAL_RANK) everything is a no-op single process. The
+Without a launcher's variables (RANK, WORLD_SIZE, LOCAL_RANK, or MPI's) everything is a no-op single
+process; MASTER_ADDR/MASTER_PORT, which every launcher sets, find rank 0. The
 backend is nccl on CUDA and gloo on CPU; `timeout_s` bounds every collective, so a hung or dead rank ends
 the job with an error instead of blocking the others forever. FSDP2 shards every block of `model.layers`
 and then the root, the order torchtitan uses (activation checkpointing and compile are applied first).
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, Literal
@@ -25,6 +28,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 import lmforge.device as lmdevice
 from lmforge.config import Section
+from lmforge.errors import ConfigError
 
 
 class DistConfig(Section):
@@ -56,21 +60,66 @@ class DistInfo:
         return self.world_size > 1
 
 
-def from_env() -> DistInfo:
+# The same facts under each launcher's names: torchrun and `accelerate launch` (RANK...), and the MPI
+# launchers behind accelerate's multi-CPU mode (Open MPI, MVAPICH, Intel MPI), in accelerate's order.
+RANK_VARS = ("RANK", "OMPI_COMM_WORLD_RANK", "MV2_COMM_WORLD_RANK", "PMI_RANK")
+WORLD_VARS = ("WORLD_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE", "PMI_SIZE")
+LOCAL_VARS = ("LOCAL_RANK", "MPI_LOCALRANKID", "OMPI_COMM_WORLD_LOCAL_RANK", "MV2_COMM_WORLD_LOCAL_RANK")
+
+
+def _first(env: Mapping[str, str], names: tuple[str, ...], default: int) -> int:
+    for name in names:
+        if env.get(name, "").strip():
+            try:
+                return int(env[name])
+            except ValueError:
+                raise ConfigError(f"{name}: expected an integer, got {env[name]!r}") from None
+    return default
+
+
+def from_env(env: Mapping[str, str] | None = None) -> DistInfo:
+    env = os.environ if env is None else env
     return DistInfo(
-        rank=int(os.environ.get("RANK", 0)),
-        world_size=int(os.environ.get("WORLD_SIZE", 1)),
-        local_rank=int(os.environ.get("LOCAL_RANK", 0)),
+        rank=_first(env, RANK_VARS, 0),
+        world_size=_first(env, WORLD_VARS, 1),
+        local_rank=_first(env, LOCAL_VARS, 0),
     )
 
 
+def launched(env: Mapping[str, str] | None = None) -> bool:
+    """This process is one rank of a launched job (torchrun, accelerate, mpirun): do not launch again."""
+    env = os.environ if env is None else env
+    return any(env.get(name, "").strip() for name in WORLD_VARS)
+
+
+def accelerate_precision(env: Mapping[str, str]) -> str | None:
+    """The precision an `accelerate config` asks for (ACCELERATE_MIXED_PRECISION), in lmforge's words."""
+    value = env.get("ACCELERATE_MIXED_PRECISION", "").strip().lower()
+    return {"no": "fp32", "fp16": "fp16", "bf16": "bf16"}.get(value) if value else None
+
+
+def _accelerate_cpu_single(env: Mapping[str, str]) -> bool:
+    """`accelerate launch --cpu --num_processes N>1` without mpirun: it sets MASTER_ADDR, starts one process."""
+    return env.get("ACCELERATE_USE_CPU", "").lower() == "true" and "MASTER_ADDR" in env and not launched(env)
+
+
 def pick_device(name: str, info: DistInfo) -> torch.device:
-    """'auto' = this rank's GPU when there is one, else the CPU (a missing device is a ConfigError)."""
+    """'auto' = this rank's GPU when there is one, else the CPU (a missing device is a ConfigError);
+    `accelerate launch --cpu` (ACCELERATE_USE_CPU) makes 'auto' the CPU."""
+    if name == "auto" and os.environ.get("ACCELERATE_USE_CPU", "").lower() == "true":
+        name = "cpu"
     return lmdevice.pick_device(name, local_rank=info.local_rank)
 
 
 def init(info: DistInfo, device: torch.device, timeout_s: int) -> None:
-    """Join torchrun's process group (a no-op for one process)."""
+    """Join the launcher's process group (a no-op for one process)."""
+    if not info.enabled and info.is_main and _accelerate_cpu_single(os.environ):
+        print(
+            "note: `accelerate launch --cpu` started one process (its multi-CPU mode runs through mpirun: "
+            "--mpirun_hostfile); training in 1 process with the same global batch. For N CPU processes on "
+            "this machine: accelerate launch --multi_gpu --num_processes N ... device=cpu",
+            file=sys.stderr,
+        )
     if not info.enabled or dist.is_initialized():
         return
     # On GPUs, gradients go through NCCL while the loop's small control tensors (token counts, loss sums,

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -151,7 +150,7 @@ def main(argv: list[str]) -> int:
     if nproc_flag is not None:
         rest.append(f"nproc={nproc_flag}")
     cfg = parse_command(rest, CONFIG, COMMAND, DESCRIPTION, EXAMPLE)
-    if cfg.nproc > 1 and "WORLD_SIZE" not in os.environ:
+    if cfg.nproc > 1 and not D.launched():
         return launch_torchrun(COMMAND, [a for a in rest if not a.startswith("nproc=")], cfg.nproc)
     return train(cfg)
 
