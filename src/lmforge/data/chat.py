@@ -36,7 +36,7 @@ from typing import Any, Literal
 import torch
 from pydantic import Field, field_validator
 
-from lmforge.config import Section
+from lmforge.config import ConfigPath, Section
 from lmforge.data.batch import IGNORE_INDEX
 from lmforge.errors import DataError
 from lmforge.io import iter_jsonl
@@ -52,10 +52,10 @@ _KEYS: dict[str, tuple[str, ...]] = {
 
 
 class SFTDataConfig(Section):
-    train: list[str] = Field(
+    train: list[ConfigPath] = Field(
         ..., description="training JSONL file(s): chat, prompt/completion or Alpaca records"
     )
-    val: list[str] = Field(
+    val: list[ConfigPath] = Field(
         default_factory=list, description="validation JSONL file(s) (empty: use val_fraction)"
     )
     val_fraction: float = Field(

@@ -24,7 +24,16 @@ import torch
 from pydantic import Field
 from rich.console import Console
 
-from lmforge.config import EncryptionConfig, Section, capped, encryption_field, parse_command, save_config
+from lmforge.config import (
+    ConfigPath,
+    ConfigRef,
+    EncryptionConfig,
+    Section,
+    capped,
+    encryption_field,
+    parse_command,
+    save_config,
+)
 from lmforge.data.manifest import ensure_verified, write_manifest
 from lmforge.device import pick_device
 from lmforge.errors import DataError
@@ -41,7 +50,9 @@ COMMAND = "eval"
 class PerplexityTask(Section):
     type: Literal["perplexity"]
     name: str | None = Field(None, description="name in the report (default: the data path)")
-    data: str | list[str] = Field(..., description="a tokens directory (`lmforge tokenize`) or text file(s)")
+    data: ConfigPath | list[ConfigPath] = Field(
+        ..., description="a tokens directory (`lmforge tokenize`) or text file(s)"
+    )
     split: str = Field("val", description="split of a tokens directory")
     seq_len: int | None = Field(None, ge=2, description="window length (null = the model's max_seq_len)")
     stride: int | None = Field(
@@ -53,7 +64,7 @@ class PerplexityTask(Section):
 class GenerationTask(Section):
     type: Literal["generation"]
     name: str | None = Field(None, description="name in the report (default: the file name)")
-    data: str = Field(..., description="JSONL file, one example per line")
+    data: ConfigPath = Field(..., description="JSONL file, one example per line")
     prompt_field: str = Field("prompt", description="field holding the prompt")
     reference_field: str = Field("reference", description="field holding the reference (string or list)")
     max_tokens: int = Field(64, ge=1, description="tokens to generate per example")
@@ -65,7 +76,9 @@ class GenerationTask(Section):
 class MultipleChoiceTask(Section):
     type: Literal["multiple_choice"]
     name: str | None = Field(None, description="name in the report (default: the file name)")
-    data: str = Field(..., description="JSONL: a context field (query/ctx/question/goal), choices, gold")
+    data: ConfigPath = Field(
+        ..., description="JSONL: a context field (query/ctx/question/goal), choices, gold"
+    )
     context_field: str | None = Field(None, description="context field (null = first of query, ctx, ...)")
     choices_field: str = Field("choices", description="field with the list of choices")
     gold_field: str = Field("gold", description="field with the index of the right choice")
@@ -77,10 +90,10 @@ Task = Annotated[PerplexityTask | GenerationTask | MultipleChoiceTask, Field(dis
 
 
 class EvalConfig(Section):
-    model: str = Field(
+    model: ConfigRef = Field(
         ..., description="HF folder, hub id ORG/NAME[@REV], lmforge run / model folder, or checkpoint"
     )
-    output: str = Field(..., description="report directory (report.json, report.md)")
+    output: ConfigPath = Field(..., description="report directory (report.json, report.md)")
     tasks: list[Task] = Field(..., min_length=1, description="tasks to run (see docs/eval.md)")
     batch_size: int = Field(8, ge=1, description="sequences per forward pass")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="where to run")

@@ -56,7 +56,7 @@ def check_trial_config(cfg: SweepConfig, base: dict[str, object]) -> None:
 def main(argv: list[str]) -> int:
     cfg = parse_command(argv, SweepConfig, COMMAND, DESCRIPTION, EXAMPLE)
     require_optuna()
-    base = read_base(cfg.train.config)
+    base = read_base(cfg.train.config, cfg.train.command)
     check_trial_config(cfg, base)
     study = open_study(cfg)
     n = len(study.get_trials(deepcopy=False))
