@@ -273,7 +273,8 @@ def resolve_dotted(schema: type[BaseModel], items: dict[str, Any], folder: Path)
 def read_config_file(path: Path, schema: type[BaseModel] | None = None) -> dict[str, Any]:
     """A config file's mapping, with the relative paths of `schema`'s path fields resolved against its folder."""
     tree = read_yaml(path)
-    return tree if schema is None else resolve_paths(schema, tree, path.resolve().parent)
+    # abspath, not resolve(): a symlinked config folder is where the user sees it, as in a shell
+    return tree if schema is None else resolve_paths(schema, tree, Path(os.path.abspath(path)).parent)
 
 
 def _non_finite(tree: Any, prefix: str = "") -> list[str]:

@@ -20,6 +20,7 @@ A stage's config is validated here, before anything runs.
 from __future__ import annotations
 
 import importlib
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -140,7 +141,7 @@ def _stage_tree(
 
 def load_pipeline(path: Path, overrides: list[str] | None = None) -> Pipeline:
     """Read, resolve and validate every stage of pipeline file `path`; `overrides`: `NAME.key=value`."""
-    path = Path(path).resolve()
+    path = Path(os.path.abspath(path))  # not resolve(): paths follow the folder as the user sees it
     raw = read_config_file(path, PipelineSpec)
     meant_for = raw.pop("command", "run")
     if meant_for != "run":
@@ -149,7 +150,7 @@ def load_pipeline(path: Path, overrides: list[str] | None = None) -> Pipeline:
         )
     spec = validate_tree(PipelineSpec, raw, str(path))
     folder = path.parent
-    workdir = (folder / spec.workdir).resolve() if spec.workdir else folder
+    workdir = Path(os.path.normpath(folder / spec.workdir)) if spec.workdir else folder
     stages: list[Stage] = []
     by_name: dict[str, dict[str, Any]] = {}
     commands: dict[str, str] = {}
