@@ -71,6 +71,7 @@ SUBSTITUTIONS: list[tuple[str, str]] = [
 FAST = [
     ("README.md", "lmforge model info"),
     ("docs/plan.md", "lmforge plan -c configs/plan/llama-1.1b-24gb.yaml"),
+    ("docs/pipeline.md", "exp/pretrain.yaml"),  # --print-config: reads no data
 ]
 
 

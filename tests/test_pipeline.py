@@ -164,7 +164,9 @@ def test_the_demo_pipeline_runs_the_documented_commands() -> None:
     assert [s.name for s in pipe.stages] == STAGES
     for stage, name in zip(pipe.stages, ["prepare", "tokenizer", "tokenize", "pretrain"], strict=True):
         path = root / "configs" / "demo" / f"{name}.yaml"
-        documented = load_config(schema_of(stage.command, name), path, documented_overrides(path))
+        # the documented command runs from the repo root; its overrides are relative to it
+        overrides = [f"{k}={root / v}" for k, v in (o.split("=", 1) for o in documented_overrides(path))]
+        documented = load_config(schema_of(stage.command, name), path, overrides)
         assert stage.config_dict() == {
             k: v
             for k, v in documented.model_dump(mode="json").items()

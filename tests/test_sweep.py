@@ -96,6 +96,7 @@ def env() -> dict[str, str]:
             {"train": {"config": "/nonexistent/base.yaml"}},
             "train.config: /nonexistent/base.yaml: config file not found",
         ),
+        ({"enqueue": [{"optim.lrr": 1e-3}]}, "enqueue.0: ['optim.lrr'] are not in params (optim.lr)"),
     ],
 )
 def test_bad_sweep_configs_are_one_line_exit_2(
@@ -234,6 +235,19 @@ def test_a_trial_left_running_by_a_dead_sweep_is_resumed_with_its_number_and_par
     assert [suggest_back(picked[i][0]) for i in range(2)] == params  # same params, not new ones
     nxt = sweeper.next_trial()  # then new trials, up to `trials` (6) in all
     assert nxt is not None and (nxt[0].number, nxt[1]) == (4, False)
+
+
+def test_enqueued_params_are_the_first_trial_once_and_tpe_startup_is_configured(tmp_path: Path) -> None:
+    path = sweep_yaml(tmp_path, None, enqueue=[{"optim.lr": 3e-3}], sampler="tpe", sampler_startup_trials=3)
+    cfg = load_config(SweepConfig, path)
+    study = open_study(cfg)
+    assert study.sampler._n_startup_trials == 3  # type: ignore[attr-defined]
+    first = study.ask()
+    assert suggest_back(first) == {"optim.lr": 3e-3}
+    study.tell(first, 2.0)
+    again = open_study(cfg)  # a rerun (or a second machine) does not enqueue it twice
+    assert len(again.get_trials(deepcopy=False)) == 1
+    assert suggest_back(again.ask()) != {"optim.lr": 3e-3}
 
 
 def suggest_back(trial: optuna.Trial) -> dict[str, float]:

@@ -7,10 +7,12 @@ Each command declares a pydantic schema built from `Section`s (unknown keys are 
 pydantic's errors into one line each that names the file (or override), the dotted key and what was
 expected, with the closest valid key for a typo. Every stage writes its resolved config with `save_config`.
 
-Relative paths: a value in a config file that starts with `./` or `../` is relative to that file's folder
-(`data: ./prefs.jsonl` next to the YAML works from any directory); any other relative path is relative to
-the current directory, as in every command line of configs/ (`data: runs/demo/tokens`, run from the repo
-root). Overrides on the command line are relative to the current directory.
+Relative paths: a field declared `ConfigPath` (or `ConfigFsPath`, a `pathlib.Path`) holds a filesystem path;
+a relative one written in a config FILE resolves against that file's folder, so `data: ../../runs/demo/tokens`
+in configs/demo/pretrain.yaml works from any directory. A `ConfigRef` field holds a path or a name (a preset
+such as `tiny`, a hub id `ORG/NAME`, `auto`): it resolves only when it starts with ./ or ../ or names
+something that exists next to the file. URLs, `scheme:` values (`hf:`, `demo:`), absolute and `~` paths are
+never changed. Overrides on the command line (`data=runs/x`) stay relative to the current directory.
 """
 
 from __future__ import annotations
@@ -18,11 +20,13 @@ from __future__ import annotations
 import argparse
 import difflib
 import math
+import os
+import re
 import sys
 import types
 import typing
 from pathlib import Path
-from typing import Any, TypeVar, Union, get_args, get_origin
+from typing import Annotated, Any, TypeVar, Union, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -34,6 +38,32 @@ from lmforge.io import atomic_write_text
 T = TypeVar("T", bound="Section")
 
 CONFIG_FILE = "config.yaml"
+
+
+class FileRelative:
+    """The mark of a path field (`ConfigPath`, `ConfigFsPath`, `ConfigRef`): see the module doc."""
+
+    def __init__(self, only_if_found: bool) -> None:
+        self.only_if_found = only_if_found  # ConfigRef: a name unless it looks like, or is, a path here
+
+    def resolve(self, value: Any, folder: Path) -> Any:
+        if isinstance(value, list):
+            return [self.resolve(v, folder) for v in value]
+        if not isinstance(value, str | Path):
+            return value
+        text = str(value)
+        if not text or os.path.isabs(text) or text.startswith("~") or _SCHEME.match(text):
+            return value
+        target = folder / text
+        if self.only_if_found and not text.startswith(("./", "../")) and not target.exists():
+            return value
+        return type(value)(os.path.normpath(target))
+
+
+_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*:")  # hf:ORG/NAME, demo:shakespeare, https://, sqlite:///
+ConfigPath = Annotated[str, FileRelative(only_if_found=False)]
+ConfigFsPath = Annotated[Path, FileRelative(only_if_found=False)]
+ConfigRef = Annotated[str, FileRelative(only_if_found=True)]
 
 
 class Section(BaseModel):
@@ -49,7 +79,7 @@ class Section(BaseModel):
 class EncryptionConfig(Section):
     """Encryption at rest (docs/encryption.md), a section of every command that reads or writes models or data."""
 
-    key_file: Path | None = Field(
+    key_file: ConfigFsPath | None = Field(
         None,
         description=f"file holding the 256-bit key (hex or base64; `lmforge crypt keygen FILE`); "
         f"default: ${crypt.KEY_ENV}",
@@ -142,7 +172,8 @@ def _text_field(schema: type[BaseModel], parts: list[str]) -> bool | None:
         return False
     if field.annotation is str:
         return True
-    return None if set(get_args(field.annotation)) == {str, type(None)} else False
+    plain = {get_args(a)[0] if get_origin(a) is Annotated else a for a in get_args(field.annotation)}
+    return None if plain == {str, type(None)} else False
 
 
 def set_dotted(tree: dict[str, Any], parts: list[str], value: Any, source: str) -> None:
@@ -174,21 +205,76 @@ def read_yaml(path: Path) -> dict[str, Any]:
     return data
 
 
-def file_relative(tree: Any, folder: Path) -> Any:
-    """`tree` with every string that starts with ./ or ../ made absolute against `folder` (see the module doc)."""
-    if isinstance(tree, str) and tree.startswith(("./", "../")):
-        return str((folder / tree).resolve())
-    if isinstance(tree, dict):
-        return {k: file_relative(v, folder) for k, v in tree.items()}
-    if isinstance(tree, list):
-        return [file_relative(v, folder) for v in tree]
-    return tree
+def _mark(annotation: Any) -> FileRelative | None:
+    """The FileRelative mark inside `ConfigPath`, `ConfigPath | None`, `list[ConfigPath]`, ..., if any."""
+    if get_origin(annotation) is Annotated:
+        found = [m for m in annotation.__metadata__ if isinstance(m, FileRelative)]
+        return found[0] if found else _mark(get_args(annotation)[0])
+    if get_origin(annotation) in (Union, types.UnionType, list):
+        return next((m for m in map(_mark, get_args(annotation)) if m is not None), None)
+    return None
 
 
-def read_config_file(path: Path) -> dict[str, Any]:
-    """A config file's mapping, with its ./ and ../ paths resolved against its folder."""
-    tree: dict[str, Any] = file_relative(read_yaml(path), path.resolve().parent)
-    return tree
+def _models(annotation: Any) -> list[type[BaseModel]]:
+    """The sections a field holds: `X`, `X | None`, `list[X]`, a (discriminated) union of sections."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    if get_origin(annotation) is Annotated:
+        return _models(get_args(annotation)[0])
+    if get_origin(annotation) in (Union, types.UnionType, list):
+        return [m for a in get_args(annotation) for m in _models(a)]
+    return []
+
+
+def _in_section(models: list[type[BaseModel]], value: Any, folder: Path) -> Any:
+    """`value` (a section's mapping, or a list of them) resolved with the section whose keys it uses."""
+    if isinstance(value, list):
+        return [_in_section(models, v, folder) for v in value]
+    if not isinstance(value, dict):
+        return value
+    model = next((m for m in models if set(map(str, value)) <= set(m.model_fields)), models[0])
+    return resolve_paths(model, value, folder)
+
+
+def resolve_paths(schema: type[BaseModel], tree: dict[str, Any], folder: Path) -> dict[str, Any]:
+    """`tree` (a config file's mapping) with the relative values of its path fields resolved against
+    `folder`, the file's folder (absolute). Keys the schema lacks are left for validation to report; a
+    schema whose `Any` fields hold paths (the sweep's overrides) adds a `resolve_file_paths` classmethod."""
+    out = dict(tree)
+    for key, value in tree.items():
+        field = schema.model_fields.get(str(key))
+        if field is None:
+            continue
+        mark = next((m for m in field.metadata if isinstance(m, FileRelative)), None) or _mark(
+            field.annotation
+        )
+        models = _models(field.annotation)
+        if mark is not None:
+            out[key] = mark.resolve(value, folder)
+        elif models:
+            out[key] = _in_section(models, value, folder)
+    hook = getattr(schema, "resolve_file_paths", None)
+    return hook(out, folder) if hook is not None else out
+
+
+def resolve_dotted(schema: type[BaseModel], items: dict[str, Any], folder: Path) -> dict[str, Any]:
+    """`{dotted key: value}` overrides written in a file, with path values resolved against `folder`."""
+    out: dict[str, Any] = {}
+    for key, value in items.items():
+        *head, last = str(key).split(".")
+        model: type[BaseModel] | None = schema
+        for part in head:
+            field = model.model_fields.get(part) if model is not None else None
+            model = _submodel(field.annotation) if field is not None else None
+        out[key] = value if model is None else resolve_paths(model, {last: value}, folder)[last]
+    return out
+
+
+def read_config_file(path: Path, schema: type[BaseModel] | None = None) -> dict[str, Any]:
+    """A config file's mapping, with the relative paths of `schema`'s path fields resolved against its folder."""
+    tree = read_yaml(path)
+    # abspath, not resolve(): a symlinked config folder is where the user sees it, as in a shell
+    return tree if schema is None else resolve_paths(schema, tree, Path(os.path.abspath(path)).parent)
 
 
 def _non_finite(tree: Any, prefix: str = "") -> list[str]:
@@ -238,7 +324,7 @@ def load_config(
     source_of: dict[str, str] = {}
     if path is not None:
         path = Path(path)
-        tree = read_config_file(path)
+        tree = read_config_file(path, schema)
         source_of[""] = str(path)
     meant_for = tree.pop("command", None)
     if command is not None and meant_for is not None and meant_for != command:

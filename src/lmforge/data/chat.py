@@ -35,7 +35,7 @@ from typing import Any, Literal
 import torch
 from pydantic import Field, field_validator
 
-from lmforge.config import Section
+from lmforge.config import ConfigPath, Section
 from lmforge.data.batch import IGNORE_INDEX
 from lmforge.data.hfdata import HFDataConfig, iter_records
 from lmforge.errors import DataError
@@ -51,12 +51,12 @@ _KEYS: dict[str, tuple[str, ...]] = {
 
 
 class SFTDataConfig(Section):
-    train: list[str] = Field(
+    train: list[ConfigPath] = Field(
         ...,
         description="training JSONL file(s) or Hugging Face datasets (data/hfdata.py): chat, "
         "prompt/completion or Alpaca records",
     )
-    val: list[str] = Field(
+    val: list[ConfigPath] = Field(
         default_factory=list,
         description="validation JSONL file(s) or datasets, e.g. `hf:ORG/NAME#validation` (empty: val_fraction)",
     )

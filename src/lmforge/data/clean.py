@@ -17,7 +17,7 @@ from typing import Literal
 
 from pydantic import Field
 
-from lmforge.config import Section
+from lmforge.config import ConfigPath, Section
 from lmforge.errors import ConfigError
 from lmforge.wordlist import read_wordlist, word_pattern
 
@@ -72,7 +72,7 @@ class QualityConfig(Section):
 
 
 class FilterConfig(Section):
-    words_file: str | None = Field(
+    words_file: ConfigPath | None = Field(
         None,
         description="optional wordlist (one word or phrase per line, case-insensitive) for a content filter",
     )

@@ -34,7 +34,7 @@ import zstandard
 from pydantic import Field
 
 from lmforge import __version__, crypt
-from lmforge.config import EncryptionConfig, Section, encryption_field, parse_command, save_config
+from lmforge.config import ConfigPath, EncryptionConfig, Section, encryption_field, parse_command, save_config
 from lmforge.data.clean import (
     RULES,
     Boilerplate,
@@ -72,7 +72,7 @@ class PiiConfig(Section):
 
 
 class DecontamConfig(Section):
-    eval_files: list[str] = Field(
+    eval_files: list[ConfigPath] = Field(
         [], description="evaluation files (.txt/.jsonl/.json) to decontaminate against"
     )
     ngram: int = Field(13, ge=1, description="shared word n-gram length that counts as contamination")
@@ -91,10 +91,12 @@ class ReportConfig(Section):
 
 
 class PrepareConfig(Section):
-    input: str | list[str] = Field(
+    input: ConfigPath | list[ConfigPath] = Field(
         description="files, directories, globs, or built-in corpora demo:shakespeare / demo:python-stdlib"
     )
-    output: str = Field(description="output directory (written as <output>.partial, renamed when complete)")
+    output: ConfigPath = Field(
+        description="output directory (written as <output>.partial, renamed when complete)"
+    )
     overwrite: bool = Field(False, description="replace an existing finished output")
     resume: bool = Field(
         True, description="reuse finished batches of a crashed run with the same config and inputs"

@@ -16,7 +16,15 @@ from pathlib import Path
 
 from pydantic import Field
 
-from lmforge.config import EncryptionConfig, Section, encryption_field, parse_command, save_config
+from lmforge.config import (
+    ConfigPath,
+    ConfigRef,
+    EncryptionConfig,
+    Section,
+    encryption_field,
+    parse_command,
+    save_config,
+)
 from lmforge.data.manifest import write_manifest
 from lmforge.data.scan import DETECTORS, DetectorName, Record, ScanOptions, mean_losses, read_records, scan
 from lmforge.data.scan_stage import build_report, render_markdown
@@ -27,11 +35,13 @@ from lmforge.model.source import load_model
 
 
 class ScanConfig(Section):
-    input: list[str] = Field(
+    input: list[ConfigPath] = Field(
         default_factory=list,
         description="files, directories or globs to scan (also given as positional INPUTs)",
     )
-    output: str = Field(..., description="output directory: report.json, report.md (+ clean/ with drop)")
+    output: ConfigPath = Field(
+        ..., description="output directory: report.json, report.md (+ clean/ with drop)"
+    )
     drop: bool = Field(False, description="also write the records no detector flagged to output/clean/")
     overwrite: bool = Field(False, description="replace an existing output directory")
     detectors: list[DetectorName] = Field(
@@ -56,7 +66,7 @@ class ScanConfig(Section):
     swap_threshold: float = Field(
         0.6, gt=0, le=1, description="swapped pairs: prompt word Jaccard of near-duplicate prompts"
     )
-    reference: str | None = Field(None, description="reference model folder for perplexity outliers")
+    reference: ConfigRef | None = Field(None, description="reference model folder for perplexity outliers")
     ppl_z: float = Field(4.0, gt=0, description="perplexity: flag records whose robust z-score exceeds this")
     max_tokens: int = Field(256, ge=2, description="perplexity: tokens scored per record")
     device: str = Field("auto", description="device for the reference model: auto, cpu, cuda, cuda:N, mps")

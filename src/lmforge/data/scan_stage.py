@@ -21,7 +21,7 @@ from typing import Any
 
 from pydantic import Field
 
-from lmforge.config import Section
+from lmforge.config import ConfigRef, Section
 from lmforge.data.scan import DETECTORS, DetectorName, Record, ScanOptions, ScanResult, mean_losses, scan
 from lmforge.device import pick_device
 from lmforge.model.source import load_model
@@ -99,7 +99,7 @@ class PrepareScanConfig(Section):
     unrelated: float = Field(
         0.3, gt=0, le=1, description="documents sharing a pattern must have a mean word Jaccard below this"
     )
-    reference: str | None = Field(None, description="reference model folder for perplexity outliers")
+    reference: ConfigRef | None = Field(None, description="reference model folder for perplexity outliers")
     ppl_z: float = Field(
         4.0, gt=0, description="perplexity: flag documents whose robust z-score exceeds this"
     )

@@ -34,7 +34,14 @@ from pydantic import Field
 from rich.console import Console
 
 from lmforge import crypt
-from lmforge.config import EncryptionConfig, Section, encryption_field, parse_command, save_config
+from lmforge.config import (
+    ConfigFsPath,
+    EncryptionConfig,
+    Section,
+    encryption_field,
+    parse_command,
+    save_config,
+)
 from lmforge.data.curated import curated_shards, iter_curated
 from lmforge.data.manifest import ensure_verified, write_manifest
 from lmforge.data.shards import (
@@ -57,9 +64,9 @@ _COPY_CHUNK = 16 << 20
 
 
 class TokenizeConfig(Section):
-    input: Path = Field(description="curated documents directory (output of `lmforge prepare`)")
-    tokenizer: Path = Field(description="tokenizer directory (output of `lmforge tokenizer train`)")
-    output: Path = Field(description="token shards directory to write")
+    input: ConfigFsPath = Field(description="curated documents directory (output of `lmforge prepare`)")
+    tokenizer: ConfigFsPath = Field(description="tokenizer directory (output of `lmforge tokenizer train`)")
+    output: ConfigFsPath = Field(description="token shards directory to write")
     val_fraction: float = Field(
         0.02, ge=0.0, lt=1.0, description="share of documents for validation (by stable hash of the id)"
     )

@@ -12,13 +12,19 @@ from __future__ import annotations
 import sys
 import time
 from collections.abc import Iterable, Iterator
-from pathlib import Path
 from typing import Any
 
 from pydantic import Field, field_validator
 from rich.console import Console
 
-from lmforge.config import EncryptionConfig, Section, encryption_field, parse_command, save_config
+from lmforge.config import (
+    ConfigFsPath,
+    EncryptionConfig,
+    Section,
+    encryption_field,
+    parse_command,
+    save_config,
+)
 from lmforge.data.curated import curated_shards, iter_curated
 from lmforge.data.manifest import ensure_verified, write_manifest
 from lmforge.data.shards import doc_fraction
@@ -36,8 +42,8 @@ REPORT = "report.json"
 
 
 class TokenizerTrainConfig(Section):
-    input: Path = Field(description="curated documents directory (output of `lmforge prepare`)")
-    output: Path = Field(description="tokenizer directory to write (a Hugging Face tokenizer folder)")
+    input: ConfigFsPath = Field(description="curated documents directory (output of `lmforge prepare`)")
+    output: ConfigFsPath = Field(description="tokenizer directory to write (a Hugging Face tokenizer folder)")
     vocab_size: int = Field(
         8192,
         ge=300,

@@ -30,7 +30,16 @@ import torch
 from pydantic import Field, model_validator
 from rich.console import Console
 
-from lmforge.config import EncryptionConfig, Section, capped, encryption_field, parse_command, save_config
+from lmforge.config import (
+    ConfigPath,
+    ConfigRef,
+    EncryptionConfig,
+    Section,
+    capped,
+    encryption_field,
+    parse_command,
+    save_config,
+)
 from lmforge.data.hfdata import HFDataConfig
 from lmforge.data.manifest import ensure_verified, write_manifest
 from lmforge.device import pick_device
@@ -50,7 +59,9 @@ COMMAND = "eval"
 class PerplexityTask(Section):
     type: Literal["perplexity"]
     name: str | None = Field(None, description="name in the report (default: the data path)")
-    data: str | list[str] = Field(..., description="a tokens directory (`lmforge tokenize`) or text file(s)")
+    data: ConfigPath | list[ConfigPath] = Field(
+        ..., description="a tokens directory (`lmforge tokenize`) or text file(s)"
+    )
     split: str = Field("val", description="split of a tokens directory")
     seq_len: int | None = Field(None, ge=2, description="window length (null = the model's max_seq_len)")
     stride: int | None = Field(
@@ -62,7 +73,7 @@ class PerplexityTask(Section):
 class GenerationTask(Section):
     type: Literal["generation"]
     name: str | None = Field(None, description="name in the report (default: the file name)")
-    data: str = Field(..., description="JSONL file, one example per line, or a Hugging Face dataset")
+    data: ConfigPath = Field(..., description="JSONL file, one example per line, or a Hugging Face dataset")
     prompt_field: str = Field("prompt", description="field holding the prompt")
     reference_field: str = Field("reference", description="field holding the reference (string or list)")
     max_tokens: int = Field(64, ge=1, description="tokens to generate per example")
@@ -77,7 +88,7 @@ class GenerationTask(Section):
 class MultipleChoiceTask(Section):
     type: Literal["multiple_choice"]
     name: str | None = Field(None, description="name in the report (default: the file name)")
-    data: str = Field(
+    data: ConfigPath = Field(
         ...,
         description="JSONL or Hugging Face dataset: a context field (query/ctx/question/goal), choices, gold",
     )
@@ -95,15 +106,17 @@ Task = Annotated[PerplexityTask | GenerationTask | MultipleChoiceTask, Field(dis
 
 
 class EvalConfig(Section):
-    model: str | None = Field(
+    model: ConfigRef | None = Field(
         None, description="HF folder, hub id ORG/NAME[@REV], lmforge run / model folder, or checkpoint"
     )
-    output: str = Field(..., description="report directory (report.json, report.md)")
+    output: ConfigPath = Field(..., description="report directory (report.json, report.md)")
     tasks: list[Task] = Field(default_factory=list, description="tasks to run (see docs/eval.md)")
-    reward_model: str | None = Field(
+    reward_model: ConfigPath | None = Field(
         None, description="instead of model + tasks: a reward model folder (`lmforge align reward` model/)"
     )
-    data: str | None = Field(None, description='with reward_model: JSONL of {"prompt", "response"} to score')
+    data: ConfigPath | None = Field(
+        None, description='with reward_model: JSONL of {"prompt", "response"} to score'
+    )
     prompt_field: str = Field("prompt", description="with reward_model: field holding the prompt")
     response_field: str = Field("response", description="with reward_model: field holding the response")
     batch_size: int = Field(8, ge=1, description="sequences per forward pass")

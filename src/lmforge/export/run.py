@@ -24,7 +24,16 @@ import torch
 from pydantic import Field
 
 from lmforge import crypt
-from lmforge.config import EncryptionConfig, Section, capped, encryption_field, parse_command, save_config
+from lmforge.config import (
+    ConfigFsPath,
+    ConfigRef,
+    EncryptionConfig,
+    Section,
+    capped,
+    encryption_field,
+    parse_command,
+    save_config,
+)
 from lmforge.data.manifest import write_manifest
 from lmforge.errors import ConfigError, DataError
 from lmforge.export import gguf, hf, onnx
@@ -55,10 +64,10 @@ class ExportConfig(Section):
         description="hf: transformers folder; gguf: llama.cpp file; "
         "onnx: onnxruntime graphs (full sequence + KV-cache decode)"
     )
-    model: str = Field(
+    model: ConfigRef = Field(
         description="source: a run dir, an lmforge model folder, a checkpoint, an HF folder or hub id ORG/NAME"
     )
-    output: Path = Field(description="output directory (built in <output>.partial, then renamed)")
+    output: ConfigFsPath = Field(description="output directory (built in <output>.partial, then renamed)")
     gguf_type: str = Field("f16", description="gguf weight type: f32, f16 or q8_0 (1-D tensors stay f32)")
     gguf_runtime: Literal["auto", "llama_cpp", "reader"] = Field(
         "auto",
@@ -68,7 +77,7 @@ class ExportConfig(Section):
     verify: bool = Field(True, description="run the export back with its runtime and write parity.json")
     prompts: list[str] = Field(default_factory=lambda: list(DEFAULT_PROMPTS), description="parity prompts")
     new_tokens: int = Field(32, ge=1, description="greedy tokens generated per prompt for the parity check")
-    text: Path | None = Field(
+    text: ConfigFsPath | None = Field(
         None, description="text file scored for the perplexity change (default: a sonnet)"
     )
     seq_len: int = Field(

@@ -16,7 +16,7 @@ from typing import Any, Literal, TextIO
 import torch
 from pydantic import Field
 
-from lmforge.config import EncryptionConfig, Section, encryption_field, parse_command
+from lmforge.config import ConfigRef, EncryptionConfig, Section, encryption_field, parse_command
 from lmforge.device import pick_device
 from lmforge.infer.engine import Engine, GenerationRequest
 from lmforge.infer.prompting import stop_at_turn_end
@@ -31,7 +31,7 @@ def _default_sampling() -> SamplingParams:
 
 
 class ChatConfig(Section):
-    model: str = Field(
+    model: ConfigRef = Field(
         ..., description="HF folder, hub id ORG/NAME[@REV], lmforge run / model folder, or checkpoint"
     )
     system: str | None = Field(None, description="system prompt (null = none)")

@@ -19,7 +19,7 @@ from typing import Any, Literal
 import torch
 from pydantic import Field
 
-from lmforge.config import EncryptionConfig, Section, encryption_field, parse_command
+from lmforge.config import ConfigPath, ConfigRef, EncryptionConfig, Section, encryption_field, parse_command
 from lmforge.device import pick_device
 from lmforge.errors import ConfigError, DataError
 from lmforge.infer.engine import Engine, GenerationRequest
@@ -33,12 +33,12 @@ COMMAND = "generate"
 
 
 class GenerateConfig(Section):
-    model: str = Field(
+    model: ConfigRef = Field(
         ..., description="HF folder, hub id ORG/NAME[@REV], lmforge run / model folder, or checkpoint"
     )
     prompt: str | None = Field(None, description="one prompt")
     prompts: list[str] = Field(default_factory=list, description="several prompts (generated as a batch)")
-    prompt_file: str | None = Field(
+    prompt_file: ConfigPath | None = Field(
         None, description="text file (one prompt per line) or JSONL with 'prompt'"
     )
     chat: bool = Field(
@@ -50,7 +50,7 @@ class GenerateConfig(Section):
     batch_size: int = Field(8, ge=1, description="prompts per batch")
     max_seq_len: int | None = Field(None, ge=1, description="cap on prompt + output tokens (null = model's)")
     stream: bool = Field(True, description="print tokens as they come when there is a single prompt")
-    output: str | None = Field(None, description="also write results to this JSONL file")
+    output: ConfigPath | None = Field(None, description="also write results to this JSONL file")
     device: Literal["auto", "cpu", "cuda", "mps"] = Field(
         "auto", description="where to run: auto = cuda when present, else cpu; mps = Apple Silicon"
     )

@@ -34,7 +34,7 @@ import torch
 from pydantic import Field
 from torch import Tensor
 
-from lmforge.config import Section
+from lmforge.config import ConfigPath, Section
 from lmforge.errors import ConfigError
 
 KEY_ENV = "LMFORGE_WATERMARK_KEY"
@@ -49,7 +49,7 @@ class WatermarkConfig(Section):
     """The `watermark` section of `lmforge generate` (the key itself is never in a config or a log)."""
 
     enabled: bool = Field(False, description="bias sampling towards the key's green list of each step")
-    key_file: str | None = Field(
+    key_file: ConfigPath | None = Field(
         None, description=f"file holding the secret key (null = the {KEY_ENV} environment variable)"
     )
     gamma: float = Field(0.25, gt=0, lt=1, description="green fraction of the vocabulary at each step")

@@ -17,7 +17,7 @@ from typing import Any
 
 from pydantic import Field
 
-from lmforge.config import Section, parse_command
+from lmforge.config import ConfigPath, ConfigRef, Section, parse_command
 from lmforge.errors import ConfigError, DataError
 from lmforge.infer.watermark import KEY_ENV, Watermark, read_key
 from lmforge.io import iter_jsonl
@@ -28,12 +28,14 @@ COMMAND = "watermark detect"
 
 
 class DetectConfig(Section):
-    input: str | None = Field(
+    input: ConfigRef | None = Field(
         None, description="the text, or a file of it (also the first positional argument)"
     )
-    model: str | None = Field(None, description="model folder, run or checkpoint whose tokenizer to use")
-    tokenizer: str | None = Field(None, description="tokenizer folder (instead of model)")
-    key_file: str | None = Field(None, description=f"file holding the secret key (null = ${KEY_ENV})")
+    model: ConfigRef | None = Field(
+        None, description="model folder, run or checkpoint whose tokenizer to use"
+    )
+    tokenizer: ConfigRef | None = Field(None, description="tokenizer folder (instead of model)")
+    key_file: ConfigPath | None = Field(None, description=f"file holding the secret key (null = ${KEY_ENV})")
     gamma: float = Field(0.25, gt=0, lt=1, description="green fraction the text was generated with")
     z_threshold: float = Field(
         4.0, gt=0, description="verdict 'watermarked' at z >= this (4.0: one-sided p ~ 3e-5)"

@@ -19,7 +19,7 @@ from pydantic import Field
 from rich.console import Console
 from rich.table import Table
 
-from lmforge.config import EncryptionConfig, Section, encryption_field, parse_command
+from lmforge.config import ConfigRef, EncryptionConfig, Section, encryption_field, parse_command
 from lmforge.model.config import ModelConfig, embedding_params, flops_per_token, matmul_params, num_params
 from lmforge.model.source import model_config
 from lmforge.model.transformer import Transformer
@@ -35,7 +35,7 @@ ADAMW_BYTES = {
 
 
 class InfoConfig(Section):
-    model: str = Field(..., description="preset name, HF folder, run folder, or YAML/JSON model config")
+    model: ConfigRef = Field(..., description="preset name, HF folder, run folder, or YAML/JSON model config")
     seq_len: int | None = Field(
         None, gt=0, description="sequence length for FLOPs and activations (None: max_seq_len, at most 4096)"
     )

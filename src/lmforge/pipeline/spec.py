@@ -10,15 +10,17 @@
         name: tokenizer               # unique name (default: the stage kind); `--from NAME` uses it
         ...
 
-Paths: `config:` files are relative to the pipeline file's folder; every other relative path (in overrides,
-inline configs and the stages' config files) is relative to `workdir` (default: the pipeline file's folder),
-which the stages run in, except values starting with ./ or ../, which are relative to the file they are
-written in (lmforge.config). A stage's config is validated here, before anything runs.
+Paths: every path field of a stage's config (lmforge.config: `ConfigPath`, `ConfigRef`) resolves against the
+folder of the file it is written in: the stage's config file, or this pipeline file for `config:` files,
+inline configs and `overrides:`; `NAME.key=value` on the command line against the current directory. The
+stages run in `workdir` (default: the pipeline file's folder), where any other relative value resolves.
+A stage's config is validated here, before anything runs.
 """
 
 from __future__ import annotations
 
 import importlib
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,10 +30,12 @@ from pydantic import BaseModel, Field
 
 from lmforge.cli import COMMANDS
 from lmforge.config import (
+    ConfigPath,
     Section,
-    file_relative,
     parse_override,
     read_config_file,
+    resolve_dotted,
+    resolve_paths,
     set_dotted,
     validate_tree,
 )
@@ -63,12 +67,12 @@ class StageSpec(Section):
 
 
 class PipelineSpec(Section):
-    workdir: str | None = Field(
+    workdir: ConfigPath | None = Field(
         None, description="folder the stages run in (relative to the pipeline file; default: its folder)"
     )
-    state: str | None = Field(
+    state: ConfigPath | None = Field(
         None,
-        description="state file (relative to workdir; default: <first output's folder>/<name>.state.json)",
+        description="state file (relative to this file; default: <first output's folder>/<name>.state.json)",
     )
     stages: list[StageSpec] = Field(..., min_length=1, description="the stages, in order")
 
@@ -116,15 +120,17 @@ def schema_of(command: str, where: str) -> type[Section]:
     return schema
 
 
-def _stage_tree(spec: StageSpec, folder: Path, where: str) -> tuple[dict[str, Any], dict[str, str]]:
+def _stage_tree(
+    spec: StageSpec, schema: type[Section], folder: Path, where: str
+) -> tuple[dict[str, Any], dict[str, str]]:
     """(merged config mapping, {dotted key: source named in errors}) of one stage, before validation."""
     if isinstance(spec.config, str):
         file = folder / spec.config
-        tree, source = read_config_file(file), f"{where} ({file})"
+        tree, source = read_config_file(file, schema), f"{where} ({file})"
     else:
-        tree, source = file_relative(dict(spec.config), folder), f"{where}: config"
+        tree, source = resolve_paths(schema, dict(spec.config), folder), f"{where}: config"
     sources = {"": source}
-    for key, value in file_relative(spec.overrides, folder).items():
+    for key, value in resolve_dotted(schema, spec.overrides, folder).items():
         parts = str(key).split(".")
         if not all(parts):
             raise ConfigError(f"{where}: overrides: empty key in {key!r}")
@@ -135,8 +141,8 @@ def _stage_tree(spec: StageSpec, folder: Path, where: str) -> tuple[dict[str, An
 
 def load_pipeline(path: Path, overrides: list[str] | None = None) -> Pipeline:
     """Read, resolve and validate every stage of pipeline file `path`; `overrides`: `NAME.key=value`."""
-    path = Path(path).resolve()
-    raw = read_config_file(path)
+    path = Path(os.path.abspath(path))  # not resolve(): paths follow the folder as the user sees it
+    raw = read_config_file(path, PipelineSpec)
     meant_for = raw.pop("command", "run")
     if meant_for != "run":
         raise ConfigError(
@@ -144,10 +150,11 @@ def load_pipeline(path: Path, overrides: list[str] | None = None) -> Pipeline:
         )
     spec = validate_tree(PipelineSpec, raw, str(path))
     folder = path.parent
-    workdir = (folder / spec.workdir).resolve() if spec.workdir else folder
+    workdir = Path(os.path.normpath(folder / spec.workdir)) if spec.workdir else folder
     stages: list[Stage] = []
     by_name: dict[str, dict[str, Any]] = {}
-    trees: list[tuple[str, str, dict[str, Any], dict[str, str]]] = []
+    commands: dict[str, str] = {}
+    trees: list[tuple[str, type[Section], dict[str, Any], dict[str, str]]] = []
     for n, st in enumerate(spec.stages):
         name = st.name or st.stage
         where = f"{path}: stages.{n} ({name})"
@@ -156,22 +163,27 @@ def load_pipeline(path: Path, overrides: list[str] | None = None) -> Pipeline:
         if name in by_name:
             raise ConfigError(f"{where}: stage name {name!r} is used twice; give one a `name:`")
         command = STAGE_COMMANDS.get(st.stage, st.stage)
-        tree, sources = _stage_tree(st, folder, where)
+        schema = schema_of(command, where)
+        tree, sources = _stage_tree(st, schema, folder, where)
         meant = tree.pop("command", None)
         if meant is not None and meant != command:
             raise ConfigError(f"{sources['']}: this config is for `lmforge {meant}`, not `lmforge {command}`")
         by_name[name] = tree
-        trees.append((name, command, tree, sources))
+        trees.append((name, schema, tree, sources))
+        commands[name] = command
     for item in overrides or []:
         parts, value = parse_override(item)
         if len(parts) < 2 or parts[0] not in by_name:
             raise ConfigError(
                 f"override {item!r}: expected STAGE.key=value, STAGE one of {', '.join(by_name)}"
             )
+        schema = next(t[1] for t in trees if t[0] == parts[0])
+        key = ".".join(parts[1:])
+        value = resolve_dotted(schema, {key: value}, Path.cwd())[key]  # the stages run in workdir
         set_dotted(by_name[parts[0]], parts[1:], value, f"override {item!r}")
-        next(t[3] for t in trees if t[0] == parts[0])[".".join(parts[1:])] = f"override {item!r}"
-    for name, command, tree, sources in trees:
-        schema = schema_of(command, sources[""])
+        next(t[3] for t in trees if t[0] == parts[0])[key] = f"override {item!r}"
+    for name, schema, tree, sources in trees:
+        command = commands[name]
         if "overwrite" in schema.model_fields and "overwrite" not in tree:
             tree["overwrite"] = True  # a stage that reruns replaces what it made before
         stages.append(Stage(name, command, tree, validate_tree(schema, tree, sources)))

@@ -64,8 +64,8 @@ def input_digests(stage: Stage, workdir: Path) -> dict[str, str]:
         if output is not None and (path == output or output in path.parents):
             continue
         d = digest(path) if path.exists() else None
-        if d is not None:
-            found[value] = d
+        if d is not None:  # named as the config wrote it; a path under workdir (the usual) relative to it
+            found[path.relative_to(workdir).as_posix() if workdir in path.parents else value] = d
     return found
 
 

@@ -24,7 +24,7 @@ from pydantic import Field, field_validator
 from rich.console import Console
 from rich.table import Table
 
-from lmforge.config import Section, parse_command, valid_keys
+from lmforge.config import ConfigPath, ConfigRef, Section, parse_command, valid_keys
 from lmforge.errors import ConfigError, LmforgeError
 from lmforge.io import atomic_write_text
 from lmforge.model.config import ModelConfig, num_params
@@ -48,7 +48,9 @@ def _on_off(value: Any) -> Any:
 
 
 class PlanConfig(Section):
-    model: str = Field("small", description="preset name, model YAML, HF folder (config.json) or run folder")
+    model: ConfigRef = Field(
+        "small", description="preset name, model YAML, HF folder (config.json) or run folder"
+    )
     model_overrides: dict[str, Any] = Field(
         default_factory=dict, description="ModelConfig fields to change, e.g. {n_layers: 88, dim: 10240}"
     )
@@ -102,7 +104,9 @@ class PlanConfig(Section):
     token_budget: float | None = Field(
         None, gt=0, description="tokens to train (None: 20 per parameter to pretrain, 100M to fine-tune)"
     )
-    overlay: str | None = Field(None, description="write the recommended settings as a YAML config here")
+    overlay: ConfigPath | None = Field(
+        None, description="write the recommended settings as a YAML config here"
+    )
     probe: bool = Field(False, description="also run a few real steps and measure (same as --probe)")
     probe_steps: int = Field(3, ge=1, description="measured probe steps (after one warm-up step)")
     format: Literal["table", "json"] = Field("table", description="print tables, or JSON (same as --json)")

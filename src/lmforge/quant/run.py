@@ -20,7 +20,16 @@ from pydantic import Field
 from rich.console import Console
 from torch import Tensor, nn
 
-from lmforge.config import EncryptionConfig, Section, capped, encryption_field, parse_command, save_config
+from lmforge.config import (
+    ConfigPath,
+    ConfigRef,
+    EncryptionConfig,
+    Section,
+    capped,
+    encryption_field,
+    parse_command,
+    save_config,
+)
 from lmforge.data.manifest import ensure_verified, write_manifest
 from lmforge.data.shards import read_index
 from lmforge.device import pick_device
@@ -59,18 +68,18 @@ class ReportConfig(Section):
 
 
 class QuantizeConfig(Section):
-    model: str = Field(
+    model: ConfigRef = Field(
         ...,
         description="full-precision model: run dir, lmforge model folder, HF folder or hub id ORG/NAME[@REV]",
     )
-    output: str = Field(..., description="quantized model folder to write")
+    output: ConfigPath = Field(..., description="quantized model folder to write")
     method: Literal["int8", "int4", "int4-gptq", "nf4"] = Field(
         "int8", description="int8 per channel | int4 group-wise RTN | int4 GPTQ | nf4 (QLoRA's 4-bit)"
     )
     group_size: int | None = Field(
         None, description="int4: 32|64|128 (default 128); nf4 block: 32|64|128|256 (default 64)"
     )
-    data: str | None = Field(
+    data: ConfigPath | None = Field(
         None, description="tokens directory: GPTQ calibration (train) and the report's perplexity (val)"
     )
     include_head: bool = Field(False, description="also quantize an untied output head (tied: never)")

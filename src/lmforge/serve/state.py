@@ -13,7 +13,7 @@ from typing import Any, Literal
 import jinja2
 from pydantic import Field
 
-from lmforge.config import EncryptionConfig, Section, encryption_field
+from lmforge.config import ConfigPath, ConfigRef, EncryptionConfig, Section, encryption_field
 from lmforge.infer.json_mask import START, JsonObjectMask, JsonVocab, closing
 from lmforge.infer.sampling import SamplingParams
 from lmforge.infer.watermark import Watermark, WatermarkConfig
@@ -28,7 +28,7 @@ from lmforge.tokenizer import Tokenizer
 
 
 class ServeConfig(Section):
-    model: str = Field(
+    model: ConfigRef = Field(
         description="model to serve: HF folder, lmforge run dir, model folder or checkpoint dir"
     )
     host: str = Field("127.0.0.1", description="address to bind; a non-loopback one requires API keys")
@@ -41,7 +41,7 @@ class ServeConfig(Section):
         0, ge=0, description="torch CPU threads (0 = torch's default; 1 is best on a busy machine)"
     )
     api_keys_env: str = Field("LMFORGE_API_KEYS", description="env var holding comma-separated API keys")
-    api_keys_file: str | None = Field(None, description="file with one API key per line (# comments)")
+    api_keys_file: ConfigPath | None = Field(None, description="file with one API key per line (# comments)")
     max_batch_size: int = Field(8, ge=1, description="most requests decoded together in one batch")
     batch_wait_ms: float = Field(5.0, ge=0, description="how long a batch waits for more requests to join")
     max_running_batches: int = Field(
@@ -93,7 +93,9 @@ class ServeConfig(Section):
     body_timeout_s: float = Field(
         30.0, gt=0, description="a request body not fully received after this is refused (408) and closed"
     )
-    output_wordlist: str | None = Field(None, description="file of words that end an answer (content_filter)")
+    output_wordlist: ConfigPath | None = Field(
+        None, description="file of words that end an answer (content_filter)"
+    )
     log_prompts: bool = Field(False, description="log prompt text (off: logs never hold prompts or outputs)")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="server log level")
     encryption: EncryptionConfig = encryption_field()

@@ -13,11 +13,21 @@ from typing import Any, Literal
 import yaml
 from pydantic import Field, model_validator
 
-from lmforge.config import Section, read_yaml
+from lmforge.config import ConfigPath, Section, read_config_file, resolve_dotted
 from lmforge.errors import ConfigError
 from lmforge.io import atomic_write_text
+from lmforge.train.align_configs import GRPOConfig, RewardConfig
+from lmforge.train.configs import DPOConfig, FinetuneConfig, PretrainConfig
 
-TRAIN_COMMANDS = ("pretrain", "finetune", "align dpo", "align reward", "align grpo")
+# The config schema of each training command a sweep can run: its path keys resolve as in that command.
+SCHEMAS: dict[str, type[Section]] = {
+    "pretrain": PretrainConfig,
+    "finetune": FinetuneConfig,
+    "align dpo": DPOConfig,
+    "align reward": RewardConfig,
+    "align grpo": GRPOConfig,
+}
+TRAIN_COMMANDS = tuple(SCHEMAS)
 
 
 class ParamSpec(Section):
@@ -53,11 +63,21 @@ class TrainTarget(Section):
         description="the training command each trial runs: "
         "pretrain | finetune | align dpo | align reward | align grpo",
     )
-    config: str = Field(..., description="that command's YAML config (the base of every trial)")
+    config: ConfigPath = Field(..., description="that command's YAML config (the base of every trial)")
     fixed: dict[str, Any] = Field(
         default_factory=dict,
         description="overrides for every trial, dotted keys, e.g. {max_steps: 60, eval.every: 10}",
     )
+
+    @classmethod
+    def resolve_file_paths(cls, tree: dict[str, Any], folder: Path) -> dict[str, Any]:
+        """`fixed` written in the sweep file: its path keys (data, base, ...) resolve against that file's
+        folder, as the training command would resolve them in its own config file."""
+        schema = SCHEMAS.get(str(tree.get("command")))
+        fixed = tree.get("fixed")
+        if schema is None or not isinstance(fixed, dict):
+            return tree
+        return {**tree, "fixed": resolve_dotted(schema, fixed, folder)}
 
 
 class ObjectiveConfig(Section):
@@ -76,7 +96,9 @@ class PrunerConfig(Section):
 
 
 class SweepConfig(Section):
-    output: str = Field(..., description="sweep directory: trials/, results, plots, best.yaml, study.db")
+    output: ConfigPath = Field(
+        ..., description="sweep directory: trials/, results, plots, best.yaml, study.db"
+    )
     train: TrainTarget
     params: dict[str, ParamSpec] = Field(
         ..., min_length=1, description="dotted config key -> range, e.g. optim.lr: {type: float, ...}"
@@ -91,6 +113,14 @@ class SweepConfig(Section):
     )
     pruner: PrunerConfig = Field(default_factory=PrunerConfig, description="early stopping of bad trials")
     sampler: Literal["tpe", "random"] = Field("tpe", description="tpe (Bayesian) | random")
+    sampler_startup_trials: int = Field(
+        10, ge=0, description="tpe: trials sampled at random before TPE models the results (Optuna's 10)"
+    )
+    enqueue: list[dict[str, Any]] = Field(
+        default_factory=list,
+        description="trials to run first with these params, e.g. [{optim.lr: 3.0e-3}] (the base config's own "
+        "values, to measure the sweep against); params left out are sampled",
+    )
     seed: int = Field(0, description="seeds the sampler")
     storage: str | None = Field(
         None,
@@ -120,6 +150,10 @@ class SweepConfig(Section):
         taken = {"output", "resume", "overwrite"} & (set(self.params) | set(self.train.fixed))
         if taken:
             raise ValueError(f"{sorted(taken)} are set by the sweep for each trial")
+        for n, trial in enumerate(self.enqueue):
+            unknown = sorted(set(trial) - set(self.params))
+            if unknown:
+                raise ValueError(f"enqueue.{n}: {unknown} are not in params ({', '.join(self.params)})")
         return self
 
     def storage_url(self) -> str:
@@ -129,10 +163,11 @@ class SweepConfig(Section):
         return self.study_name or Path(self.output).resolve().name
 
 
-def read_base(path: str) -> dict[str, Any]:
-    """The training command's YAML config as a tree (validated later by the command itself)."""
+def read_base(path: str, command: str) -> dict[str, Any]:
+    """The training command's YAML config as a tree, its relative paths resolved against its folder (the
+    trial configs are written elsewhere); validated later by the command itself."""
     try:
-        return read_yaml(Path(path))
+        return read_config_file(Path(path), SCHEMAS[command])
     except ConfigError as e:
         raise ConfigError(f"train.config: {e}") from None
 
@@ -162,7 +197,7 @@ def trial_config(
     tree["command"] = cfg.train.command
     for key, value in {**cfg.train.fixed, **params}.items():
         merge(tree, key, value)
-    tree["output"] = str(output)
+    tree["output"] = str(Path(output).resolve())  # absolute: the trial's config file lives elsewhere
     tree.pop("resume", None)
     return tree
 

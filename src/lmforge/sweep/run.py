@@ -61,7 +61,7 @@ def main(argv: list[str]) -> int:
     require_optuna()
     if cfg.backend == "ray":
         ray_backend.require_ray()
-    base = read_base(cfg.train.config)
+    base = read_base(cfg.train.config, cfg.train.command)
     check_trial_config(cfg, base)
     if cfg.backend == "ray":
         return _finish(cfg, ray_backend.run(cfg, base), base, finished=True)

@@ -86,12 +86,14 @@ def open_study(cfg: SweepConfig, seed_offset: int = 0) -> optuna.Study:
     # A rerun draws a new sample stream: the same seed would repeat the first trials' params.
     seed = cfg.seed + seed_offset + len(study.get_trials(deepcopy=False))
     sampler = (
-        optuna.samplers.TPESampler(seed=seed)
+        optuna.samplers.TPESampler(seed=seed, n_startup_trials=cfg.sampler_startup_trials)
         if cfg.sampler == "tpe"
         else optuna.samplers.RandomSampler(seed=seed)
     )
     study = optuna.load_study(storage=storage, study_name=cfg.name(), sampler=sampler, pruner=pruner)
     _check_space(cfg, study)
+    for params in cfg.enqueue:  # once per study: a rerun or a second machine finds them there
+        study.enqueue_trial(params, skip_if_exists=True)
     return study
 
 
@@ -262,6 +264,7 @@ class Sweeper:
         steps = lookup(tree, "max_steps")
         if isinstance(steps, int):
             trial.set_user_attr("max_steps", steps)
+        last = steps if isinstance(steps, int) else None
         shown = ", ".join(f"{k}={_short(v)}" for k, v in params.items())
         print(f"sweep: trial {number} {'resumed' if resumed else 'started'}: {shown}", flush=True)
         env = dict(os.environ)
@@ -274,7 +277,8 @@ class Sweeper:
                 return False
             reported.add(step)
             trial.report(value, step)
-            return may_prune and trial.should_prune()
+            # The final evaluation ends the trial anyway: pruning it there would only discard its result.
+            return may_prune and (last is None or step < last) and trial.should_prune()
 
         started = time.time()
         # A resumed trial continues from its newest checkpoint; one that had finished is only re-reported.

@@ -26,7 +26,7 @@ from torch import nn
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
 import lmforge.device as lmdevice
-from lmforge.config import EncryptionConfig, Section, encryption_field, parse_command
+from lmforge.config import ConfigPath, ConfigRef, EncryptionConfig, Section, encryption_field, parse_command
 from lmforge.errors import ERROR_DIR_ENV, ConfigError, LmforgeError, first_rank_error
 from lmforge.train import distributed as D
 from lmforge.train.early_stop import EarlyStoppingConfig
@@ -44,7 +44,9 @@ class TrainConfig(Section):
     model and evaluation keys; where its default or wording differs it redeclares the field (pydantic keeps
     the field in the base's position). `data` is not here: its type differs per command."""
 
-    output: str = Field(..., description="run directory (checkpoints, metrics, final model or adapter)")
+    output: ConfigPath = Field(
+        ..., description="run directory (checkpoints, metrics, final model or adapter)"
+    )
     global_batch: int = Field(16, ge=1, description="rows per optimizer step")
     micro_batch: Annotated[int, Field(ge=1)] | Literal["auto"] = Field(
         4,
@@ -67,7 +69,7 @@ class TrainConfig(Section):
     )
     threads: int | None = Field(None, ge=1, description="torch CPU threads (null = torch default)")
     seed: int = Field(0, description="seeds data order and dropout")
-    resume: str | None = Field(
+    resume: ConfigRef | None = Field(
         None, description="'auto' (newest checkpoint of this run) or a checkpoint path"
     )
     max_bad_steps: int = Field(5, ge=1, description="stop after this many non-finite steps in a row")

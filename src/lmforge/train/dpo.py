@@ -27,14 +27,12 @@ import json
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
-from pydantic import Field, model_validator
 from torch import nn
 
-from lmforge.config import Section, capped, save_config
-from lmforge.data.hfdata import HFDataConfig
+from lmforge.config import capped, save_config
 from lmforge.data.preference import (
     Pair,
     PairSampler,
@@ -47,12 +45,13 @@ from lmforge.data.preference import (
 from lmforge.errors import ConfigError, IntegrityError
 from lmforge.io import atomic_write_json, sha256_file
 from lmforge.model.hub import pinned
-from lmforge.model.lora import LoraConfig, adapters_disabled, read_adapter_config
+from lmforge.model.lora import adapters_disabled, read_adapter_config
 from lmforge.model.source import load_merged_base
 from lmforge.model.tensorfile import load_tensors, read_metadata, save_tensors
 from lmforge.progress import Progress
 from lmforge.train import distributed as D
-from lmforge.train.common import TrainConfig, parse_single_process, precision_setup
+from lmforge.train.common import parse_single_process, precision_setup
+from lmforge.train.configs import DPOConfig
 from lmforge.train.loop import LoopState, Trainer, settings_from
 from lmforge.train.metrics import MetricsLogger, read_metrics
 from lmforge.train.objectives import (
@@ -63,85 +62,13 @@ from lmforge.train.objectives import (
     reward_sums,
     sequence_logps,
 )
-from lmforge.train.optim import OptimConfig, build_optimizer
+from lmforge.train.optim import build_optimizer
 from lmforge.train.prepare import checkpoint_module, prepare_model
 from lmforge.train.rundir import export_result, finish_run_dir, prepare_run_dir
 
 COMMAND = "align dpo"
 REFERENCE_FILE = "reference.safetensors"
 REPORT = "report.json"
-
-
-class DPOEvalConfig(Section):
-    every: int = Field(
-        50, ge=0, description="held-out reward accuracy and margins every N steps (0 = at the end)"
-    )
-    batch_size: int = Field(8, ge=1, description="held-out pairs per forward pass")
-    max_pairs: int = Field(256, ge=0, description="evaluate on at most this many held-out pairs (0 = all)")
-
-
-class DPOConfig(TrainConfig):
-    model: str = Field(
-        ...,
-        description="policy to start from: HF folder, hub id ORG/NAME[@REV], lmforge model folder, pretrain/finetune run dir "
-        "(its model/, or its LoRA adapter/ merged into the base) or checkpoint",
-    )
-    tokenizer: str | None = Field(
-        None, description="tokenizer folder (null = the one that comes with the model)"
-    )
-    data: str = Field(
-        ...,
-        description="preference JSONL or Hugging Face dataset (hf:ORG/NAME, save_to_disk folder, .arrow): "
-        '{"prompt", "chosen", "rejected"}, text or chat messages',
-    )
-    eval_data: str | None = Field(
-        None,
-        description="held-out preference JSONL or dataset, e.g. `hf:ORG/NAME#test` (null = eval_fraction)",
-    )
-    hf: HFDataConfig = Field(
-        default_factory=HFDataConfig, description="Hugging Face dataset inputs: split, columns, streaming"
-    )
-    eval_fraction: float = Field(
-        0.05, ge=0, lt=1, description="share of `data` held out (seeded) when eval_data is null; 0 = none"
-    )
-    output: str = Field(..., description="run directory (checkpoints, metrics, report, model/ or adapter/)")
-    method: Literal["full", "lora", "qlora"] = Field(
-        "lora", description="full = every weight; lora = adapters on a frozen base; qlora = on an NF4 base"
-    )
-    lora: LoraConfig = Field(default_factory=LoraConfig, description="adapter shape (method lora/qlora)")
-    beta: float = Field(
-        0.1, gt=0, description="strength of the KL tie to the reference: higher = stay closer to it"
-    )
-    label_smoothing: float = Field(
-        0.0, ge=0, lt=0.5, description="conservative DPO: assumed probability that a pair's label is flipped"
-    )
-    reference: Literal["precompute", "live"] = Field(
-        "precompute",
-        description="precompute = reference log-probs once before training (stored, reused on resume); "
-        "live = every step (LoRA: adapters off; full: a frozen copy of the model in memory)",
-    )
-    max_len: int = Field(
-        512, ge=8, description="tokens per sequence (prompt + response); longer pairs are cut"
-    )
-    max_prompt_len: int = Field(
-        256, ge=1, description="a cut pair keeps at most this many prompt tokens (its end)"
-    )
-    append_eos: bool = Field(True, description="plain-text records: end each response with EOS")
-    global_batch: int = Field(16, ge=1, description="pairs per optimizer step")
-    micro_batch: int = Field(4, ge=1, description="pairs per forward pass (2 sequences each)")
-    optim: OptimConfig = Field(
-        default_factory=lambda: OptimConfig(lr=5e-5, weight_decay=0.0), description="AdamW settings"
-    )
-    eval: DPOEvalConfig = Field(default_factory=DPOEvalConfig, description="held-out evaluation")
-    seed: int = Field(0, description="seeds the held-out split, pair order and adapter init")
-    log_every: int = Field(10, ge=1, description="log training loss and reward statistics every N steps")
-
-    @model_validator(mode="after")
-    def _prompt_fits(self) -> DPOConfig:
-        # TrainConfig's validator has already checked global_batch against micro_batch
-        if self.max_prompt_len >= self.max_len:
-            raise ValueError(f"max_prompt_len ({self.max_prompt_len}) must be below max_len ({self.max_len})")
-        return self
 
 
 CONFIG = DPOConfig

@@ -27,14 +27,13 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
-from pydantic import Field
 from torch import nn
 
-from lmforge.config import Section, save_config
+from lmforge.config import save_config
 from lmforge.data.order import EpochOrder
 from lmforge.errors import ConfigError
 from lmforge.infer.engine import Engine, GenerationRequest
@@ -43,10 +42,11 @@ from lmforge.infer.sampling import SamplingParams
 from lmforge.io import atomic_write_json, sha256_file
 from lmforge.model.hub import pinned
 from lmforge.model.integrity import list_checkpoints
-from lmforge.model.lora import LoraConfig, adapters_disabled
+from lmforge.model.lora import adapters_disabled
 from lmforge.model.source import load_merged_base
 from lmforge.train import distributed as D
-from lmforge.train.common import TrainConfig, parse_single_process, precision_setup
+from lmforge.train.align_configs import GRPOConfig
+from lmforge.train.common import parse_single_process, precision_setup
 from lmforge.train.grpo_data import (
     Prompt,
     collate_rollout,
@@ -60,7 +60,7 @@ from lmforge.train.grpo_loss import GRPOObjective, group_advantages, token_logps
 from lmforge.train.loop import Trainer, settings_from
 from lmforge.train.metrics import MetricsLogger, read_metrics
 from lmforge.train.objectives import Batch
-from lmforge.train.optim import OptimConfig, build_optimizer
+from lmforge.train.optim import build_optimizer
 from lmforge.train.prepare import checkpoint_module, prepare_model
 from lmforge.train.rewards import Reward, build_rewards, score
 from lmforge.train.rundir import export_result, finish_run_dir, prepare_run_dir
@@ -68,60 +68,6 @@ from lmforge.train.rundir import export_result, finish_run_dir, prepare_run_dir
 COMMAND = "align grpo"
 REPORT = "report.json"
 Scope = Callable[[], contextlib.AbstractContextManager[Any]]
-
-
-class GRPOEvalConfig(Section):
-    every: int = Field(0, ge=0, description="held-out greedy reward every N steps (0 = at the start and end)")
-    max_prompts: int = Field(64, ge=0, description="evaluate on at most this many held-out prompts (0 = all)")
-
-
-class GRPOConfig(TrainConfig):
-    model: str = Field(
-        ...,
-        description="policy to start from: HF folder, hub id, lmforge model folder, pretrain/finetune run dir "
-        "(its model/, or its LoRA adapter/ merged into the base) or checkpoint",
-    )
-    tokenizer: str | None = Field(None, description="tokenizer folder (null = the model's)")
-    data: str = Field(
-        ..., description='prompts JSONL: {"prompt": text or messages} or {"messages": [...]}, plus fields'
-    )
-    eval_data: str | None = Field(None, description="held-out prompts JSONL (null = no evaluation)")
-    output: str = Field(..., description="run directory (checkpoints, metrics, report, model/ or adapter/)")
-    method: Literal["full", "lora", "qlora"] = Field(
-        "lora", description="full = every weight; lora = adapters on a frozen base; qlora = on an NF4 base"
-    )
-    lora: LoraConfig = Field(default_factory=LoraConfig, description="adapter shape (method lora/qlora)")
-    rewards: list[dict[str, Any]] = Field(
-        ...,
-        description="reward functions, summed with their weights: kinds exact_match, numeric_match, regex, "
-        "length, python (see docs/rl.md)",
-    )
-    group_size: int = Field(8, ge=2, description="completions sampled per prompt (G)")
-    global_batch: int = Field(
-        32, ge=1, description="completions per optimizer step (a multiple of group_size and micro_batch)"
-    )
-    micro_batch: int = Field(8, ge=1, description="completions per forward pass")
-    max_prompt_len: int = Field(256, ge=1, description="longer prompts keep their last tokens")
-    max_new_tokens: int = Field(128, ge=1, description="most tokens per completion")
-    temperature: float = Field(1.0, gt=0, description="sampling temperature of the rollouts")
-    top_p: float = Field(1.0, gt=0, le=1, description="nucleus sampling of the rollouts")
-    top_k: int = Field(0, ge=0, description="top-k sampling of the rollouts (0 = off)")
-    gen_batch: int = Field(64, ge=1, description="sequences the engine generates at once")
-    beta: float = Field(0.04, ge=0, description="KL coefficient to the reference (0 = no reference forward)")
-    epsilon: float = Field(0.2, gt=0, lt=1, description="clip range below 1 of the importance ratio")
-    epsilon_high: float | None = Field(None, gt=0, description="clip range above 1 (null = epsilon)")
-    num_iterations: int = Field(1, ge=1, description="optimizer steps (passes) per generated batch")
-    scale_rewards: bool = Field(True, description="divide advantages by the group's std (false = Dr. GRPO)")
-    loss_type: Literal["token", "sequence"] = Field(
-        "token",
-        description="token = mean over all completion tokens; sequence = mean of per-completion means",
-    )
-    optim: OptimConfig = Field(
-        default_factory=lambda: OptimConfig(lr=1e-5, weight_decay=0.0), description="AdamW settings"
-    )
-    eval: GRPOEvalConfig = Field(default_factory=GRPOEvalConfig, description="held-out evaluation")
-    seed: int = Field(0, description="seeds the prompt order, the sampling and adapter init")
-    log_every: int = Field(1, ge=1, description="log training metrics every N steps")
 
 
 CONFIG = GRPOConfig

@@ -19,7 +19,15 @@ from typing import Any, Literal
 import torch
 from pydantic import Field
 
-from lmforge.config import EncryptionConfig, Section, encryption_field, parse_command, save_config
+from lmforge.config import (
+    ConfigPath,
+    ConfigRef,
+    EncryptionConfig,
+    Section,
+    encryption_field,
+    parse_command,
+    save_config,
+)
 from lmforge.data.manifest import write_manifest
 from lmforge.io import atomic_write_json, staged_output
 from lmforge.model.card import write_card
@@ -31,12 +39,14 @@ COMMAND = "lora merge"
 
 
 class LoraMergeConfig(Section):
-    adapter: str = Field(..., description="PEFT adapter folder, or a finetune run directory with adapter/")
-    base: str | None = Field(
+    adapter: ConfigPath = Field(
+        ..., description="PEFT adapter folder, or a finetune run directory with adapter/"
+    )
+    base: ConfigRef | None = Field(
         None,
         description="base model: HF folder or lmforge model folder / run dir (null = the base the adapter names)",
     )
-    output: str = Field(..., description="output folder for the merged model (HF format)")
+    output: ConfigPath = Field(..., description="output folder for the merged model (HF format)")
     nf4_base: bool | None = Field(
         None,
         description="round the base to NF4 before merging, as QLoRA training saw it "

@@ -19,13 +19,12 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
-from pydantic import Field, model_validator
 from torch import nn
 
-from lmforge.config import Section, capped, save_config
+from lmforge.config import capped, save_config
 from lmforge.data.preference import (
     Pair,
     PairSampler,
@@ -38,76 +37,21 @@ from lmforge.data.preference import (
 from lmforge.errors import ConfigError
 from lmforge.io import atomic_write_json
 from lmforge.model.hub import pinned
-from lmforge.model.lora import LoraConfig, merge_lora
+from lmforge.model.lora import merge_lora
 from lmforge.model.reward import RewardModel, save_reward_hf
 from lmforge.model.source import load_merged_base
 from lmforge.train import distributed as D
-from lmforge.train.common import TrainConfig, parse_single_process, precision_setup
+from lmforge.train.align_configs import RewardConfig
+from lmforge.train.common import parse_single_process, precision_setup
 from lmforge.train.loop import LoopState, Trainer, settings_from
 from lmforge.train.metrics import MetricsLogger, read_metrics
 from lmforge.train.objectives import Batch, RewardObjective, reward_metrics, reward_sums
-from lmforge.train.optim import OptimConfig, build_optimizer
+from lmforge.train.optim import build_optimizer
 from lmforge.train.prepare import checkpoint_module, prepare_model
 from lmforge.train.rundir import finish_run_dir, prepare_run_dir
 
 COMMAND = "align reward"
 REPORT = "report.json"
-
-
-class RewardEvalConfig(Section):
-    every: int = Field(
-        50, ge=0, description="held-out pairwise accuracy and loss every N steps (0 = at the end)"
-    )
-    batch_size: int = Field(8, ge=1, description="held-out pairs per forward pass")
-    max_pairs: int = Field(256, ge=0, description="evaluate on at most this many held-out pairs (0 = all)")
-
-
-class RewardConfig(TrainConfig):
-    model: str = Field(
-        ...,
-        description="decoder to start from: HF folder, hub id ORG/NAME[@REV], lmforge model folder, "
-        "pretrain/finetune run dir (its model/, or its LoRA adapter/ merged into the base) or checkpoint",
-    )
-    tokenizer: str | None = Field(
-        None, description="tokenizer folder (null = the one that comes with the model)"
-    )
-    data: str = Field(
-        ...,
-        description='preference JSONL: {"prompt", "chosen", "rejected"} (text or chat messages), optional '
-        'numeric "margin"',
-    )
-    eval_data: str | None = Field(
-        None, description="held-out preference JSONL (null = hold out eval_fraction)"
-    )
-    eval_fraction: float = Field(
-        0.05, ge=0, lt=1, description="share of `data` held out (seeded) when eval_data is null; 0 = none"
-    )
-    output: str = Field(..., description="run directory (checkpoints, metrics, report, model/)")
-    method: Literal["full", "lora"] = Field(
-        "lora", description="full = every weight; lora = adapters on a frozen decoder, the score head in full"
-    )
-    lora: LoraConfig = Field(default_factory=LoraConfig, description="adapter shape (method lora)")
-    max_len: int = Field(
-        512, ge=8, description="tokens per sequence (prompt + response); longer pairs are cut"
-    )
-    max_prompt_len: int = Field(
-        256, ge=1, description="a cut pair keeps at most this many prompt tokens (its end)"
-    )
-    append_eos: bool = Field(True, description="plain-text records: end each response with EOS")
-    global_batch: int = Field(16, ge=1, description="pairs per optimizer step")
-    micro_batch: int = Field(4, ge=1, description="pairs per forward pass (2 sequences each)")
-    optim: OptimConfig = Field(
-        default_factory=lambda: OptimConfig(lr=1e-4, weight_decay=0.0), description="AdamW settings"
-    )
-    eval: RewardEvalConfig = Field(default_factory=RewardEvalConfig, description="held-out evaluation")
-    seed: int = Field(0, description="seeds the held-out split, pair order, head and adapter init")
-    log_every: int = Field(10, ge=1, description="log training loss and reward accuracy every N steps")
-
-    @model_validator(mode="after")
-    def _prompt_fits(self) -> RewardConfig:
-        if self.max_prompt_len >= self.max_len:
-            raise ValueError(f"max_prompt_len ({self.max_prompt_len}) must be below max_len ({self.max_len})")
-        return self
 
 
 CONFIG = RewardConfig
