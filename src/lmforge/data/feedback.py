@@ -27,7 +27,7 @@ from typing import Any
 
 from pydantic import Field
 
-from lmforge.config import Section, parse_command, save_config
+from lmforge.config import ConfigPath, Section, parse_command, save_config
 from lmforge.data.manifest import write_manifest
 from lmforge.errors import DataError
 from lmforge.io import atomic_write_json, atomic_write_text, staged_output
@@ -36,8 +36,8 @@ ROLES = ("system", "developer", "user", "assistant")
 
 
 class FeedbackDataConfig(Section):
-    input: str = Field(..., description="the server's feedback log (serve feedback.path), JSON lines")
-    output: str = Field(..., description="output directory: pairs.jsonl, report.json")
+    input: ConfigPath = Field(..., description="the server's feedback log (serve feedback.path), JSON lines")
+    output: ConfigPath = Field(..., description="output directory: pairs.jsonl, report.json")
     model: str | None = Field(None, description="keep only events for this served model id (default: all)")
     skip_bad: bool = Field(
         False, description="skip and count malformed lines instead of stopping at the first"

@@ -31,7 +31,14 @@ from rich.console import Console
 from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers
 from tokenizers import Tokenizer as Backend
 
-from lmforge.config import EncryptionConfig, Section, encryption_field, parse_command, save_config
+from lmforge.config import (
+    ConfigFsPath,
+    EncryptionConfig,
+    Section,
+    encryption_field,
+    parse_command,
+    save_config,
+)
 from lmforge.data.manifest import write_manifest
 from lmforge.errors import ConfigError, DataError
 from lmforge.io import check_output, staged_output
@@ -64,10 +71,10 @@ _SP_UNIGRAM, _SP_BPE = 1, 2
 
 
 class TokenizerImportConfig(Section):
-    input: Path = Field(
+    input: ConfigFsPath = Field(
         description="a SentencePiece .model file or a tiktoken rank file (base64 token + rank)"
     )
-    output: Path = Field(description="tokenizer directory to write (a Hugging Face tokenizer folder)")
+    output: ConfigFsPath = Field(description="tokenizer directory to write (a Hugging Face tokenizer folder)")
     format: Literal["auto", "sentencepiece", "tiktoken"] = Field(
         "auto", description="auto = sentencepiece for a .model file, tiktoken otherwise"
     )

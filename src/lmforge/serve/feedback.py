@@ -29,7 +29,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from lmforge.config import Section
+from lmforge.config import ConfigPath, Section
 from lmforge.crypt import fsync_dir
 from lmforge.errors import ConfigError
 from lmforge.serve.protocol import ApiError, check_text, validation_message
@@ -41,7 +41,9 @@ class FeedbackConfig(Section):
     enabled: bool = Field(
         False, description="accept POST /v1/feedback and show ratings and comparisons on the chat page"
     )
-    path: str = Field("feedback.jsonl", description="JSONL file the events are appended to (created 0600)")
+    path: ConfigPath = Field(
+        "feedback.jsonl", description="JSONL file the events are appended to (created 0600)"
+    )
     max_chars: int = Field(
         100_000, ge=1, description="longest prompt, message or answer text accepted (400 beyond)"
     )
