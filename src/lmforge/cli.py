@@ -66,6 +66,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "finetune": ("lmforge.train.finetune:main", "supervised fine-tuning: full, LoRA or QLoRA"),
     "lora merge": ("lmforge.train.lora_merge:main", "fold a LoRA adapter into its base model"),
     "align dpo": ("lmforge.train.dpo:main", "direct preference optimisation on chosen/rejected pairs"),
+    "align grpo": ("lmforge.train.grpo:main", "group relative policy optimisation with reward functions"),
     "sweep": (
         "lmforge.sweep.run:main",
         "Optuna hyperparameter sweep over a training command's config keys, with pruning",
