@@ -38,7 +38,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "write the addition task of the RL demo: prompts with answers, SFT pairs, a byte tokenizer",
     ),
     "data arith-report": (
-        "lmforge.data.arith_run:report_main",
+        "lmforge.data.arith_report:main",
         "held-out accuracy before and after from two eval reports (the RL demo's result)",
     ),
     "tokenizer train": (
