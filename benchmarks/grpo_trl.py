@@ -1,7 +1,7 @@
 """GRPO on this CPU: `lmforge align grpo` against TRL's `GRPOTrainer`, on the RL demo's addition task.
 
-    .venv/bin/python -m benchmarks.grpo                       # after `make demo-rl` (its SFT model and data)
-    .venv/bin/python -m benchmarks.grpo --steps 40 --reps 1
+    .venv/bin/python -m benchmarks.grpo_trl                       # after `make demo-rl` (its SFT model and data)
+    .venv/bin/python -m benchmarks.grpo_trl --steps 40 --reps 1
 
 One model for both: the demo's SFT model (runs/demo-rl/sft: the `tiny` Llama, 0.77M parameters, byte
 tokenizer), which lmforge loads as it is and TRL as the `LlamaForCausalLM` that `lmforge export hf` writes
@@ -17,7 +17,7 @@ each process samples (wall, process CPU) every 0.2 s, so every optimizer step ge
 "at equal CPU time" compares the training reward of both when the cheaper run has used all its CPU
 seconds (the dearer one has done fewer steps by then). Generation tokens/s: completion tokens over the seconds spent sampling (lmforge: its engine,
 from the run's metrics; TRL: `model.generate`, timed by wrapping it). Held-out: greedy exact match on the
-first 200 held-out prompts after training. Output: a table and benchmarks/results/grpo.json.
+first 200 held-out prompts after training. Output: a table and benchmarks/results/grpo_trl.json.
 """
 
 from __future__ import annotations
@@ -265,7 +265,7 @@ def _worker(a: argparse.Namespace) -> int:
 def _spawn(name: str, a: argparse.Namespace, tmp: Path, hf: Path, rep: int) -> dict[str, Any]:
     out = tmp / f"{name}-{rep}"
     res = tmp / f"{name}-{rep}.json"
-    cmd = [sys.executable, "-m", "benchmarks.grpo", "--worker", name, "--sft", str(a.sft), "--hf", str(hf)]
+    cmd = [sys.executable, "-m", "benchmarks.grpo_trl", "--worker", name, "--sft", str(a.sft), "--hf", str(hf)]
     cmd += ["--data", str(a.data), "--steps", str(a.steps), "--out", str(out), "--result", str(res)]
     env = {
         **os.environ,
@@ -328,7 +328,7 @@ def main() -> int:
     )
     p.add_argument("--steps", type=int, default=60)
     p.add_argument("--reps", type=int, default=1)
-    p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "grpo.json")
+    p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "grpo_trl.json")
     p.add_argument("--worker", choices=["lmforge", "trl"], help=argparse.SUPPRESS)
     p.add_argument("--hf", type=Path, help=argparse.SUPPRESS)
     p.add_argument("--result", type=Path, help=argparse.SUPPRESS)
@@ -351,7 +351,7 @@ def main() -> int:
                 runs[name].append(_spawn(name, a, tmp, hf, rep))
     summary = summarise(runs, a.steps)
     result = {
-        "benchmark": "grpo",
+        "benchmark": "grpo_trl",
         "settings": {**SETTINGS, "steps": a.steps, "reps": a.reps, "held_out_prompts": HELD, "threads": 1},
         "summary": summary,
         "runs": runs,
