@@ -360,3 +360,15 @@ def test_resume_mid_rollout_is_bit_exact(setup: dict[str, Path], tmp_path: Path,
     name = "adapter/adapter_model.safetensors" if method == "lora" else "model/model.safetensors"
     wa, wb = load_file(str(tmp_path / "a" / name)), load_file(str(b / name))
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_qlora_per_sequence_dr_grpo_without_a_reference(setup: dict[str, Path], tmp_path: Path) -> None:
+    """beta 0: no reference, KL exactly 0; loss per sequence: the loop counts completions (8 a step)."""
+    from lmforge.train.metrics import read_metrics
+
+    out = tmp_path / "run"
+    args = ["max_steps=2", "method=qlora", "beta=0", "loss_type=sequence", "scale_rewards=false"]
+    assert run_grpo(grpo_args(setup, out, *args)) == 0
+    rows = read_metrics(out / "metrics.jsonl", "train")
+    assert [r["tokens"] for r in rows] == [8.0, 8.0] and all(r["kl"] == 0.0 for r in rows)
+    assert json.loads((out / "adapter" / "lmforge_base.json").read_text())["method"] == "qlora"

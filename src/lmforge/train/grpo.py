@@ -238,6 +238,7 @@ class Rollouts:
                 )
                 requests.append(GenerationRequest(p.ids, params))
         was_training = self.policy.training
+        self.policy.eval()  # no LoRA dropout while sampling
         outs = self.engine.generate(requests)
         self.policy.train(was_training)
         ids = [
