@@ -265,7 +265,17 @@ def _worker(a: argparse.Namespace) -> int:
 def _spawn(name: str, a: argparse.Namespace, tmp: Path, hf: Path, rep: int) -> dict[str, Any]:
     out = tmp / f"{name}-{rep}"
     res = tmp / f"{name}-{rep}.json"
-    cmd = [sys.executable, "-m", "benchmarks.grpo_trl", "--worker", name, "--sft", str(a.sft), "--hf", str(hf)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "benchmarks.grpo_trl",
+        "--worker",
+        name,
+        "--sft",
+        str(a.sft),
+        "--hf",
+        str(hf),
+    ]
     cmd += ["--data", str(a.data), "--steps", str(a.steps), "--out", str(out), "--result", str(res)]
     env = {
         **os.environ,
