@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed
 # Where configs/demo/pipeline.yaml writes (fixed there: change both together).
 DEMO   := runs/demo
 
-.PHONY: demo test test-slow check lint typecheck bench bench-gpu clean install browser postgres
+.PHONY: demo demo-rl test test-slow check lint typecheck bench bench-gpu clean install browser postgres
 
 install: $(STAMP)
 
@@ -25,6 +25,11 @@ $(STAMP): pyproject.toml constraints.txt
 demo: $(STAMP)
 	$(BIN)/lmforge run configs/demo/pipeline.yaml
 	@echo "demo done: outputs in $(DEMO)/ (curated, tokenizer, tokens, pretrain); model in $(DEMO)/pretrain/model"
+
+# The RL demo (docs/rl-demo.md): addition problems -> brief SFT of a fresh tiny model -> GRPO with an
+# exact-match reward; prints held-out accuracy before and after (runs/demo-rl/accuracy/accuracy.json).
+demo-rl: $(STAMP)
+	$(BIN)/lmforge run configs/demo-rl/pipeline.yaml
 
 test: $(STAMP) browser
 	$(BIN)/python -m pytest -q

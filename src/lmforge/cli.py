@@ -37,6 +37,14 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "lmforge.data.feedback:main",
         "turn the server's feedback log (ratings, comparisons) into preference pairs",
     ),
+    "data arith": (
+        "lmforge.data.arith_run:main",
+        "write the addition task of the RL demo: prompts with answers, SFT pairs, a byte tokenizer",
+    ),
+    "data arith-report": (
+        "lmforge.data.arith_report:main",
+        "held-out accuracy before and after from two eval reports (the RL demo's result)",
+    ),
     "tokenizer train": (
         "lmforge.data.tokenizer_train:main",
         "train a byte-level BPE tokenizer with a chat template",
