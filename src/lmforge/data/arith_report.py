@@ -8,11 +8,10 @@ from __future__ import annotations
 
 import os
 import time
-from pathlib import Path
 
 from pydantic import Field
 
-from lmforge.config import Section, parse_command, save_config
+from lmforge.config import ConfigFsPath, Section, parse_command, save_config
 from lmforge.data.arith import compare
 from lmforge.data.manifest import ensure_verified, write_manifest
 from lmforge.io import atomic_write_json, read_json_object, staged_output
@@ -21,10 +20,14 @@ REPORT = "accuracy.json"
 
 
 class ArithReportConfig(Section):
-    before: Path = Field(..., description="`lmforge eval` output folder of the model before (the SFT model)")
-    after: Path = Field(..., description="`lmforge eval` output folder of the model after (the GRPO model)")
+    before: ConfigFsPath = Field(
+        ..., description="`lmforge eval` output folder of the model before (the SFT model)"
+    )
+    after: ConfigFsPath = Field(
+        ..., description="`lmforge eval` output folder of the model after (the GRPO model)"
+    )
     task: str = Field("heldout", description="name of the generation task in both reports")
-    output: Path = Field(..., description="folder to write accuracy.json in")
+    output: ConfigFsPath = Field(..., description="folder to write accuracy.json in")
     overwrite: bool = Field(False, description="replace an existing output folder")
 
 

@@ -5,19 +5,19 @@ lmforge data arith output=runs/demo-rl/data digits=2 seed=0
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from pydantic import Field
 from rich.console import Console
 
-from lmforge.config import Section, parse_command, save_config
+from lmforge.config import ConfigFsPath, Section, parse_command, save_config
 from lmforge.data.arith import TOKENIZER, make_task, write_task
 from lmforge.data.manifest import write_manifest
 from lmforge.io import staged_output
 
 
 class ArithConfig(Section):
-    output: Path = Field(..., description="folder: prompts.jsonl, heldout.jsonl, sft.jsonl, tokenizer/")
+    output: ConfigFsPath = Field(
+        ..., description="folder: prompts.jsonl, heldout.jsonl, sft.jsonl, tokenizer/"
+    )
     digits: int = Field(2, ge=1, le=9, description="most digits of each operand")
     min_digits: int = Field(1, ge=1, le=9, description="fewest digits of each operand")
     n_train: int = Field(2000, ge=1, description="training problems (the GRPO prompts)")
