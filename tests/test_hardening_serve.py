@@ -140,7 +140,9 @@ def test_a_huge_prompt_list_is_refused_before_tokenization() -> None:
         stop.set()
         close(app)
     assert calls[0] == 0  # no prompt was tokenized
-    assert len(health) >= 5 and max(health) < 0.5, max(health)
+    # /health stays answered while the bodies are refused: the bound leaves room for a loaded 2-core machine
+    # (parsing a 2 MB body holds the loop well under a second); tokenizing them would take far longer
+    assert len(health) >= 5 and max(health) < 2.0, max(health)
 
 
 def _closed_within(sock: socket.socket, limit: float, t0: float) -> tuple[float, bytes]:
