@@ -229,3 +229,39 @@ def test_eval_tasks_read_datasets(tmp_path: Path) -> None:
     for a, b, keys in (("j", "h", ("acc", "acc_norm", "n")), ("gj", "gh", ("bleu", "exact_match", "n"))):
         assert [res[a][k] for k in keys] == [res[b][k] for k in keys]
     assert res["h"]["n"] == 8 and res["gh"]["n"] == 8
+
+
+def test_grpo_prompts_and_reward_pairs_read_datasets(tmp_path: Path) -> None:
+    """align grpo's prompts and align reward's pairs (its `hf` key passed through) read datasets like JSONL."""
+    from lmforge.train.align_configs import RewardConfig
+    from lmforge.train.grpo_data import load_prompts
+    from lmforge.train.reward import _load_pairs
+
+    tok: Tokenizer = train_tokenizer([p for p in _paragraphs() if p], vocab_size=400)
+    words = shakespeare_text(20_000).split()
+    rows = [{"q": " ".join(words[i : i + 6]), "answer": str(i)} for i in range(0, 300, 10)]
+    datasets.Dataset.from_list(rows).save_to_disk(tmp_path / "prompts")
+    jl = _jsonl(tmp_path / "prompts.jsonl", [{"prompt": r["q"], "answer": r["answer"]} for r in rows])
+    ref, _ = load_prompts(jl, tok, max_prompt_len=8)
+    got, cut = load_prompts(
+        tmp_path / "prompts", tok, max_prompt_len=8, hf=HFDataConfig(columns={"prompt": "q"})
+    )
+    assert [(p.ids, p.text, p.row["answer"]) for p in got] == [(p.ids, p.text, p.row["answer"]) for p in ref]
+    assert len(got) == 30 and cut > 0
+
+    prefs = [{"question": r["q"], "good": r["answer"], "bad": r["answer"][::-1] + "x"} for r in rows]
+    datasets.Dataset.from_list(prefs).save_to_disk(tmp_path / "pref")
+    plain = [{"prompt": p["question"], "chosen": p["good"], "rejected": p["bad"]} for p in prefs]
+    common = {
+        "model": "tiny",
+        "output": str(tmp_path / "rm"),
+        "eval_fraction": 0.2,
+        "max_len": 48,
+        "max_prompt_len": 16,
+    }
+    cols = {"prompt": "question", "chosen": "good", "rejected": "bad"}
+    a = _load_pairs(RewardConfig(data=str(_jsonl(tmp_path / "p.jsonl", plain)), **common), tok)
+    b = _load_pairs(RewardConfig(data=str(tmp_path / "pref"), hf={"columns": cols}, **common), tok)
+    assert a[2] == b[2] and len(a[0]) == len(b[0]) == 24 and len(a[1]) == len(b[1]) == 6
+    for x, y in zip(a[0] + a[1], b[0] + b[1], strict=True):
+        assert np.array_equal(x.chosen, y.chosen) and np.array_equal(x.rejected, y.rejected)

@@ -8,6 +8,7 @@ from typing import Any, Literal
 from pydantic import Field, model_validator
 
 from lmforge.config import ConfigPath, ConfigRef, Section
+from lmforge.data.hfdata import HFDataConfig
 from lmforge.model.lora import LoraConfig
 from lmforge.train.common import TrainConfig
 from lmforge.train.optim import OptimConfig
@@ -37,6 +38,9 @@ class RewardConfig(TrainConfig):
     )
     eval_data: ConfigPath | None = Field(
         None, description="held-out preference JSONL (null = hold out eval_fraction)"
+    )
+    hf: HFDataConfig = Field(
+        default_factory=HFDataConfig, description="Hugging Face dataset inputs: split, columns, streaming"
     )
     eval_fraction: float = Field(
         0.05, ge=0, lt=1, description="share of `data` held out (seeded) when eval_data is null; 0 = none"
@@ -82,9 +86,15 @@ class GRPOConfig(TrainConfig):
     )
     tokenizer: ConfigRef | None = Field(None, description="tokenizer folder (null = the model's)")
     data: ConfigPath = Field(
-        ..., description='prompts JSONL: {"prompt": text or messages} or {"messages": [...]}, plus fields'
+        ...,
+        description='prompts JSONL or Hugging Face dataset (hf:ORG/NAME, save_to_disk folder, .arrow): {"prompt": text or messages} or {"messages": [...]}, plus fields',
     )
-    eval_data: ConfigPath | None = Field(None, description="held-out prompts JSONL (null = no evaluation)")
+    eval_data: ConfigPath | None = Field(
+        None, description="held-out prompts JSONL or dataset (null = no evaluation)"
+    )
+    hf: HFDataConfig = Field(
+        default_factory=HFDataConfig, description="Hugging Face dataset inputs: split, columns, streaming"
+    )
     output: ConfigPath = Field(
         ..., description="run directory (checkpoints, metrics, report, model/ or adapter/)"
     )

@@ -327,8 +327,12 @@ def train(cfg: GRPOConfig, **trainer_kw: Any) -> int:
     device = D.pick_device(cfg.device, info)
     model, tok, _ = load_merged_base(cfg.model, tokenizer=cfg.tokenizer, device=device, seed=cfg.seed)
     check_config(cfg, int(model.cfg.max_seq_len))
-    prompts, cut = load_prompts(cfg.data, tok, max_prompt_len=cfg.max_prompt_len)
-    held = load_prompts(cfg.eval_data, tok, max_prompt_len=cfg.max_prompt_len)[0] if cfg.eval_data else []
+    prompts, cut = load_prompts(cfg.data, tok, max_prompt_len=cfg.max_prompt_len, hf=cfg.hf)
+    held = (
+        load_prompts(cfg.eval_data, tok, max_prompt_len=cfg.max_prompt_len, hf=cfg.hf)[0]
+        if cfg.eval_data
+        else []
+    )
     held = held[: cfg.eval.max_prompts] if cfg.eval.max_prompts else held
     train_model, summary = prepare_model(
         model, device=device, method=cfg.method, lora=cfg.lora, seed=cfg.seed

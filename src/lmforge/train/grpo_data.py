@@ -21,8 +21,8 @@ from typing import Any
 import torch
 
 from lmforge.data.batch import COUNT, IGNORE_INDEX
+from lmforge.data.hfdata import HFDataConfig, iter_records
 from lmforge.errors import DataError, IntegrityError
-from lmforge.io import iter_jsonl
 from lmforge.model.tensorfile import load_tensors, read_metadata, save_tensors
 from lmforge.tokenizer import TURN_ENDS
 
@@ -73,11 +73,14 @@ def encode_prompt_row(tok: Any, rec: dict[str, Any], where: str) -> Prompt:
     return Prompt(list(tok.encode_chat(msgs, add_generation_prompt=True)), text, rec, chat=True)
 
 
-def load_prompts(path: str | Path, tok: Any, *, max_prompt_len: int) -> tuple[list[Prompt], int]:
-    """(prompts, how many were cut to their last `max_prompt_len` tokens); DataError naming file:line."""
+def load_prompts(
+    path: str | Path, tok: Any, *, max_prompt_len: int, hf: HFDataConfig | None = None
+) -> tuple[list[Prompt], int]:
+    """(prompts, how many were cut to their last `max_prompt_len` tokens) from a JSONL file or a Hugging Face
+    dataset (data/hfdata.py); DataError naming file:line (or dataset:row)."""
     out, cut = [], 0
-    for n, rec in iter_jsonl(Path(path)):
-        p = encode_prompt_row(tok, rec, f"{path}:{n}")
+    for _, where, rec in iter_records(path, hf):
+        p = encode_prompt_row(tok, rec, where)
         if len(p.ids) > max_prompt_len:
             p.ids, cut = p.ids[-max_prompt_len:], cut + 1
         out.append(p)

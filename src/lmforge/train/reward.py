@@ -201,6 +201,7 @@ def _load_pairs(cfg: RewardConfig, tok: Any) -> tuple[list[Pair], list[Pair], Pr
         "max_len": cfg.max_len,
         "max_prompt_len": cfg.max_prompt_len,
         "append_eos": cfg.append_eos,
+        "hf": cfg.hf,
     }
     pairs, stats = load_pairs(cfg.data, tok, **opts)
     if cfg.eval_data:
