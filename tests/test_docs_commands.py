@@ -233,11 +233,14 @@ FIXTURES = ("curated", "tokenizer", "tokens", "pretrain", "sft")
 
 @pytest.fixture(scope="session")
 def env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
-    """The environment blocks run in: `lmforge` and `lmforge-lm-eval` on PATH, this checkout's sources."""
+    """The environment blocks run in: `lmforge`, `lmforge-lm-eval` and `python` (this interpreter, as in an
+    activated venv) on PATH, this checkout's sources."""
     bin_dir = tmp_path_factory.mktemp("docs-bin")
     for name, module in (("lmforge", "lmforge"), ("lmforge-lm-eval", "lmforge.eval.harness")):
         (bin_dir / name).write_text(f'#!/bin/sh\nexec "{sys.executable}" -m {module} "$@"\n')
         (bin_dir / name).chmod(0o755)
+    (bin_dir / "python").write_text(f'#!/bin/sh\nexec "{sys.executable}" "$@"\n')
+    (bin_dir / "python").chmod(0o755)
     return _env(bin_dir)
 
 
