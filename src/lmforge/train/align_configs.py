@@ -105,7 +105,7 @@ class GRPOConfig(TrainConfig):
     rewards: list[dict[str, Any]] = Field(
         ...,
         description="reward functions, summed with their weights: kinds exact_match, numeric_match, regex, "
-        "length, python (see docs/rl.md)",
+        "length, python, code (unit tests in a sandbox), reward_model (see docs/rl.md)",
     )
     group_size: int = Field(8, ge=2, description="completions sampled per prompt (G)")
     global_batch: int = Field(

@@ -73,9 +73,9 @@ Scope = Callable[[], contextlib.AbstractContextManager[Any]]
 CONFIG = GRPOConfig
 DESCRIPTION = (
     "Group relative policy optimisation: sample group_size completions per prompt with the KV-cache engine, "
-    "score them with weighted reward functions (exact/numeric match, regex, length, Python), and train with "
-    "the clipped, group-normalised GRPO loss and a KL tie to the starting model; full, LoRA or QLoRA on the "
-    "shared loop with exact resume. Writes model/ or adapter/ and report.json. Exit codes: 0 ok, 2 user "
+    "score them with weighted reward functions (exact/numeric match, regex, length, Python, unit tests in a "
+    "sandbox, a reward model), and train with the clipped, group-normalised GRPO loss and a KL tie to the "
+    "starting model; full, LoRA or QLoRA on the shared loop with exact resume. Writes model/ or adapter/ and report.json. Exit codes: 0 ok, 2 user "
     "error, 3 integrity, 4 too many non-finite steps, 130 interrupted."
 )
 EXAMPLE = "lmforge align grpo -c configs/rl/grpo-demo.yaml"
