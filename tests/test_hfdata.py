@@ -24,7 +24,7 @@ from lmforge.cli import main as cli  # noqa: E402
 from lmforge.data.chat import SFTDataConfig, load_sft  # noqa: E402
 from lmforge.data.curated import iter_curated  # noqa: E402
 from lmforge.data.hfdata import HFDataConfig, is_hf_source, iter_records, parse_hub_id  # noqa: E402
-from lmforge.data.preference import load_pairs  # noqa: E402
+from lmforge.data.preference import load_pairs, train_and_held_pairs  # noqa: E402
 from lmforge.data.prepare import PrepareConfig, run  # noqa: E402
 from lmforge.errors import ConfigError, DataError  # noqa: E402
 from lmforge.tokenizer import Tokenizer, train_tokenizer  # noqa: E402
@@ -235,7 +235,6 @@ def test_grpo_prompts_and_reward_pairs_read_datasets(tmp_path: Path) -> None:
     """align grpo's prompts and align reward's pairs (its `hf` key passed through) read datasets like JSONL."""
     from lmforge.train.align_configs import RewardConfig
     from lmforge.train.grpo_data import load_prompts
-    from lmforge.train.reward import _load_pairs
 
     tok: Tokenizer = train_tokenizer([p for p in _paragraphs() if p], vocab_size=400)
     words = shakespeare_text(20_000).split()
@@ -260,8 +259,8 @@ def test_grpo_prompts_and_reward_pairs_read_datasets(tmp_path: Path) -> None:
         "max_prompt_len": 16,
     }
     cols = {"prompt": "question", "chosen": "good", "rejected": "bad"}
-    a = _load_pairs(RewardConfig(data=str(_jsonl(tmp_path / "p.jsonl", plain)), **common), tok)
-    b = _load_pairs(RewardConfig(data=str(tmp_path / "pref"), hf={"columns": cols}, **common), tok)
+    a = train_and_held_pairs(RewardConfig(data=str(_jsonl(tmp_path / "p.jsonl", plain)), **common), tok)
+    b = train_and_held_pairs(RewardConfig(data=str(tmp_path / "pref"), hf={"columns": cols}, **common), tok)
     assert a[2] == b[2] and len(a[0]) == len(b[0]) == 24 and len(a[1]) == len(b[1]) == 6
     for x, y in zip(a[0] + a[1], b[0] + b[1], strict=True):
         assert np.array_equal(x.chosen, y.chosen) and np.array_equal(x.rejected, y.rejected)

@@ -23,15 +23,16 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 
+from lmforge.config import capped
 from lmforge.data.batch import COUNT, IGNORE_INDEX
 from lmforge.data.hfdata import HFDataConfig, iter_records
 from lmforge.data.order import EpochOrder
-from lmforge.errors import DataError
+from lmforge.errors import ConfigError, DataError
 from lmforge.tokenizer import Tokenizer
 
 KEYS = ("prompt", "chosen", "rejected")
@@ -210,6 +211,65 @@ def split_pairs(pairs: list[Pair], fraction: float, seed: int) -> tuple[list[Pai
     order = np.random.default_rng([seed, 7]).permutation(len(pairs))
     held = set(order[:n_eval].tolist())
     return [p for i, p in enumerate(pairs) if i not in held], [p for i, p in enumerate(pairs) if i in held]
+
+
+class _HeldOutConfig(Protocol):
+    @property
+    def max_pairs(self) -> int: ...
+
+
+class PairDataConfig(Protocol):
+    """The keys of a preference-trained command (`align dpo`, `align reward`) that say what it reads."""
+
+    @property
+    def model(self) -> str: ...
+    @property
+    def data(self) -> str: ...
+    @property
+    def eval_data(self) -> str | None: ...
+    @property
+    def eval_fraction(self) -> float: ...
+    @property
+    def seed(self) -> int: ...
+    @property
+    def max_len(self) -> int: ...
+    @property
+    def max_prompt_len(self) -> int: ...
+    @property
+    def append_eos(self) -> bool: ...
+    @property
+    def hf(self) -> HFDataConfig: ...
+    @property
+    def eval(self) -> _HeldOutConfig: ...
+
+
+def capped_max_len(cfg: PairDataConfig, limit: int) -> int:
+    """`max_len` capped at the model's context (with a notice); the prompt must still leave room."""
+    max_len = capped("max_len", cfg.max_len, limit, f"the context of {cfg.model}")
+    if cfg.max_prompt_len >= max_len:
+        raise ConfigError(
+            f"max_prompt_len ({cfg.max_prompt_len}) must be below max_len ({max_len}, the model's context)"
+        )
+    return max_len
+
+
+def train_and_held_pairs(
+    cfg: PairDataConfig, tok: Tokenizer
+) -> tuple[list[Pair], list[Pair], PreferenceStats]:
+    """(training pairs, held-out pairs, statistics of `data`): eval_data, or a seeded share of `data`."""
+    opts: dict[str, Any] = {
+        "max_len": cfg.max_len,
+        "max_prompt_len": cfg.max_prompt_len,
+        "append_eos": cfg.append_eos,
+        "hf": cfg.hf,
+    }
+    pairs, stats = load_pairs(cfg.data, tok, **opts)
+    if cfg.eval_data:
+        train_pairs, held = pairs, load_pairs(cfg.eval_data, tok, **opts)[0]
+    else:
+        train_pairs, held = split_pairs(pairs, cfg.eval_fraction, cfg.seed)
+    held = held[: cfg.eval.max_pairs] if cfg.eval.max_pairs else held
+    return train_pairs, held, stats
 
 
 def collate(pairs: Sequence[Pair], pad_id: int, ref: torch.Tensor | None = None) -> dict[str, torch.Tensor]:

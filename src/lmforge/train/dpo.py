@@ -32,17 +32,17 @@ from typing import Any
 import torch
 from torch import nn
 
-from lmforge.config import capped, save_config
+from lmforge.config import save_config
 from lmforge.data.preference import (
     Pair,
     PairSampler,
     PreferenceStats,
+    capped_max_len,
     collate,
     fixed_batches,
-    load_pairs,
-    split_pairs,
+    train_and_held_pairs,
 )
-from lmforge.errors import ConfigError, IntegrityError
+from lmforge.errors import IntegrityError
 from lmforge.io import atomic_write_json, sha256_file
 from lmforge.model.hub import pinned
 from lmforge.model.lora import adapters_disabled, read_adapter_config
@@ -214,8 +214,9 @@ def train(cfg: DPOConfig, **trainer_kw: Any) -> int:
         torch.set_num_threads(cfg.threads)
     device = D.pick_device(cfg.device, info)
     model, tok = load_policy(cfg, device)
-    cfg = _cap_lengths(cfg, int(getattr(model, "cfg").max_seq_len))  # noqa: B009 - typed loosely
-    train_pairs, held, stats = _load_pairs(cfg, tok)
+    limit = int(getattr(model, "cfg").max_seq_len)  # noqa: B009 - typed loosely
+    cfg = cfg.model_copy(update={"max_len": capped_max_len(cfg, limit)})
+    train_pairs, held, stats = train_and_held_pairs(cfg, tok)
 
     train_model, summary = prepare_model(
         model, device=device, method=cfg.method, lora=cfg.lora, seed=cfg.seed
@@ -281,33 +282,6 @@ def train(cfg: DPOConfig, **trainer_kw: Any) -> int:
     finish_run_dir(run_dir, Path(cfg.output), COMMAND)
     print(f"wrote {cfg.output} ({out.name}/, step {state.step}, {state.tokens:,} pairs)")
     return 0
-
-
-def _cap_lengths(cfg: DPOConfig, limit: int) -> DPOConfig:
-    """`max_len` capped at the model's context (with a notice); the prompt must still leave room."""
-    max_len = capped("max_len", cfg.max_len, limit, f"the context of {cfg.model}")
-    if cfg.max_prompt_len >= max_len:
-        raise ConfigError(
-            f"max_prompt_len ({cfg.max_prompt_len}) must be below max_len ({max_len}, the model's context)"
-        )
-    return cfg.model_copy(update={"max_len": max_len})
-
-
-def _load_pairs(cfg: DPOConfig, tok: Any) -> tuple[list[Pair], list[Pair], PreferenceStats]:
-    """(training pairs, held-out pairs, statistics of `data`): eval_data, or a seeded share of `data`."""
-    opts: dict[str, Any] = {
-        "max_len": cfg.max_len,
-        "max_prompt_len": cfg.max_prompt_len,
-        "append_eos": cfg.append_eos,
-        "hf": cfg.hf,
-    }
-    pairs, stats = load_pairs(cfg.data, tok, **opts)
-    if cfg.eval_data:
-        train_pairs, held = pairs, load_pairs(cfg.eval_data, tok, **opts)[0]
-    else:
-        train_pairs, held = split_pairs(pairs, cfg.eval_fraction, cfg.seed)
-    held = held[: cfg.eval.max_pairs] if cfg.eval.max_pairs else held
-    return train_pairs, held, stats
 
 
 def _reference(

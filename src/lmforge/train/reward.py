@@ -24,17 +24,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from lmforge.config import capped, save_config
+from lmforge.config import save_config
 from lmforge.data.preference import (
-    Pair,
     PairSampler,
     PreferenceStats,
+    capped_max_len,
     fixed_batches,
-    load_pairs,
     score_collate,
-    split_pairs,
+    train_and_held_pairs,
 )
-from lmforge.errors import ConfigError
 from lmforge.io import atomic_write_json
 from lmforge.model.hub import pinned
 from lmforge.model.lora import merge_lora
@@ -111,8 +109,8 @@ def train(cfg: RewardConfig, **trainer_kw: Any) -> int:
         torch.set_num_threads(cfg.threads)
     device = D.pick_device(cfg.device, info)
     backbone, tok, _ = load_merged_base(cfg.model, tokenizer=cfg.tokenizer, device=device, seed=cfg.seed)
-    cfg = _cap_lengths(cfg, int(backbone.cfg.max_seq_len))
-    train_pairs, held, stats = _load_pairs(cfg, tok)
+    cfg = cfg.model_copy(update={"max_len": capped_max_len(cfg, int(backbone.cfg.max_seq_len))})
+    train_pairs, held, stats = train_and_held_pairs(cfg, tok)
     model = RewardModel(backbone, tok.pad_id, seed=cfg.seed).train()
     train_model, summary = prepare_model(
         model, device=device, method=cfg.method, lora=cfg.lora, seed=cfg.seed
@@ -183,33 +181,6 @@ def _summary(model: nn.Module, method: str) -> dict[str, Any]:
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     return {"method": method, "trainable": trainable, "total": total, "fraction": trainable / total}
-
-
-def _cap_lengths(cfg: RewardConfig, limit: int) -> RewardConfig:
-    """`max_len` capped at the model's context (with a notice); the prompt must still leave room."""
-    max_len = capped("max_len", cfg.max_len, limit, f"the context of {cfg.model}")
-    if cfg.max_prompt_len >= max_len:
-        raise ConfigError(
-            f"max_prompt_len ({cfg.max_prompt_len}) must be below max_len ({max_len}, the model's context)"
-        )
-    return cfg.model_copy(update={"max_len": max_len})
-
-
-def _load_pairs(cfg: RewardConfig, tok: Any) -> tuple[list[Pair], list[Pair], PreferenceStats]:
-    """(training pairs, held-out pairs, statistics of `data`): eval_data, or a seeded share of `data`."""
-    opts: dict[str, Any] = {
-        "max_len": cfg.max_len,
-        "max_prompt_len": cfg.max_prompt_len,
-        "append_eos": cfg.append_eos,
-        "hf": cfg.hf,
-    }
-    pairs, stats = load_pairs(cfg.data, tok, **opts)
-    if cfg.eval_data:
-        train_pairs, held = pairs, load_pairs(cfg.eval_data, tok, **opts)[0]
-    else:
-        train_pairs, held = split_pairs(pairs, cfg.eval_fraction, cfg.seed)
-    held = held[: cfg.eval.max_pairs] if cfg.eval.max_pairs else held
-    return train_pairs, held, stats
 
 
 def _write_report(
