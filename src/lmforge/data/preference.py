@@ -63,9 +63,10 @@ class PreferenceStats:
     response_tokens: int = 0  # chosen + rejected target tokens
 
 
-def _messages(value: Any, where: str, key: str) -> list[dict[str, str]]:
+def message_list(value: Any, where: str, key: str, expected: str = _EXPECTED) -> list[dict[str, str]]:
+    """`value` as a list of {'role', 'content'} strings; DataError naming `where` and `key` otherwise."""
     if not isinstance(value, list) or not value:
-        raise DataError(f"{where}: key {key!r} must be a non-empty list of messages; {_EXPECTED}")
+        raise DataError(f"{where}: key {key!r} must be a non-empty list of messages; {expected}")
     out = []
     for i, m in enumerate(value):
         if (
@@ -107,14 +108,18 @@ class PairEncoder:
             responses = [self.plain.encode(rec[k]) + eos for k in ("chosen", "rejected")]
         else:
             p = rec["prompt"]
-            msgs = [{"role": "user", "content": p}] if isinstance(p, str) else _messages(p, where, "prompt")
+            msgs = (
+                [{"role": "user", "content": p}] if isinstance(p, str) else message_list(p, where, "prompt")
+            )
             self._check_special(msgs, where, "prompt")
             head = self.tok.render_chat(msgs, add_generation_prompt=True).text
             prompt = self.tok.encode_chat(msgs, add_generation_prompt=True, add_bos=self.add_bos)
             responses = []
             for k in ("chosen", "rejected"):
                 r = rec[k]
-                turn = [{"role": "assistant", "content": r}] if isinstance(r, str) else _messages(r, where, k)
+                turn = (
+                    [{"role": "assistant", "content": r}] if isinstance(r, str) else message_list(r, where, k)
+                )
                 self._check_special(turn, where, k)
                 full = self.tok.render_chat(msgs + turn)
                 if not full.text.startswith(head):

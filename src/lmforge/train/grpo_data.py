@@ -22,6 +22,7 @@ import torch
 
 from lmforge.data.batch import COUNT, IGNORE_INDEX
 from lmforge.data.hfdata import HFDataConfig, iter_records
+from lmforge.data.preference import message_list
 from lmforge.errors import DataError, IntegrityError
 from lmforge.model.tensorfile import load_tensors, read_metadata, save_tensors
 from lmforge.tokenizer import TURN_ENDS
@@ -38,20 +39,9 @@ class Prompt:
 
 
 def _messages(value: Any, where: str, key: str) -> list[dict[str, str]]:
-    if not isinstance(value, list) or not value:
-        raise DataError(f"{where}: key {key!r} must be a non-empty list of messages; {_EXPECTED}")
-    out = []
-    for i, m in enumerate(value):
-        if (
-            not isinstance(m, dict)
-            or not isinstance(m.get("role"), str)
-            or not isinstance(m.get("content"), str)
-        ):
-            raise DataError(f"{where}: {key}[{i}] must be {{'role': str, 'content': str}}, got {m!r:.80}")
-        out.append({"role": m["role"], "content": m["content"]})
-    if len(out) > 1 and out[-1]["role"] == "assistant":
-        out = out[:-1]
-    return out
+    """The prompt's messages, without a trailing assistant turn (the answer the policy is to write)."""
+    out = message_list(value, where, key, _EXPECTED)
+    return out[:-1] if len(out) > 1 and out[-1]["role"] == "assistant" else out
 
 
 def encode_prompt_row(tok: Any, rec: dict[str, Any], where: str) -> Prompt:
