@@ -21,12 +21,12 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import jinja2
 import jinja2.ext
 from jinja2.sandbox import ImmutableSandboxedEnvironment
-from pydantic import Field
+from pydantic import AfterValidator, Field
 from tokenizers import Tokenizer as Backend
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
@@ -109,6 +109,15 @@ def check_chat_template(template: str) -> None:
         _jinja_env().from_string(template)
     except jinja2.TemplateSyntaxError as e:
         raise ValueError(f"chat template does not compile: {e.message} (line {e.lineno})") from e
+
+
+def _compiled(template: str) -> str:
+    check_chat_template(template)
+    return template
+
+
+# A config field holding a Jinja chat template, checked to compile when the config is read.
+ChatTemplate = Annotated[str, AfterValidator(_compiled)]
 
 
 @dataclass(frozen=True)

@@ -26,7 +26,7 @@ import binascii
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field
 from rich.console import Console
 from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers
 from tokenizers import Tokenizer as Backend
@@ -42,7 +42,7 @@ from lmforge.config import (
 from lmforge.data.manifest import write_manifest
 from lmforge.errors import ConfigError, DataError
 from lmforge.io import check_output, staged_output
-from lmforge.tokenizer import CHATML_TEMPLATE, SpecialTokensConfig, Tokenizer, check_chat_template
+from lmforge.tokenizer import CHATML_TEMPLATE, ChatTemplate, SpecialTokensConfig, Tokenizer
 
 _CONTRACTIONS = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)"
 PATTERNS = {
@@ -82,16 +82,12 @@ class TokenizerImportConfig(Section):
         "cl100k", description="tiktoken pre-tokenizer: cl100k, o200k, or the encoding's own pat_str regex"
     )
     special_tokens: SpecialTokensConfig = Field(default_factory=SpecialTokensConfig)
-    chat_template: str = Field(CHATML_TEMPLATE, description="Jinja chat template (transformers' dialect)")
+    chat_template: ChatTemplate = Field(
+        CHATML_TEMPLATE, description="Jinja chat template (transformers' dialect)"
+    )
     model_max_length: int = Field(2048, ge=1, description="context length recorded for transformers")
     overwrite: bool = Field(False, description="replace an existing output directory")
     encryption: EncryptionConfig = encryption_field()
-
-    @field_validator("chat_template")
-    @classmethod
-    def _template_compiles(cls, value: str) -> str:
-        check_chat_template(value)
-        return value
 
 
 def bytes_to_unicode() -> dict[int, str]:
