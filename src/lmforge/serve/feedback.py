@@ -32,7 +32,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from lmforge.config import ConfigPath, Section
 from lmforge.crypt import fsync_dir
 from lmforge.errors import ConfigError
-from lmforge.serve.protocol import ApiError, check_text, validation_message
+from lmforge.serve.protocol import ApiError, check_text, json_object, validation_message
 
 KINDS = ("rating", "comparison")
 
@@ -122,14 +122,7 @@ def _check(fb: Feedback, cfg: FeedbackConfig) -> None:
 
 def parse_feedback(body: bytes, cfg: FeedbackConfig) -> Feedback:
     """A request body as a rating or a comparison, or a 400 ApiError naming the field."""
-    try:
-        obj = json.loads(body)
-    except RecursionError:
-        raise ApiError(400, "request body is nested too deeply") from None
-    except ValueError as e:
-        raise ApiError(400, f"request body is not valid JSON ({type(e).__name__})") from None
-    if not isinstance(obj, dict):
-        raise ApiError(400, "request body must be a JSON object")
+    obj = json_object(body)
     kind = obj.get("kind")
     if kind not in KINDS:
         # The message names the field, never echoes the value: refusal reasons go to the audit log.

@@ -135,8 +135,8 @@ class EmbeddingRequest(_Lenient):
 Schema = TypeVar("Schema", bound=BaseModel)
 
 
-def parse_request(body: bytes, schema: type[Schema]) -> Schema:
-    """A request body as its schema, or a 400 ApiError saying what is wrong."""
+def json_object(body: bytes) -> dict[str, Any]:
+    """A request body as a JSON object, or a 400 ApiError saying what is wrong."""
     try:
         obj = json.loads(body)  # bytes: UTF-8/16/32 detected; invalid UTF-8 raises UnicodeDecodeError
     except RecursionError:
@@ -145,6 +145,12 @@ def parse_request(body: bytes, schema: type[Schema]) -> Schema:
         raise ApiError(400, f"request body is not valid JSON ({type(e).__name__})") from None
     if not isinstance(obj, dict):
         raise ApiError(400, "request body must be a JSON object")
+    return obj
+
+
+def parse_request(body: bytes, schema: type[Schema]) -> Schema:
+    """A request body as its schema, or a 400 ApiError saying what is wrong."""
+    obj = json_object(body)
     try:
         return schema.model_validate(obj)
     except ValidationError as e:

@@ -20,12 +20,11 @@ from collections.abc import Callable
 from typing import Any, Literal
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from lmforge.data.batch import IGNORE_INDEX
 from lmforge.train.distributed import all_reduce_sum
-from lmforge.train.objectives import Batch
+from lmforge.train.objectives import Batch, token_logps
 
 LossType = Literal["token", "sequence"]
 STD_EPS = 1e-4  # keeps a group whose rewards barely differ from getting huge advantages
@@ -38,20 +37,6 @@ def group_advantages(rewards: torch.Tensor, group_size: int, scale: bool = True)
     if scale:
         centred = centred / (r.std(dim=1, keepdim=True) + STD_EPS)
     return centred.reshape(-1).float()
-
-
-def token_logps(model: nn.Module, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """(B, T) float32 log-probability of each target token (labels already shifted), 0 where ignored."""
-    logits = model(input_ids)
-    if not isinstance(logits, torch.Tensor):  # an HF model returns an output object
-        logits = logits.logits
-    out = -F.cross_entropy(
-        logits.reshape(-1, logits.size(-1)).float(),
-        labels.reshape(-1),
-        ignore_index=IGNORE_INDEX,
-        reduction="none",
-    )
-    return out.view(labels.shape)
 
 
 def grpo_token_terms(

@@ -46,18 +46,23 @@ def causal_lm(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tenso
 
 
 # -- preference optimisation (DPO) -------------------------------------------------------------------------
-def sequence_logps(model: nn.Module, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Summed log-probability of each row's target tokens (labels != -100): (B,) float32."""
+def token_logps(model: nn.Module, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """(B, T) float32 log-probability of each target token (labels already shifted), 0 where ignored."""
     logits = model(input_ids)  # (B, T, V)
-    if not isinstance(logits, torch.Tensor):
+    if not isinstance(logits, torch.Tensor):  # an HF model returns an output object
         logits = logits.logits
-    token_logps = -F.cross_entropy(
+    out = -F.cross_entropy(
         logits.reshape(-1, logits.size(-1)).float(),
         labels.reshape(-1),
         ignore_index=IGNORE_INDEX,
         reduction="none",
-    )  # (B*T,), 0 where ignored
-    return token_logps.view(labels.shape).sum(-1)
+    )
+    return out.view(labels.shape)
+
+
+def sequence_logps(model: nn.Module, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Summed log-probability of each row's target tokens (labels != -100): (B,) float32."""
+    return token_logps(model, input_ids, labels).sum(-1)
 
 
 def dpo_loss(
