@@ -88,7 +88,29 @@ def dpo_loss(
 Reference = Callable[[nn.Module, Batch], torch.Tensor]
 
 
-class DPOObjective:
+class PairObjective:
+    """What the pair objectives share: `(model, batch) -> (summed pair losses, pairs)` from the subclass's
+    `pair_terms` (losses, chosen, rejected, ...), with the chosen/rejected statistics accumulated until
+    `pop_metrics()`, which the loop calls at each log step (means since the previous call)."""
+
+    def __init__(self) -> None:
+        self._sums = torch.zeros(5, dtype=torch.float64)
+
+    def pair_terms(self, model: nn.Module, batch: Batch) -> tuple[torch.Tensor, ...]:
+        raise NotImplementedError
+
+    def __call__(self, model: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        losses, chosen, rejected = self.pair_terms(model, batch)[:3]
+        self._sums += reward_sums(chosen, rejected)
+        return losses.sum(), torch.tensor(losses.shape[0])
+
+    def pop_metrics(self) -> dict[str, float]:
+        sums = all_reduce_sum(self._sums.clone())
+        self._sums.zero_()
+        return reward_metrics(sums)
+
+
+class DPOObjective(PairObjective):
     """`(model, batch) -> (summed pair losses, pairs)` on batches of rows [chosen..., rejected...].
 
     Reference log-probs come from the batch (`ref_logps`, precomputed once) or from `reference(model, batch)`
@@ -100,7 +122,7 @@ class DPOObjective:
         self.beta = beta
         self.label_smoothing = label_smoothing
         self.reference = reference
-        self._sums = torch.zeros(5, dtype=torch.float64)
+        super().__init__()
 
     def pair_terms(
         self, model: nn.Module, batch: Batch
@@ -118,16 +140,6 @@ class DPOObjective:
             logps[:m], logps[m:], ref[:m], ref[m:], self.beta, self.label_smoothing
         )
         return losses, chosen, rejected, logps.detach()
-
-    def __call__(self, model: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-        losses, chosen, rejected, _ = self.pair_terms(model, batch)
-        self._sums += reward_sums(chosen, rejected)
-        return losses.sum(), torch.tensor(losses.shape[0])
-
-    def pop_metrics(self) -> dict[str, float]:
-        sums = all_reduce_sum(self._sums.clone())
-        self._sums.zero_()
-        return reward_metrics(sums)
 
 
 def reward_sums(chosen: torch.Tensor, rejected: torch.Tensor) -> torch.Tensor:
@@ -159,12 +171,9 @@ def bradley_terry_loss(chosen: torch.Tensor, rejected: torch.Tensor, margin: tor
     return -F.logsigmoid(chosen - rejected - margin)
 
 
-class RewardObjective:
+class RewardObjective(PairObjective):
     """`(reward model, batch) -> (summed pair losses, pairs)` on rows [chosen..., rejected...] (whole
     sequences, data/preference.py:score_collate). Score statistics accumulate until `pop_metrics()`."""
-
-    def __init__(self) -> None:
-        self._sums = torch.zeros(5, dtype=torch.float64)
 
     def pair_terms(self, model: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(losses, chosen scores, rejected scores) of the batch's pairs."""
@@ -172,13 +181,3 @@ class RewardObjective:
         m = scores.shape[0] // 2
         margin = batch["margin"].to(scores.device, scores.dtype)
         return bradley_terry_loss(scores[:m], scores[m:], margin), scores[:m].detach(), scores[m:].detach()
-
-    def __call__(self, model: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-        losses, chosen, rejected = self.pair_terms(model, batch)
-        self._sums += reward_sums(chosen, rejected)
-        return losses.sum(), torch.tensor(losses.shape[0])
-
-    def pop_metrics(self) -> dict[str, float]:
-        sums = all_reduce_sum(self._sums.clone())
-        self._sums.zero_()
-        return reward_metrics(sums)
